@@ -1,0 +1,154 @@
+"""The classifier and the SSL task networks, behind one registry: architecture name -> constructor(**config).
+
+Every network takes float images in [0, 1], N×3×32×32, and normalizes inside (DESIGN.md, principle 5), so that an
+attack, a repair and an exported graph all work in pixel space. The backbone is the airbench94 layout (Jordan, 2024)
+at a width that the 2-core machines can train: 32-128-128 has 0.50 M parameters and trains at ~940 img/s
+(DESIGN.md, measured table).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std with the CIFAR-10 training statistics; constants, so they are not saved with the weights."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(CIFAR_STD).view(1, 3, 1, 1), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+def conv_bn(c_in: int, c_out: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()]
+
+
+class ConvGroup(nn.Sequential):
+    """airbench's block: conv, 2×2 max-pool, BN, GELU, conv, BN, GELU; halves the resolution."""
+
+    def __init__(self, c_in: int, c_out: int) -> None:
+        super().__init__(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.MaxPool2d(2),
+                         nn.BatchNorm2d(c_out), nn.GELU(), *conv_bn(c_out, c_out))
+
+
+class Backbone(nn.Module):
+    """Normalize -> stem -> three ConvGroups (32 -> 16 -> 8 -> 4) -> global average pool.
+
+    Average, not airbench's max: with max-pooled features an unscaled linear head starts at a loss of 3-6 and
+    FGSM training stalled at chance for a whole epoch; the average trains from the first steps (measured).
+
+    ``features(x)`` returns the pooled vector (N×widths[2]) and the 16×16 map after the first group
+    (N×widths[0]×16×16): the two places where heads on this network attach.
+    """
+
+    def __init__(self, widths: tuple[int, int, int] = (32, 128, 128), stem: int = 24) -> None:
+        super().__init__()
+        self.normalize = Normalize()
+        self.stem = nn.Sequential(*conv_bn(3, stem))
+        self.group1 = ConvGroup(stem, widths[0])
+        self.group2 = ConvGroup(widths[0], widths[1])
+        self.group3 = ConvGroup(widths[1], widths[2])
+        self.out_dim = widths[2]
+
+    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fmap = self.group1(self.stem(self.normalize(x)))
+        pooled = self.group3(self.group2(fmap)).mean(dim=(2, 3))
+        return pooled, fmap
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)[0]
+
+
+class Classifier(nn.Module):
+    """CIFAR-10 classifier: Backbone + linear layer. Output: logits N×10."""
+
+    def __init__(self, widths: tuple[int, int, int] = (32, 128, 128), num_classes: int = 10) -> None:
+        super().__init__()
+        self.backbone = Backbone(tuple(widths))
+        self.head = nn.Linear(self.backbone.out_dim, num_classes, bias=False)
+        nn.init.zeros_(self.head.weight)         # start at the uniform prediction, loss ln 10
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+class RotationNet(nn.Module):
+    """Predicts which of 4 rotations (0°, 90°, 180°, 270°) an image has. Output: logits N×4."""
+
+    def __init__(self, widths: tuple[int, int, int] = (16, 64, 64)) -> None:
+        super().__init__()
+        self.backbone = Backbone(tuple(widths), stem=16)
+        self.head = nn.Linear(self.backbone.out_dim, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+
+class ContrastiveNet(nn.Module):
+    """SimCLR encoder + projection head. ``forward`` gives unit-norm projections N×proj_dim.
+
+    ``bank`` holds unit-norm projections of augmented clean training images: the negatives of the repair-time
+    contrastive loss, so that an image's loss never depends on the other images of its batch (principle 3).
+    """
+
+    def __init__(self, widths: tuple[int, int, int] = (32, 128, 128), proj_dim: int = 64,
+                 bank_size: int = 4096) -> None:
+        super().__init__()
+        self.backbone = Backbone(tuple(widths))
+        d = self.backbone.out_dim
+        self.projector = nn.Sequential(nn.Linear(d, d), nn.ReLU(), nn.Linear(d, proj_dim))
+        self.register_buffer("bank", torch.zeros(bank_size, proj_dim))
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Backbone features (before the projection head), the representation kNN accuracy is measured on."""
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.projector(self.backbone(x)), dim=1)
+
+
+class ContextEncoder(nn.Module):
+    """Context encoder (Pathak et al., 2016) at 32×32: sees the image with a region dropped (mask = 1 there) and the
+    mask, and predicts the whole image in [0, 1]; the loss reads only the dropped region."""
+
+    def __init__(self, width: int = 32) -> None:
+        super().__init__()
+        self.normalize = Normalize()
+        w = width
+
+        def down(c_in: int, c_out: int) -> list[nn.Module]:
+            return [nn.Conv2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()]
+
+        def up(c_in: int, c_out: int) -> list[nn.Module]:
+            return [nn.ConvTranspose2d(c_in, c_out, 4, 2, 1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()]
+
+        self.encoder = nn.Sequential(*down(4, w), *down(w, 2 * w), *down(2 * w, 4 * w), *conv_bn(4 * w, 4 * w))
+        self.decoder = nn.Sequential(*up(4 * w, 2 * w), *up(2 * w, w), nn.ConvTranspose2d(w, 3, 4, 2, 1))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        context = self.normalize(x) * (1 - mask)
+        return torch.sigmoid(self.decoder(self.encoder(torch.cat([context, mask], dim=1))))
+
+
+ARCHITECTURES: dict[str, type[nn.Module]] = {
+    cls.__name__: cls for cls in (Classifier, RotationNet, ContrastiveNet, ContextEncoder)
+}
+
+
+def build_model(architecture: str, config: dict) -> nn.Module:
+    """A fresh network from its registry name and config (as a weights manifest stores them)."""
+    if architecture not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {architecture!r}; known: {', '.join(ARCHITECTURES)}")
+    return ARCHITECTURES[architecture](**config)
+
+
+def num_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,78 @@
+"""The reverse attack: r = argmin_{‖r‖∞ ≤ ε_r} Σ_k α_k L_k(x + r), by projected sign-gradient descent.
+
+Every random choice (the random start, each task's augmentation parameters at each step) comes from a generator of
+the image's own, seeded from the user's seed and the image's content (DESIGN.md, principle 3). So an image gets the
+same repair alone or inside any batch, and the same repair on every run with the same seed.
+"""
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+
+def image_generators(x: torch.Tensor, seed: int) -> list[torch.Generator]:
+    """One CPU generator per image, seeded from sha256(seed, the image's float32 bytes)."""
+    pixels = x.detach().to("cpu", torch.float32).contiguous().numpy()
+    generators = []
+    for image in pixels:
+        digest = hashlib.sha256(int(seed).to_bytes(8, "little", signed=True) + image.tobytes()).digest()
+        generators.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)))
+    return generators
+
+
+class MultiTaskLoss(nn.Module):
+    """L_m(x) = Σ_k α_k L_k(x) over a set of SSL tasks (engine/tasks). Shapes: x B×3×32×32 -> B."""
+
+    def __init__(self, tasks: dict[str, nn.Module], alpha: dict[str, float]) -> None:
+        super().__init__()
+        if not tasks:
+            raise ValueError("the multi-task loss needs at least one task")
+        self.tasks = nn.ModuleDict(tasks)
+        self.alpha = {name: float(alpha.get(name, 1.0)) for name in tasks}
+
+    def sample_params(self, generators: list[torch.Generator], like: torch.Tensor) -> dict[str, dict]:
+        """Each task's parameters for a batch, image i drawn from generators[i]; on ``like``'s device and dtype."""
+        params = {}
+        for name, task in self.tasks.items():
+            per_image = [task.sample_params(1, g) for g in generators]
+            params[name] = {key: torch.cat([p[key] for p in per_image]).to(like.device, like.dtype)
+                            for key in per_image[0]}
+        return params
+
+    def per_task(self, x: torch.Tensor, params: dict[str, dict]) -> dict[str, torch.Tensor]:
+        return {name: task.loss(x, **params[name]) for name, task in self.tasks.items()}
+
+    def forward(self, x: torch.Tensor, params: dict[str, dict]) -> torch.Tensor:
+        return sum(self.alpha[name] * loss for name, loss in self.per_task(x, params).items())
+
+
+@dataclass
+class RepairResult:
+    images: torch.Tensor     # B×3×H×W, x + r in [0, 1]
+    trace: torch.Tensor      # steps×B: L_m at the start of each step (before its update)
+
+
+def reverse_attack(objective: MultiTaskLoss, x: torch.Tensor, eps: float = 16 / 255, steps: int = 40,
+                   step_size: float = 2 / 255, seed: int = 0) -> RepairResult:
+    """Minimize ``objective`` over r with ‖r‖∞ ≤ eps, from a uniform random start; x + r is kept in [0, 1].
+
+    Mao et al.'s reference settings are the defaults. With ``steps`` = 0 it returns x + (random start): the
+    ``noise`` control that every repair must beat.
+    """
+    x = x.detach()
+    generators = image_generators(x, seed)
+    start = torch.cat([torch.rand((1, *x.shape[1:]), generator=g) for g in generators]).to(x.device, x.dtype)
+    x_r = (x + (2 * start - 1) * eps).clamp(0, 1)
+    trace = []
+    for _ in range(steps):
+        x_r.requires_grad_(True)
+        loss = objective(x_r, objective.sample_params(generators, x))
+        grad, = torch.autograd.grad(loss.sum(), x_r)
+        trace.append(loss.detach())
+        x_r = x + (x_r.detach() - step_size * grad.sign() - x).clamp(-eps, eps)
+        x_r = x_r.clamp(0, 1)
+    trace = torch.stack(trace) if trace else x.new_zeros(0, len(x))
+    return RepairResult(x_r.detach(), trace)

@@ -1,0 +1,67 @@
+"""Shared fixtures: tiny random-init networks saved as a weights folder (so every test also exercises the weights
+code), the pipeline built from them, and paths to the shipped examples and weights."""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from engine.models import build_model  # noqa: E402
+from engine.pipeline import load_pipeline  # noqa: E402
+from engine.weights import save_model  # noqa: E402
+
+TINY = {
+    "classifier": ("Classifier", {"widths": [8, 16, 16]}),
+    "contrastive": ("ContrastiveNet", {"widths": [8, 16, 16], "proj_dim": 16, "bank_size": 64}),
+    "inpainting": ("ContextEncoder", {"width": 8}),
+    "rotation": ("RotationNet", {"widths": [8, 16, 16]}),
+}
+EXAMPLES = ROOT / "examples" / "clean"
+SHIPPED = ROOT / "weights"
+
+
+def make_tiny_weights(out: Path) -> Path:
+    torch.manual_seed(0)
+    for name, (arch, config) in TINY.items():
+        net = build_model(arch, config)
+        if name == "classifier":
+            torch.nn.init.normal_(net.head.weight, std=0.5)   # a zero head would predict one class for everything
+        if name == "contrastive":
+            net.bank.copy_(F.normalize(torch.randn_like(net.bank), dim=1))
+        save_model(net, name, out, {"architecture": arch, "config": config, "metrics": {}})
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory) -> Path:
+    return make_tiny_weights(tmp_path_factory.mktemp("tiny_weights"))
+
+
+@pytest.fixture(scope="session")
+def tiny_pipeline(tiny_weights):
+    return load_pipeline(tiny_weights)
+
+
+@pytest.fixture(scope="session")
+def images() -> torch.Tensor:
+    """8 real CIFAR-10 test images from examples/, float in [0, 1]."""
+    from engine.imageio import read_image
+
+    return torch.stack([read_image(p)[0] for p in sorted(EXAMPLES.glob("*.png"))[:8]])
+
+
+def cifar_root() -> str | None:
+    root = os.environ.get("CIFAR10_ROOT")
+    return root if root and Path(root).is_dir() else None
+
+
+needs_cifar = pytest.mark.skipif(cifar_root() is None, reason="CIFAR10_ROOT is not set to a CIFAR-10 folder")
+needs_shipped = pytest.mark.skipif(not (SHIPPED / "classifier.json").exists(),
+                                   reason="no shipped weights in weights/ (train them with cli.py train)")

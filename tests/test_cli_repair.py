@@ -1,0 +1,166 @@
+"""`cli.py repair` end to end on tiny weights: outputs, reports, exit codes, and every bad-input case."""
+import csv
+import hashlib
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from cli import main
+from tests.conftest import EXAMPLES
+
+FAST = ["--steps", "1", "--quiet"]
+
+
+def run(*args):
+    return CliRunner().invoke(main, ["repair", *map(str, args)])
+
+
+@pytest.fixture
+def input_dir(tmp_path):
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    pngs = sorted(EXAMPLES.glob("*.png"))
+    for p in pngs[:2]:
+        shutil.copy(p, src / p.name)
+    shutil.copy(pngs[2], src / "sub" / pngs[2].name)
+    return src
+
+
+def digest_tree(root):
+    return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_repairs_a_folder_with_reports(tiny_weights, input_dir, tmp_path):
+    before = digest_tree(input_dir)
+    out = tmp_path / "out"
+    result = run("--input", input_dir, "--output", out, "--weights", tiny_weights, "--steps", "2", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert digest_tree(input_dir) == before                       # inputs untouched
+    report = json.loads((out / "report.json").read_text())
+    assert set(report) == {"config", "images", "summary"}
+    assert report["config"]["tasks"] == ["contrastive", "inpainting", "rotation"]
+    assert report["config"]["eps"] == pytest.approx(16 / 255) and report["config"]["steps"] == 2
+    assert set(report["config"]["weights"]) == {"classifier", "contrastive", "inpainting", "rotation"}
+    assert report["summary"]["n_repaired"] == 3 and report["summary"]["n_error"] == 0
+    for row in report["images"]:
+        assert row["status"] == "repaired" and row["error"] is None
+        assert (out / row["file"]).exists()                       # same relative path, .png
+        assert 0 <= row["linf"] <= 16 / 255 + 1e-6
+        assert row["label_before"] and isinstance(row["pred_after"], int)
+        assert row["ssl_loss_before"] > 0 and set(row["task_losses_after"]) == {"contrastive", "inpainting",
+                                                                               "rotation"}
+    assert any(row["file"].startswith("sub/") for row in report["images"])
+    with open(out / "report.csv") as f:
+        assert len(list(csv.DictReader(f))) == 3
+    repaired = np.asarray(Image.open(out / report["images"][0]["file"]))
+    assert repaired.shape == (32, 32, 3) and repaired.dtype == np.uint8
+
+
+@pytest.mark.parametrize("case", ["missing", "file", "output_inside", "empty"])
+def test_unusable_folders_exit_2_with_a_message(tiny_weights, tmp_path, input_dir, case):
+    out = tmp_path / "out"
+    if case == "missing":
+        src, expect = tmp_path / "nope", "does not exist"
+    elif case == "file":
+        src, expect = next(input_dir.glob("*.png")), "is not a folder"
+    elif case == "output_inside":
+        src, out, expect = input_dir, input_dir / "repaired", "inside the input folder"
+    else:
+        src, expect = tmp_path / "empty", "no files"
+        src.mkdir()
+    result = run("--input", src, "--output", out, "--weights", tiny_weights, *FAST)
+    assert result.exit_code == 2 and expect in result.output
+    assert not (input_dir / "repaired").exists()
+
+
+def test_bad_files_are_reported_and_the_rest_repaired(tiny_weights, input_dir, tmp_path):
+    (input_dir / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (input_dir / "notes.txt").write_text("hello")
+    Image.new("RGB", (40, 30)).save(input_dir / "big.png")
+    result = run("--input", input_dir, "--output", tmp_path / "out", "--weights", tiny_weights, *FAST)
+    assert result.exit_code == 1
+    rows = {r["file"]: r for r in json.loads((tmp_path / "out" / "report.json").read_text())["images"]}
+    assert rows["broken.png"]["status"] == "error" and "cannot read image" in rows["broken.png"]["error"]
+    assert "not an image file" in rows["notes.txt"]["error"]
+    assert "40×30" in rows["big.png"]["error"] and "--resize" in rows["big.png"]["error"]
+    assert sum(r["status"] == "repaired" for r in rows.values()) == 3
+
+
+def test_resize_scales_odd_sizes(tiny_weights, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    Image.new("RGB", (40, 30), (200, 10, 10)).save(src / "big.jpg")
+    result = run("--input", src, "--output", tmp_path / "out", "--weights", tiny_weights, "--resize", *FAST)
+    assert result.exit_code == 0, result.output
+    row = json.loads((tmp_path / "out" / "report.json").read_text())["images"][0]
+    assert row["notes"] == ["resized from 40×30 to 32×32"] and (tmp_path / "out" / "big.png").exists()
+
+
+def test_other_modes_are_converted_and_noted(tiny_weights, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    rgb = Image.open(sorted(EXAMPLES.glob("*.png"))[0])
+    rgb.convert("L").save(src / "grey.png")
+    rgb.convert("RGBA").save(src / "alpha.png")
+    rgb.convert("P").save(src / "palette.png")
+    Image.fromarray((np.asarray(rgb.convert("L"), np.uint16) * 257)).save(src / "deep.png")
+    Image.fromarray((np.asarray(rgb.convert("L"), np.uint16) * 257)).save(src / "deep16.tif")
+    result = run("--input", src, "--output", tmp_path / "out", "--weights", tiny_weights, *FAST)
+    assert result.exit_code == 0, result.output
+    notes = {r["file"]: " ".join(r["notes"]) for r in
+             json.loads((tmp_path / "out" / "report.json").read_text())["images"]}
+    assert "greyscale converted" in notes["grey.png"]
+    assert "alpha channel dropped" in notes["alpha.png"]
+    assert "palette" in notes["palette.png"]
+    assert "16-bit" in notes["deep.png"]
+    assert "16-bit" in notes["deep16.tif"]
+
+
+def test_existing_outputs_are_kept_unless_overwrite(tiny_weights, input_dir, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    name = sorted(input_dir.glob("*.png"))[0].name
+    (out / name).write_bytes(b"mine")
+    result = run("--input", input_dir, "--output", out, "--weights", tiny_weights, *FAST)
+    assert result.exit_code == 1 and (out / name).read_bytes() == b"mine"
+    rows = {r["file"]: r for r in json.loads((out / "report.json").read_text())["images"]}
+    assert "already exists" in rows[name]["error"]
+    again = run("--input", input_dir, "--output", out, "--weights", tiny_weights, *FAST)
+    assert again.exit_code == 2 and "report.json" in again.output        # the report of the first run is kept
+    forced = run("--input", input_dir, "--output", out, "--weights", tiny_weights, "--overwrite", *FAST)
+    assert forced.exit_code == 0 and (out / name).read_bytes() != b"mine"
+
+
+def test_two_inputs_with_one_output_name(tiny_weights, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    img = Image.open(sorted(EXAMPLES.glob("*.png"))[0])
+    img.save(src / "a.png")
+    img.save(src / "a.bmp")
+    result = run("--input", src, "--output", tmp_path / "out", "--weights", tiny_weights, *FAST)
+    assert result.exit_code == 1
+    rows = {r["file"]: r for r in json.loads((tmp_path / "out" / "report.json").read_text())["images"]}
+    assert rows["a.bmp"]["status"] == "repaired" and "already written for a.bmp" in rows["a.png"]["error"]
+
+
+@pytest.mark.parametrize("args, expect", [
+    (["--tasks", "contrastive,colour"], "unknown task"),
+    (["--tasks", "rotation,rotation"], "named twice"),
+    (["--alpha", "1,2"], "2 weight(s) for 3 task(s)"),
+    (["--eps", "abc"], "not a number"),
+    (["--steps", "-1"], "-1"),
+])
+def test_bad_options_exit_2(tiny_weights, input_dir, tmp_path, args, expect):
+    result = run("--input", input_dir, "--output", tmp_path / "out", "--weights", tiny_weights, *args)
+    assert result.exit_code == 2 and expect in result.output
+    assert not (tmp_path / "out").exists()
+
+
+def test_missing_weights_exit_2(input_dir, tmp_path):
+    result = run("--input", input_dir, "--output", tmp_path / "out", "--weights", tmp_path / "none", *FAST)
+    assert result.exit_code == 2 and "cli.py train classifier" in result.output
