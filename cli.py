@@ -61,8 +61,10 @@ def train(model: str, profile: str, data_root: str | None, out_dir: str, seed: i
     from engine.weights import WeightsError
 
     _check_device(device)
+    command = f"python cli.py train {model} --profile {profile} --out {out_dir} --seed {seed}"
+    command += f" --epochs {epochs}" if epochs else ""
     try:
-        path = train_model(model, profile, data_root, out_dir, seed, device, overwrite, epochs)
+        path = train_model(model, profile, data_root, out_dir, seed, device, overwrite, epochs, command)
     except (DataError, WeightsError) as e:
         raise click.UsageError(str(e)) from None
     click.echo(f"wrote {path}")
@@ -148,7 +150,121 @@ def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, 
             click.echo(f"  error: {row['file']}: {row['error']}", err=True)
     changed = sum(r.get("pred_before") != r.get("pred_after") for r in report["images"] if r["status"] == "repaired")
     click.echo(f"prediction changed for {changed} image(s)")
+    if "accuracy_before" in summary:
+        click.echo(f"accuracy on the {summary['n_labelled']} labelled image(s) (labels.csv): "
+                   f"{100 * summary['accuracy_before']:.1f} % before, {100 * summary['accuracy_after']:.1f} % after")
     sys.exit(1 if summary["n_error"] else 0)
+
+
+@main.command()
+@click.option("--output", "output_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="Folder for the attacked PNGs, labels.csv and attack.json.")
+@click.option("--n", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Attack the first N CIFAR-10 test images.")
+@click.option("--attack", type=click.Choice(["pgd", "aware"]), default="pgd", show_default=True,
+              help="pgd: on the classifier; aware: PGD that also keeps the repair's SSL loss low.")
+@click.option("--eps", type=FRACTION, default="8/255", show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--step-size", type=FRACTION, default="2/255", show_default=True)
+@click.option("--lam", type=FRACTION, default="1", show_default=True, help="λ of the aware attack.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--clean-output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Also write the clean originals (and their labels.csv) here.")
+@click.option("--weights", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--data", "data_root", type=click.Path(file_okay=False), default=None,
+              help="CIFAR-10 folder (default: $CIFAR10_ROOT).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace files of an earlier run.")
+def attack(output_dir: Path, n: int, attack: str, eps: float, steps: int, step_size: float, lam: float, seed: int,
+           clean_output: Path | None, weights: Path | None, data_root: str | None, device: str,
+           overwrite: bool) -> None:
+    """Write attacked CIFAR-10 test images as lossless 8-bit PNG + labels.csv (the classifier is the shipped one)."""
+    from engine.attack_set import write_attack_set
+    from engine.data import DataError
+    from engine.pipeline import load_pipeline
+    from engine.weights import WeightsError
+
+    _check_device(device)
+    try:
+        pipeline = load_pipeline(weights, device)
+        summary = write_attack_set(pipeline, output_dir, n, attack, eps, steps, step_size, seed, clean_output,
+                                   data_root, overwrite, lam)
+    except (ValueError, DataError, WeightsError) as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(f"wrote {n} attacked images to {output_dir}; accuracy: clean {100 * summary['accuracy_clean']:.1f} %, "
+               f"attacked {100 * summary['accuracy_attacked_float']:.1f} % in float, "
+               f"{100 * summary['accuracy_attacked_png']:.1f} % as 8-bit PNG")
+
+
+def _names(text: str, known, option: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in names if t not in known]
+    if not names or unknown:
+        raise click.BadParameter(f"unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}",
+                                 param_hint=option)
+    return list(dict.fromkeys(names))
+
+
+@main.command("eval")
+@click.option("--n", type=click.IntRange(min=1, max=10000), default=1000, show_default=True,
+              help="Test images (a seeded random subset, the same on every run).")
+@click.option("--attacks", default="none,pgd", show_default=True, help="Comma-separated: none, pgd, aware, bpda-eot.")
+@click.option("--repairs", default="none,noise,contrastive,mtl", show_default=True,
+              help="Comma-separated: none, noise, contrastive, inpainting, rotation, mtl.")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the results here; partial results go beside it and an interrupted run resumes.")
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Bar chart (PNG) of the accuracies with their 95 % intervals.")
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--eps-r", type=FRACTION, default="16/255", show_default=True, help="L∞ bound of the repair.")
+@click.option("--repair-steps", type=click.IntRange(min=1), default=40, show_default=True)
+@click.option("--repair-step-size", type=FRACTION, default="2/255", show_default=True)
+@click.option("--views", type=click.IntRange(min=2), default=4, show_default=True)
+@click.option("--attack-eps", type=FRACTION, default="8/255", show_default=True)
+@click.option("--attack-steps", type=click.IntRange(min=1), default=20, show_default=True)
+@click.option("--lam", type=FRACTION, default="1", show_default=True, help="λ of the defense-aware attack.")
+@click.option("--bpda-steps", type=click.IntRange(min=1), default=10, show_default=True)
+@click.option("--eot", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Repair samples averaged per BPDA step.")
+@click.option("--bpda-repair-steps", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Repair steps inside the BPDA+EOT attack (the evaluated repair keeps --repair-steps).")
+@click.option("--chunk", type=click.IntRange(min=1), default=100, show_default=True,
+              help="Images per unit of work (and of saved progress).")
+@click.option("--weights", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--data", "data_root", type=click.Path(file_okay=False), default=None,
+              help="CIFAR-10 folder (default: $CIFAR10_ROOT).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_path: Path | None,
+             markdown_path: Path | None, seed: int, eps_r: float, repair_steps: int, repair_step_size: float,
+             views: int, attack_eps: float, attack_steps: int, lam: float, bpda_steps: int, eot: int,
+             bpda_repair_steps: int, chunk: int, weights: Path | None, data_root: str | None, device: str,
+             quiet: bool) -> None:
+    """Accuracy of attack × repair on CIFAR-10 test images, with 95 % intervals and McNemar tests (Table 1)."""
+    from engine.data import DataError
+    from engine.evaluate import ATTACKS, REPAIRS, EvalConfig, markdown_table, plot, run_eval
+    from engine.pipeline import load_pipeline
+    from engine.weights import WeightsError
+
+    _check_device(device)
+    config = EvalConfig(n=n, seed=seed, attacks=_names(attacks, ATTACKS, "--attacks"),
+                        repairs=_names(repairs, list(REPAIRS), "--repairs"), attack_eps=attack_eps,
+                        attack_steps=attack_steps, eps_r=eps_r, repair_steps=repair_steps,
+                        repair_step_size=repair_step_size, views=views, aware_lambda=lam, bpda_steps=bpda_steps,
+                        bpda_eot=eot, bpda_repair_steps=bpda_repair_steps, chunk=chunk)
+    try:
+        pipeline = load_pipeline(weights, device, views=views)
+        result = run_eval(pipeline, config, json_path, data_root, progress=not quiet)
+    except (ValueError, DataError, WeightsError) as e:
+        raise click.UsageError(str(e)) from None
+    table = markdown_table(result)
+    click.echo(table)
+    click.echo(f"\nseconds: {result['seconds']}")
+    if markdown_path:
+        markdown_path.write_text(table + "\n")
+    if plot_path:
+        plot(result, plot_path)
 
 
 def _check_device(device: str | None) -> None:

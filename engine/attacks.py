@@ -1,9 +1,22 @@
-"""L∞ attacks on a classifier, one small class each (torchattacks style). Inputs are float images in [0, 1]."""
+"""L∞ attacks on a classifier, or on a classifier behind the repair; one small class each (torchattacks style).
+Inputs are float images in [0, 1]."""
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def random_start(x: torch.Tensor, eps: float, generator: torch.Generator | None) -> torch.Tensor:
+    noise = torch.rand(x.shape, generator=generator).to(x.device, x.dtype)
+    return (x + (2 * noise - 1) * eps).clamp(0, 1)
+
+
+def project(x: torch.Tensor, x_adv: torch.Tensor, eps: float) -> torch.Tensor:
+    """Back onto the ε-ball around x and onto [0, 1]."""
+    return (x + (x_adv - x).clamp(-eps, eps)).clamp(0, 1).detach()
 
 
 class PGD(nn.Module):
@@ -25,6 +38,13 @@ class PGD(nn.Module):
         self.model, self.eps, self.alpha, self.steps, self.restarts = model, eps, alpha, steps, restarts
         self.generator = generator
 
+    def prepare(self, x: torch.Tensor) -> object:
+        """Per-call state for ``attack_loss`` (none here)."""
+        return None
+
+    def attack_loss(self, x_adv: torch.Tensor, y: torch.Tensor, state: object) -> torch.Tensor:
+        return F.cross_entropy(self.model(x_adv), y, reduction="sum")
+
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         best = x.clone()
         fooled = torch.zeros(len(x), dtype=torch.bool, device=x.device)
@@ -38,12 +58,69 @@ class PGD(nn.Module):
         return best
 
     def _one_run(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        noise = torch.rand(x.shape, generator=self.generator, device=x.device, dtype=x.dtype)
-        x_adv = (x + (2 * noise - 1) * self.eps).clamp(0, 1)
+        state = self.prepare(x)
+        x_adv = random_start(x, self.eps, self.generator)
         for _ in range(self.steps):
             x_adv.requires_grad_(True)
-            loss = F.cross_entropy(self.model(x_adv), y)
-            grad, = torch.autograd.grad(loss, x_adv)
-            x_adv = x_adv.detach() + self.alpha * grad.sign()
-            x_adv = (x + (x_adv - x).clamp(-self.eps, self.eps)).clamp(0, 1)
-        return x_adv.detach()
+            grad, = torch.autograd.grad(self.attack_loss(x_adv, y, state), x_adv)
+            x_adv = project(x, x_adv.detach() + self.alpha * grad.sign(), self.eps)
+        return x_adv
+
+
+class DefenseAwarePGD(PGD):
+    """PGD that also keeps the repair's loss low (Mao et al., ICCV 2021): maximize
+    CE(F(x + δ), y) − λ · L_m(x + δ), where L_m is the multi-task SSL loss the repair minimizes. A large λ makes
+    attacked images look clean to the SSL tasks, leaving the repair (and any loss-based gate) nothing to reverse.
+
+    L_m's augmentation parameters come from each image's own generator (engine/repair.py), re-drawn every step.
+    Shapes: x N×3×H×W in [0, 1], y N -> N×3×H×W.
+
+    Example::
+
+        x_adv = DefenseAwarePGD(classifier, pipeline.objective, lam=10.0)(x, y)
+    """
+
+    def __init__(self, model: nn.Module, objective: nn.Module, lam: float = 1.0, eps: float = 8 / 255,
+                 alpha: float = 2 / 255, steps: int = 20, seed: int = 0) -> None:
+        super().__init__(model, eps, alpha, steps, generator=torch.Generator().manual_seed(seed))
+        self.objective, self.lam, self.seed = objective, lam, seed
+
+    def prepare(self, x: torch.Tensor) -> list[torch.Generator]:
+        from .repair import image_generators
+
+        return image_generators(x, self.seed)
+
+    def attack_loss(self, x_adv: torch.Tensor, y: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+        ssl = self.objective(x_adv, self.objective.sample_params(generators, x_adv))
+        return F.cross_entropy(self.model(x_adv), y, reduction="sum") - self.lam * ssl.sum()
+
+
+class BPDAEOT(nn.Module):
+    """PGD through the repair with BPDA + EOT (Athalye et al., ICML 2018; Croce et al., ICML 2022).
+
+    Each step runs the randomized repair on x + δ ``eot`` times with fresh seeds and averages the gradients of
+    CE(F(repair(x + δ)), y) taken w.r.t. the repaired images: the repair is the identity in the backward pass (BPDA),
+    so its own optimization is never differentiated. ``repair`` is any callable (images, seed) -> repaired images,
+    e.g. ``lambda x, s: pipeline.repair(x, steps=10, seed=s)``.
+
+    Shapes: x N×3×H×W in [0, 1], y N -> N×3×H×W.
+    """
+
+    def __init__(self, model: nn.Module, repair: Callable[[torch.Tensor, int], torch.Tensor], eps: float = 8 / 255,
+                 alpha: float = 2 / 255, steps: int = 10, eot: int = 2, seed: int = 0) -> None:
+        super().__init__()
+        self.model, self.repair, self.eps, self.alpha = model, repair, eps, alpha
+        self.steps, self.eot, self.seed = steps, eot, seed
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        x_adv = random_start(x, self.eps, torch.Generator().manual_seed(self.seed))
+        for step in range(self.steps):
+            grad = torch.zeros_like(x)
+            for sample in range(self.eot):
+                with torch.enable_grad():
+                    repaired = self.repair(x_adv, 1_000_003 * self.seed + step * self.eot + sample)
+                repaired = repaired.detach().requires_grad_(True)
+                loss = F.cross_entropy(self.model(repaired), y, reduction="sum")
+                grad += torch.autograd.grad(loss, repaired)[0]
+            x_adv = project(x, x_adv + self.alpha * grad.sign(), self.eps)
+        return x_adv

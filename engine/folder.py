@@ -18,8 +18,8 @@ from .repair import image_generators
 from .weights import atomic_write, write_json
 
 REPORT_FILES = ("report.json", "report.csv")
-CSV_COLUMNS = ("file", "status", "error", "notes", "output", "pred_before", "pred_after", "label_before",
-               "label_after", "ssl_loss_before", "ssl_loss_after", "linf")
+CSV_COLUMNS = ("file", "status", "error", "notes", "output", "true_label", "pred_before", "pred_after",
+               "label_before", "label_after", "ssl_loss_before", "ssl_loss_after", "linf")
 
 
 @dataclass
@@ -55,7 +55,7 @@ def assign_outputs(records: list[ImageRecord], output_dir: Path, overwrite: bool
     """Output path per readable input; a name taken twice or an existing file (without ``overwrite``) is an error."""
     outputs, taken = {}, {}
     for rec in records:
-        if rec.error:
+        if rec.error or rec.skipped:
             continue
         out_rel = Path(rec.rel).with_suffix(".png").as_posix()
         if out_rel in taken:
@@ -78,8 +78,12 @@ def repair_folder(pipeline: Pipeline, input_dir: Path, output_dir: Path, config:
         raise ValueError(f"no files under {input_dir} (looked recursively for images)")
     start = time.time()
     outputs = assign_outputs(records, output_dir, overwrite)
-    rows = {rec.rel: {"file": rec.rel, "status": "error", "error": rec.error, "notes": rec.notes}
-            for rec in records}
+    rows = {rec.rel: {"file": rec.rel, "status": "skipped" if rec.skipped else "error", "error": rec.error,
+                      "notes": rec.notes} for rec in records}
+    labels = read_labels(input_dir / "labels.csv")
+    for rel, row in rows.items():
+        if rel in labels:
+            row["true_label"] = labels[rel]
     todo = [rec for rec in records if rec.rel in outputs]
     with tqdm(total=len(todo), unit="img", desc="repair", disable=not progress) as bar:
         for i in range(0, len(todo), config.batch_size):
@@ -91,13 +95,15 @@ def repair_folder(pipeline: Pipeline, input_dir: Path, output_dir: Path, config:
     seconds = time.time() - start
     images = [rows[rec.rel] for rec in records]
     n_repaired = sum(r["status"] == "repaired" for r in images)
+    n_error = sum(r["status"] == "error" for r in images)
     report = {
         "config": {**asdict(config), "tasks": pipeline.tasks, "alpha": [pipeline.objective.alpha[t] for t in pipeline.tasks],
                    "device": str(pipeline.device),
                    "weights": {name: m["sha256"] for name, m in pipeline.manifests.items()}},
         "images": images,
-        "summary": {"n_inputs": len(images), "n_repaired": n_repaired, "n_error": len(images) - n_repaired,
-                    "seconds": round(seconds, 3), "images_per_s": round(n_repaired / seconds, 3) if seconds else None},
+        "summary": {"n_inputs": len(images), "n_repaired": n_repaired, "n_error": n_error,
+                    "n_skipped": len(images) - n_repaired - n_error, "seconds": round(seconds, 3),
+                    "images_per_s": round(n_repaired / seconds, 3) if seconds else None, **accuracy(images)},
     }
     write_report(report, output_dir)
     return report
@@ -129,6 +135,28 @@ def repair_batch(pipeline: Pipeline, x: torch.Tensor, config: RepairConfig) -> l
         "task_losses_after": {t: round(v[i].item(), 6) for t, v in after.items()},
         "linf": round(linf[i], 6),
     } for i in range(len(x))]
+
+
+def read_labels(path: Path) -> dict[str, int]:
+    """file -> true class from a labels.csv (columns ``file`` and ``label``, as `cli.py attack` writes); {} if
+    there is none or it cannot be read (labels are optional: they only add accuracy to the report)."""
+    if not path.exists():
+        return {}
+    try:
+        with open(path, newline="") as f:
+            return {row["file"]: int(row["label"]) for row in csv.DictReader(f)}
+    except (KeyError, ValueError, csv.Error):
+        return {}
+
+
+def accuracy(images: list[dict]) -> dict:
+    labelled = [r for r in images if r["status"] == "repaired" and "true_label" in r]
+    if not labelled:
+        return {}
+    n = len(labelled)
+    return {"n_labelled": n,
+            "accuracy_before": round(sum(r["pred_before"] == r["true_label"] for r in labelled) / n, 4),
+            "accuracy_after": round(sum(r["pred_after"] == r["true_label"] for r in labelled) / n, 4)}
 
 
 def write_report(report: dict, output_dir: Path) -> None:

@@ -12,6 +12,8 @@ from PIL import Image, UnidentifiedImageError
 from .weights import atomic_write
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+# Files this tool writes beside images (cli.py attack, cli.py repair): listed as skipped, not as bad inputs.
+METADATA_FILES = ("labels.csv", "attack.json", "report.json", "report.csv")
 SIZE = 32
 
 
@@ -25,6 +27,7 @@ class ImageRecord:
     image: torch.Tensor | None = None         # 3×32×32 float32 in [0, 1]
     error: str | None = None
     notes: list[str] = field(default_factory=list)
+    skipped: bool = False                     # a metadata file of this tool, not an input
 
 
 def list_files(root: Path) -> list[Path]:
@@ -80,6 +83,10 @@ def read_folder(root: Path, resize: bool = False) -> list[ImageRecord]:
     records = []
     for path in list_files(root):
         record = ImageRecord(path.relative_to(root).as_posix())
+        if path.name in METADATA_FILES:
+            record.skipped, record.notes = True, ["metadata file of mssl-repair, not an image"]
+            records.append(record)
+            continue
         try:
             record.image, record.notes = read_image(path, resize)
         except ImageError as e:

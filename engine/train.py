@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import platform
-import sys
 import time
 from typing import Callable, Iterator
 
@@ -233,8 +232,9 @@ RECIPES = {"classifier": train_classifier, "contrastive": train_contrastive, "ro
 
 def train_model(name: str, profile: str = "cpu", data_root: str | None = None, out_dir: str = "weights",
                 seed: int = 0, device: str | None = None, overwrite: bool = False,
-                epochs: int | None = None) -> str:
-    """Train ``name`` with ``profile``'s recipe, measure it on the test set, write weights + manifest."""
+                epochs: int | None = None, command: str | None = None) -> str:
+    """Train ``name`` with ``profile``'s recipe, measure it on the test set, write weights + manifest.
+    ``command`` is recorded in the manifest: the command line that reproduces this run."""
     cfg = dict(PROFILES[profile][name])
     if epochs is not None:
         cfg["epochs"] = epochs
@@ -252,7 +252,7 @@ def train_model(name: str, profile: str = "cpu", data_root: str | None = None, o
     manifest = {
         "architecture": cfg["architecture"], "config": cfg["config"], "params": num_params(model),
         "recipe": {k: v for k, v in cfg.items() if k not in ("architecture", "config")}, "profile": profile,
-        "command": "python cli.py " + " ".join(sys.argv[1:]) if sys.argv[0].endswith("cli.py") else None,
+        "command": command,
         "data_md5": dataset_md5(data_root), "epochs": cfg["epochs"], "seed": seed,
         "wall_seconds": round(wall, 1), "metrics": metrics,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),

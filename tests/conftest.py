@@ -65,3 +65,21 @@ def cifar_root() -> str | None:
 needs_cifar = pytest.mark.skipif(cifar_root() is None, reason="CIFAR10_ROOT is not set to a CIFAR-10 folder")
 needs_shipped = pytest.mark.skipif(not (SHIPPED / "classifier.json").exists(),
                                    reason="no shipped weights in weights/ (train them with cli.py train)")
+
+
+@pytest.fixture
+def fake_test_set(monkeypatch):
+    """load_cifar10("test") -> the 64 example images (uint8) and their labels, for eval and attack tests."""
+    import csv
+
+    import engine.attack_set
+    import engine.evaluate
+    from engine.imageio import read_image
+
+    with open(EXAMPLES / "labels.csv") as f:
+        rows = list(csv.DictReader(f))
+    x = torch.stack([(read_image(EXAMPLES / r["file"])[0] * 255).round().to(torch.uint8) for r in rows])
+    y = torch.tensor([int(r["label"]) for r in rows])
+    for module in (engine.evaluate, engine.attack_set):
+        monkeypatch.setattr(module, "load_cifar10", lambda split="test", root=None: (x, y))
+    return x, y

@@ -1,0 +1,93 @@
+"""Statistics against scipy, the eval JSON schema, resuming, and the attack command."""
+import json
+
+import pytest
+from click.testing import CliRunner
+from scipy import stats
+
+import engine.evaluate as ev
+from cli import main
+
+
+@pytest.mark.parametrize("k, n", [(0, 10), (3, 10), (59, 100), (870, 1000), (200, 200)])
+def test_wilson_matches_scipy(k, n):
+    reference = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
+    assert ev.wilson_interval(k, n) == pytest.approx((reference.low, reference.high), abs=1e-9)
+
+
+@pytest.mark.parametrize("a_only, b_only", [(0, 0), (5, 1), (12, 30), (40, 40), (0, 9)])
+def test_mcnemar_matches_an_exact_binomial_test(a_only, b_only):
+    a = [True] * a_only + [False] * b_only + [True] * 7 + [False] * 3
+    b = [False] * a_only + [True] * b_only + [True] * 7 + [False] * 3
+    result = ev.mcnemar_exact(a, b)
+    expected = 1.0 if a_only + b_only == 0 else stats.binomtest(a_only, a_only + b_only, 0.5).pvalue
+    assert (result["a_only"], result["b_only"]) == (a_only, b_only)
+    assert result["p"] == pytest.approx(expected, rel=1e-9)
+
+
+FAST = dict(n=6, chunk=3, attacks=["none", "pgd", "aware", "bpda-eot"],
+            repairs=["none", "noise", "contrastive", "mtl"], attack_steps=2, repair_steps=2, bpda_steps=1,
+            bpda_eot=1, bpda_repair_steps=1)
+
+
+def test_eval_json_schema_and_table(tiny_pipeline, fake_test_set, tmp_path):
+    result = ev.run_eval(tiny_pipeline, ev.EvalConfig(**FAST), tmp_path / "eval.json", progress=False)
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["n"] == 6 and {"rows", "mcnemar", "config", "seconds"} <= set(saved)
+    assert len(saved["rows"]) == 16
+    for row in saved["rows"]:
+        assert set(row) == {"attack", "repair", "accuracy", "ci95", "n"} and row["n"] == 6
+        assert row["ci95"][0] <= row["accuracy"] <= row["ci95"][1]
+    pairs = {(t["a"], t["b"]) for t in saved["mcnemar"]}
+    assert ("pgd/none", "pgd/mtl") in pairs and ("none/none", "none/mtl") in pairs
+    assert ("bpda-eot/contrastive", "bpda-eot/mtl") in pairs and ("pgd/noise", "pgd/mtl") in pairs
+    assert not list(tmp_path.glob("*.partial-*"))
+    table = ev.markdown_table(result)
+    assert table.count("\n| ") >= 4 and "pgd/none vs pgd/mtl" in table
+    ev.plot(result, tmp_path / "eval.png")
+    assert (tmp_path / "eval.png").stat().st_size > 1000
+
+
+def test_an_interrupted_eval_resumes(tiny_pipeline, fake_test_set, tmp_path, monkeypatch):
+    config = ev.EvalConfig(**{**FAST, "attacks": ["none"], "repairs": ["none", "noise"]})
+    calls = []
+    real = ev.Evaluator.run_chunk
+
+    def fail_on_second(self, x, y, seed):
+        calls.append(seed)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, x, y, seed)
+
+    monkeypatch.setattr(ev.Evaluator, "run_chunk", fail_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        ev.run_eval(tiny_pipeline, config, tmp_path / "eval.json", progress=False)
+    assert len(list(tmp_path.glob("eval.partial-*.json"))) == 1
+    monkeypatch.setattr(ev.Evaluator, "run_chunk", real)
+    result = ev.run_eval(tiny_pipeline, config, tmp_path / "eval.json", progress=False)
+    assert all(row["n"] == 6 for row in result["rows"])
+
+
+def test_eval_cli_rejects_unknown_names(tiny_weights):
+    result = CliRunner().invoke(main, ["eval", "--attacks", "pgd,cw", "--weights", str(tiny_weights)])
+    assert result.exit_code == 2 and "unknown cw" in result.output
+
+
+def test_attack_cli_writes_pngs_labels_and_summary(tiny_weights, fake_test_set, tmp_path):
+    out, clean = tmp_path / "attacked", tmp_path / "clean"
+    args = ["attack", "--output", str(out), "--clean-output", str(clean), "--n", "5", "--steps", "3",
+            "--weights", str(tiny_weights)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert len(list(out.glob("*.png"))) == 5 and len(list(clean.glob("*.png"))) == 5
+    summary = json.loads((out / "attack.json").read_text())
+    assert summary["accuracy_attacked_png"] <= summary["accuracy_clean"]
+    assert (out / "labels.csv").read_text().startswith("file,test_index,label,class,pred_clean,pred_attacked")
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 2 and "already exists" in again.output
+    # the attacked folder repairs cleanly: labels.csv and attack.json are skipped, accuracy is reported
+    repaired = CliRunner().invoke(main, ["repair", "--input", str(out), "--output", str(tmp_path / "rep"),
+                                         "--weights", str(tiny_weights), "--steps", "1", "--quiet"])
+    assert repaired.exit_code == 0, repaired.output
+    report = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert report["summary"]["n_skipped"] == 2 and report["summary"]["n_labelled"] == 5

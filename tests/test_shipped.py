@@ -1,0 +1,55 @@
+"""The shipped default weights: complete manifests, a working default pipeline, and a repair that lowers the SSL
+loss of real images."""
+import csv
+import json
+
+import pytest
+import torch
+
+from engine.imageio import read_image
+from tests.conftest import EXAMPLES, SHIPPED, needs_shipped
+
+pytestmark = needs_shipped
+NAMES = ("classifier", "contrastive", "inpainting", "rotation")
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from engine import load_pipeline
+
+    return load_pipeline()
+
+
+@pytest.fixture(scope="module")
+def labelled():
+    with open(EXAMPLES / "labels.csv") as f:
+        rows = list(csv.DictReader(f))
+    x = torch.stack([read_image(EXAMPLES / r["file"])[0] for r in rows])
+    return x, torch.tensor([int(r["label"]) for r in rows])
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_manifest_is_complete_and_files_are_small(name):
+    manifest = json.loads((SHIPPED / f"{name}.json").read_text())
+    for key in ("architecture", "config", "command", "data_md5", "epochs", "seed", "wall_seconds", "machine",
+                "metrics", "sha256"):
+        assert manifest.get(key) is not None, key
+    assert manifest["command"].startswith(f"python cli.py train {name}")
+    assert (SHIPPED / f"{name}.safetensors").stat().st_size <= 16 * 2 ** 20
+
+
+def test_shipped_weights_fit_the_size_budget():
+    assert sum(p.stat().st_size for p in SHIPPED.glob("*.safetensors")) <= 40 * 2 ** 20
+
+
+def test_classifier_recognises_the_examples(shipped, labelled):
+    x, y = labelled
+    accuracy = (shipped.predict(x) == y).float().mean().item()
+    assert accuracy >= 0.55          # the manifest's test-set accuracy is ~0.7; 64 images give ±0.11 (95 %)
+
+
+def test_repair_lowers_the_ssl_loss_of_real_images(shipped, labelled):
+    x = labelled[0][:16]
+    before = shipped.ssl_loss(x, seed=0)
+    after = shipped.ssl_loss(shipped.repair(x, steps=10, seed=0), seed=0)
+    assert torch.isfinite(before).all() and after.mean() < before.mean()
