@@ -29,7 +29,6 @@ class RepairConfig:
     step_size: float = 2 / 255
     seed: int = 0
     batch_size: int = 64
-    backend: str = "torch"
 
 
 def check_folders(input_dir: Path, output_dir: Path, overwrite: bool) -> None:
@@ -97,8 +96,8 @@ def repair_folder(pipeline: Pipeline, input_dir: Path, output_dir: Path, config:
     n_repaired = sum(r["status"] == "repaired" for r in images)
     n_error = sum(r["status"] == "error" for r in images)
     report = {
-        "config": {**asdict(config), "tasks": pipeline.tasks, "alpha": [pipeline.objective.alpha[t] for t in pipeline.tasks],
-                   "device": str(pipeline.device),
+        "config": {**asdict(config), "backend": pipeline.backend.name, "tasks": pipeline.tasks,
+                   "alpha": [pipeline.objective.alpha[t] for t in pipeline.tasks], "device": str(pipeline.device),
                    "weights": {name: m["sha256"] for name, m in pipeline.manifests.items()}},
         "images": images,
         "summary": {"n_inputs": len(images), "n_repaired": n_repaired, "n_error": n_error,
@@ -116,10 +115,10 @@ def repair_batch(pipeline: Pipeline, x: torch.Tensor, config: RepairConfig) -> l
     x = x.to(pipeline.device)
     objective = pipeline.objective
     params = objective.sample_params(image_generators(x, config.seed), x)
-    before = objective.per_task(x, params)
+    before = pipeline.backend.task_losses(x, params)
     with torch.enable_grad():
         repaired = quantize(pipeline.repair(x, config.eps, config.steps, config.step_size, config.seed))
-    after = objective.per_task(repaired, params)
+    after = pipeline.backend.task_losses(repaired, params)
     pred_before, pred_after = pipeline.predict(x).tolist(), pipeline.predict(repaired).tolist()
     linf = (repaired - x).abs().amax((1, 2, 3)).tolist()
 

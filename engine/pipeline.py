@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .backends import BACKENDS, BackendUnavailable, ForwardBackend
+from .backends.torch_backend import TorchBackend
 from .repair import MultiTaskLoss, RepairResult, image_generators, reverse_attack
 from .tasks import TASKS
 from .weights import load_model
@@ -29,6 +31,11 @@ class Pipeline:
     objective: MultiTaskLoss
     manifests: dict[str, dict] = field(default_factory=dict)
     device: torch.device = torch.device("cpu")
+    backend: ForwardBackend | None = None          # forward-only passes; None: the torch reference
+
+    def __post_init__(self) -> None:
+        if self.backend is None:
+            self.backend = TorchBackend(self.classifier, self.objective)
 
     @property
     def tasks(self) -> list[str]:
@@ -39,17 +46,15 @@ class Pipeline:
             raise ValueError(f"expected images N×3×H×W, got shape {tuple(x.shape)}")
         return x.to(self.device, torch.float32)
 
-    @torch.no_grad()
     def predict(self, x: torch.Tensor) -> torch.Tensor:
-        """Predicted classes N (int64)."""
-        return self.classifier(self._to_device(x)).argmax(1)
+        """Predicted classes N (int64), from the forward backend."""
+        return self.backend.logits(self._to_device(x)).argmax(1).to(self.device)
 
-    @torch.no_grad()
     def task_losses(self, x: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
-        """Each task's per-image loss, with parameters drawn from the images' own generators (seeded as in the
-        repair, so the same image always gets the same augmentations)."""
+        """Each task's per-image loss (forward backend), with parameters drawn from the images' own generators
+        (seeded as in the repair, so the same image always gets the same augmentations)."""
         x = self._to_device(x)
-        return self.objective.per_task(x, self.objective.sample_params(image_generators(x, seed), x))
+        return self.backend.task_losses(x, self.objective.sample_params(image_generators(x, seed), x))
 
     def ssl_loss(self, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
         """Σ_k α_k L_k(x), per image: Tensor[N]."""
@@ -76,10 +81,12 @@ def build_objective(nets: dict[str, nn.Module], alpha: dict[str, float] | None =
 
 def load_pipeline(weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                   tasks: tuple[str, ...] | list[str] = DEFAULT_TASKS, alpha: dict[str, float] | None = None,
-                  views: int = 4) -> Pipeline:
+                  views: int = 4, backend: str = "torch", onnx_dir: str | os.PathLike | None = None) -> Pipeline:
     """The classifier and the named SSL tasks from ``weights`` (default: the shipped ``weights/``).
 
-    Raises ``engine.weights.WeightsError`` (a clear message) where a file is missing or does not match its manifest.
+    ``backend`` runs the forward-only passes ("torch", "onnxruntime", or "auto": the fastest present); the repair's
+    gradient loop is PyTorch's in every case. Raises ``engine.weights.WeightsError`` (a clear message) where a file
+    is missing or does not match its manifest, and ``BackendUnavailable`` where the backend cannot run here.
     """
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
@@ -91,4 +98,22 @@ def load_pipeline(weights: str | os.PathLike | None = None, device: str | torch.
         nets[name], manifests[name] = load_model(name, weights, device)
     for net in (classifier, *nets.values()):
         net.requires_grad_(False)      # the repair differentiates w.r.t. the input only
-    return Pipeline(classifier, build_objective(nets, alpha, views).to(device), manifests, device)
+    pipeline = Pipeline(classifier, build_objective(nets, alpha, views).to(device), manifests, device)
+    backend = resolve_backend(backend, device)
+    if backend == "onnxruntime":
+        from export.onnx_export import ensure_exported
+
+        from .backends.onnxruntime_backend import OnnxRuntimeBackend
+
+        pipeline.backend = OnnxRuntimeBackend(ensure_exported(pipeline, onnx_dir), list(tasks), device)
+    return pipeline
+
+
+def resolve_backend(name: str, device: torch.device) -> str:
+    """The backend to use for ``name``; "auto" is the fastest present. On the CPU that is the torch reference:
+    its forward passes measured faster than onnxruntime's here (README, "Speed")."""
+    if name == "auto":
+        return "torch"
+    if name not in BACKENDS:
+        raise BackendUnavailable(f"unknown backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
+    return name

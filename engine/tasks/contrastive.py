@@ -55,5 +55,5 @@ class ContrastiveTask(nn.Module):
 
     def loss(self, x: torch.Tensor, **params: torch.Tensor) -> torch.Tensor:
         views = augment.apply_views(x, **params)
-        z = self.net(views.flatten(0, 1)).view(len(x), views.shape[1], -1)
+        z = self.net(views.flatten(0, 1)).unflatten(0, views.shape[:2])
         return nt_xent_bank(z, self.net.bank, self.tau)

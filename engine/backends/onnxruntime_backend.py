@@ -1,0 +1,75 @@
+"""ONNX Runtime backend: runs the exported graphs (export/onnx_export.py) on the tensors it is given.
+
+Providers follow what is present: CUDA only when PyTorch sees a CUDA GPU (so CPU machines print no provider noise),
+TensorRT's provider when onnxruntime offers it and the tensorrt package is installed. On CUDA, inputs and outputs are
+bound to torch tensors' memory (IO binding): no copies through the host.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import BackendUnavailable
+
+
+def choose_providers(device: torch.device) -> list[str]:
+    import onnxruntime as ort
+
+    available = ort.get_available_providers()
+    chosen = []
+    if device.type == "cuda" and torch.cuda.is_available():
+        if "TensorrtExecutionProvider" in available and importlib.util.find_spec("tensorrt"):
+            chosen.append("TensorrtExecutionProvider")
+        if "CUDAExecutionProvider" in available:
+            chosen.append("CUDAExecutionProvider")
+    return chosen + ["CPUExecutionProvider"]
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(self, onnx_dir: str | Path, tasks: list[str], device: torch.device | str = "cpu") -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise BackendUnavailable(f"onnxruntime is not installed ({e}); pip install onnxruntime-gpu") from None
+        self.device = torch.device(device)
+        onnx_dir = Path(onnx_dir)
+        manifest = json.loads((onnx_dir / "manifest.json").read_text())
+        self.providers = choose_providers(self.device)
+        self.sessions, self.input_names = {}, {}
+        for graph in ["classifier", *(f"{t}_loss" for t in tasks)]:
+            if graph not in manifest["graphs"]:
+                raise BackendUnavailable(f"{onnx_dir} has no {graph} graph; run `python cli.py export`")
+            session = ort.InferenceSession(str(onnx_dir / manifest["graphs"][graph]["file"]),
+                                           providers=self.providers)
+            self.sessions[graph] = session
+            self.input_names[graph] = [i.name for i in session.get_inputs()]
+
+    def run(self, graph: str, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The graph's single output for ``feeds`` (input name -> tensor), on the feeds' device."""
+        session = self.sessions[graph]
+        feeds = {name: feeds[name].detach().float().contiguous() for name in self.input_names[graph]}
+        batch = len(next(iter(feeds.values())))
+        if self.device.type != "cuda":
+            out = session.run(None, {name: t.cpu().numpy() for name, t in feeds.items()})[0]
+            return torch.from_numpy(out)
+        binding = session.io_binding()
+        index = self.device.index or 0
+        for name, t in feeds.items():
+            binding.bind_input(name, "cuda", index, np.float32, list(t.shape), t.data_ptr())
+        meta = session.get_outputs()[0]
+        out = torch.empty([batch, *meta.shape[1:]], device=self.device, dtype=torch.float32)
+        binding.bind_output(meta.name, "cuda", index, np.float32, list(out.shape), out.data_ptr())
+        session.run_with_iobinding(binding)
+        return out
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.run("classifier", {"x": x})
+
+    def task_losses(self, x: torch.Tensor, params: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+        return {task: self.run(f"{task}_loss", {"x": x, **p}) for task, p in params.items()}

@@ -1,0 +1,1 @@
+"""Export of the PyTorch reference to deployment engines: ONNX graphs (onnx_export) and TensorRT engines."""

@@ -1,0 +1,204 @@
+"""ONNX export of the classifier and the SSL loss graphs, with a manifest (`cli.py export`).
+
+Graphs (opset 18, dynamic batch; opset 20 is avoided for TensorRT's known GridSample fault there):
+
+- ``classifier``: x -> logits
+- ``<task>_loss``: x + that task's sampled parameters -> per-image loss (randomness as inputs, DESIGN.md
+  principle 1; rotation has none)
+- ``multitask_loss``: x + every task's parameters (named ``<task>_<param>``) + alpha[K] -> Σ α_k L_k
+
+The export is deterministic (same weights, same torch: byte-identical files). In an existing folder, graphs that
+match the manifest and come from the same weights are kept; a graph whose file no longer matches its manifest
+sha256 (stale or corrupt) is re-exported with a note; anything else already there is replaced only with
+``overwrite``.
+"""
+from __future__ import annotations
+
+import contextlib
+import inspect
+import io
+import json
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+import torch
+from torch import nn
+
+from engine.pipeline import Pipeline
+from engine.repair import image_generators
+from engine.weights import atomic_write, sha256sum, write_json
+
+OPSET = 18
+MAX_BATCH = 4096
+MANIFEST = "manifest.json"
+
+
+class ExportError(RuntimeError):
+    """An export that cannot go ahead; the message names the graph or file."""
+
+
+class TaskLossGraph(nn.Module):
+    """x, *params (in ``param_names`` order) -> one task's per-image loss."""
+
+    def __init__(self, task: nn.Module, param_names: list[str]) -> None:
+        super().__init__()
+        self.task, self.param_names = task, param_names
+
+    def forward(self, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        return self.task.loss(x, **dict(zip(self.param_names, params)))
+
+
+class MultiTaskLossGraph(nn.Module):
+    """x, *params (``layout`` order: (task, param) pairs), alpha[K] -> Σ α_k L_k per image."""
+
+    def __init__(self, objective: nn.Module, layout: list[tuple[str, str]]) -> None:
+        super().__init__()
+        self.objective, self.layout = objective, layout
+
+    def forward(self, x: torch.Tensor, *inputs: torch.Tensor) -> torch.Tensor:
+        params: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.objective.tasks}
+        for (task, key), value in zip(self.layout, inputs[:-1]):
+            params[task][key] = value
+        alpha = inputs[-1]
+        losses = self.objective.per_task(x, params)
+        return sum(alpha[i] * losses[name] for i, name in enumerate(self.objective.tasks))
+
+
+@dataclass
+class GraphSpec:
+    name: str
+    module: nn.Module
+    inputs: dict[str, torch.Tensor]        # example inputs, batch 2; "alpha" has no batch dimension
+    outputs: list[str]
+    sources: dict[str, object]             # what it is made from: weights sha256 per model, contrastive views
+
+
+def graph_specs(pipeline: Pipeline) -> list[GraphSpec]:
+    """The graphs of a pipeline, with example inputs drawn the way the repair draws them."""
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(pipeline.device)
+    objective = pipeline.objective
+    params = objective.sample_params(image_generators(x, 0), x)
+
+    def sources(*names: str) -> dict[str, object]:
+        made_of: dict[str, object] = {n: pipeline.manifests[n]["sha256"] for n in names}
+        if "contrastive" in names:          # the view axis is fixed in the graph
+            made_of["contrastive_views"] = objective.tasks["contrastive"].views
+        return made_of
+
+    specs = [GraphSpec("classifier", pipeline.classifier, {"x": x}, ["logits"], sources("classifier"))]
+    for name, task in objective.tasks.items():
+        specs.append(GraphSpec(f"{name}_loss", TaskLossGraph(task, list(params[name])), {"x": x, **params[name]},
+                               ["loss"], sources(name)))
+    layout = [(task, key) for task in objective.tasks for key in params[task]]
+    alpha = torch.tensor([objective.alpha[t] for t in objective.tasks], device=x.device)
+    inputs = {"x": x, **{f"{task}_{key}": params[task][key] for task, key in layout}, "alpha": alpha}
+    specs.append(GraphSpec("multitask_loss", MultiTaskLossGraph(objective, layout), inputs, ["loss"],
+                           sources(*objective.tasks)))
+    return specs
+
+
+def export_graph(spec: GraphSpec, path: Path) -> None:
+    """torch.onnx (dynamo) export of one graph to ``path`` (atomically), then the full ONNX checker."""
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    axes = [None if name == "alpha" else {0: batch} for name in spec.inputs]
+    # torch.export sees forward(x, *params) as two arguments, x and a (non-empty) tuple: dynamic_shapes mirrors it
+    takes_varargs = any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(spec.module.forward).parameters.values())
+    dynamic = (axes[0], tuple(axes[1:])) if takes_varargs and len(axes) > 1 else tuple(axes)
+
+    def write(tmp: Path) -> None:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(spec.module.eval(), tuple(spec.inputs.values()), str(tmp), dynamo=True,
+                              opset_version=OPSET, dynamic_shapes=dynamic, input_names=list(spec.inputs),
+                              output_names=spec.outputs, external_data=False)
+        try:
+            onnx.checker.check_model(str(tmp), full_check=True)
+        except onnx.checker.ValidationError as e:
+            raise ExportError(f"graph {spec.name} failed the ONNX checker: {e}") from None
+
+    atomic_write(path, write)
+
+
+def describe_io(path: Path) -> dict:
+    """Names, shapes ("batch" for the dynamic axis) and dtypes of a graph's inputs and outputs."""
+    graph = onnx.load(str(path), load_external_data=False).graph
+
+    def one(value) -> dict:
+        tensor = value.type.tensor_type
+        shape = [d.dim_param or d.dim_value for d in tensor.shape.dim]
+        return {"name": value.name, "shape": shape, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name}
+
+    return {"inputs": [one(v) for v in graph.input], "outputs": [one(v) for v in graph.output]}
+
+
+def read_manifest(out_dir: Path) -> dict:
+    path = out_dir / MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        return {}
+
+
+def graph_status(out_dir: Path, spec: GraphSpec, manifest: dict) -> str:
+    """'new', 'current' (kept), 'stale' (file differs from its manifest entry: re-export) or 'conflict'."""
+    path = out_dir / f"{spec.name}.onnx"
+    entry = manifest.get("graphs", {}).get(spec.name)
+    if entry is None:
+        return "conflict" if path.exists() else "new"
+    if entry.get("sources") != spec.sources:
+        return "conflict" if path.exists() else "new"
+    if not path.exists() or sha256sum(path) != entry.get("sha256"):
+        return "stale"
+    return "current"
+
+
+def export_all(pipeline: Pipeline, out_dir: str | os.PathLike, overwrite: bool = False,
+               command: str | None = None) -> tuple[dict, list[str]]:
+    """Export every graph of ``pipeline`` into ``out_dir``; returns (manifest, notes)."""
+    out_dir = Path(out_dir)
+    manifest = read_manifest(out_dir)
+    weights = {name: m["sha256"] for name, m in pipeline.manifests.items()}
+    specs = graph_specs(pipeline)
+    status = {s.name: graph_status(out_dir, s, manifest) for s in specs}
+    conflicts = [f"{name}.onnx" for name, st in status.items() if st == "conflict"]
+    if conflicts and not overwrite:
+        raise ExportError(f"{out_dir} already holds {', '.join(conflicts)} from other weights or another tool: "
+                          "choose another --out, or pass --overwrite")
+    notes, graphs = [], dict(manifest.get("graphs", {}))
+    for spec in specs:
+        path = out_dir / f"{spec.name}.onnx"
+        if status[spec.name] == "current" and not overwrite:
+            notes.append(f"{path.name}: up to date, kept")
+            continue
+        if status[spec.name] == "stale":
+            notes.append(f"{path.name}: did not match its manifest sha256 (stale or corrupt), re-exported")
+        export_graph(spec, path)
+        graphs[spec.name] = {"file": path.name, "sha256": sha256sum(path),
+                             "sources": spec.sources, "opset": OPSET,
+                             "precision": "fp32", **describe_io(path)}
+    manifest = {"opset": OPSET, "torch": torch.__version__, "onnx": onnx.__version__, "command": command,
+                "max_batch": MAX_BATCH, "weights": weights, "graphs": graphs}
+    write_json(out_dir / MANIFEST, manifest)
+    return manifest, notes
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("MSSL_REPAIR_CACHE", Path.home() / ".cache" / "mssl-repair"))
+
+
+def ensure_exported(pipeline: Pipeline, onnx_dir: str | os.PathLike | None = None) -> Path:
+    """A folder with this pipeline's graphs up to date: ``onnx_dir`` if given, else a cache folder keyed by the
+    weights' sha256 (exported there on first use, about a minute on 2 cores)."""
+    if onnx_dir is None:
+        key = "-".join(m["sha256"][:8] for _, m in sorted(pipeline.manifests.items()))
+        if "contrastive" in pipeline.objective.tasks:
+            key += f"-v{pipeline.objective.tasks['contrastive'].views}"
+        onnx_dir = default_cache_dir() / "onnx" / key
+    export_all(pipeline, onnx_dir)
+    return Path(onnx_dir)
+
