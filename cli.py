@@ -112,17 +112,19 @@ def _parse_alpha(text: str | None, tasks: list[str]) -> dict[str, float]:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto", show_default=True,
               help="Engine for the forward-only passes (auto: the fastest present); the repair's gradient loop "
                    "is always PyTorch's.")
 @click.option("--onnx-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Exported graphs for --backend onnxruntime (default: exported on first use into a cache).")
+              help="Exported graphs for --backend onnxruntime/tensorrt (default: exported on first use into a cache).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Precision of TensorRT engines.")
 @click.option("--resize", is_flag=True, help="Scale images that are not 32×32 instead of reporting an error.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs and reports.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, alpha: str | None, eps: float,
            steps: int, step_size: float, views: int, seed: int, batch_size: int, device: str, backend: str,
-           onnx_dir: Path | None, resize: bool, overwrite: bool, quiet: bool) -> None:
+           onnx_dir: Path | None, precision: str, resize: bool, overwrite: bool, quiet: bool) -> None:
     """Repair every image under INPUT into OUTPUT (same relative paths, lossless PNG) with a report.
 
     Exit status: 0 when every input was repaired, 1 when some failed (see the report), 2 on usage errors.
@@ -137,7 +139,7 @@ def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, 
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     pipeline = _load(weights=weights, device=device, tasks=task_list, alpha=alphas, views=views, backend=backend,
-                     onnx_dir=onnx_dir)
+                     onnx_dir=onnx_dir, precision=precision)
     config = RepairConfig(eps=eps, steps=steps, step_size=step_size, seed=seed, batch_size=batch_size)
     try:
         report = repair_folder(pipeline, input_dir, output_dir, config, resize, overwrite, progress=not quiet)
@@ -234,15 +236,17 @@ def _names(text: str, known, option: str) -> list[str]:
 @click.option("--data", "data_root", type=click.Path(file_okay=False), default=None,
               help="CIFAR-10 folder (default: $CIFAR10_ROOT).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime"]), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto", show_default=True,
               help="Engine for the forward-only passes (predictions); attacks and repairs run in PyTorch.")
 @click.option("--onnx-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="Precision of TensorRT engines.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_path: Path | None,
              markdown_path: Path | None, seed: int, eps_r: float, repair_steps: int, repair_step_size: float,
              views: int, attack_eps: float, attack_steps: int, lam: float, bpda_steps: int, eot: int,
              bpda_repair_steps: int, chunk: int, weights: Path | None, data_root: str | None, device: str,
-             backend: str, onnx_dir: Path | None, quiet: bool) -> None:
+             backend: str, onnx_dir: Path | None, precision: str, quiet: bool) -> None:
     """Accuracy of attack × repair on CIFAR-10 test images, with 95 % intervals and McNemar tests (Table 1)."""
     from engine.data import DataError
     from engine.evaluate import ATTACKS, REPAIRS, EvalConfig, markdown_table, plot, run_eval
@@ -253,7 +257,8 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_pa
                         attack_steps=attack_steps, eps_r=eps_r, repair_steps=repair_steps,
                         repair_step_size=repair_step_size, views=views, aware_lambda=lam, bpda_steps=bpda_steps,
                         bpda_eot=eot, bpda_repair_steps=bpda_repair_steps, chunk=chunk)
-    pipeline = _load(weights=weights, device=device, views=views, backend=backend, onnx_dir=onnx_dir)
+    pipeline = _load(weights=weights, device=device, views=views, backend=backend, onnx_dir=onnx_dir,
+                     precision=precision)
     try:
         result = run_eval(pipeline, config, json_path, data_root, progress=not quiet)
     except (ValueError, DataError) as e:
@@ -275,16 +280,20 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_pa
 @click.option("--tasks", default="contrastive,inpainting,rotation", show_default=True)
 @click.option("--views", type=click.IntRange(min=2), default=4, show_default=True,
               help="Contrastive views per image (fixed in the exported graph).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+              help="fp16: FP16 graphs with FP32 inputs and outputs (what TensorRT 11 needs for FP16 engines).")
 @click.option("--overwrite", is_flag=True, help="Replace graphs exported from other weights.")
-def export_command(weights: Path | None, out_dir: Path, tasks: str, views: int, overwrite: bool) -> None:
+def export_command(weights: Path | None, out_dir: Path, tasks: str, views: int, precision: str,
+                   overwrite: bool) -> None:
     """Export the classifier and the SSL loss graphs to ONNX (opset 18, dynamic batch) with a manifest."""
     from export.onnx_export import ExportError, export_all
 
     task_list = _parse_tasks(tasks)
     pipeline = _load(weights=weights, tasks=task_list, views=views)
-    command = f"python cli.py export --out {out_dir} --tasks {','.join(task_list)} --views {views}"
+    command = (f"python cli.py export --out {out_dir} --tasks {','.join(task_list)} --views {views} "
+               f"--precision {precision}")
     try:
-        manifest, notes = export_all(pipeline, out_dir, overwrite, command)
+        manifest, notes = export_all(pipeline, out_dir, overwrite, command, precision)
     except ExportError as e:
         raise click.UsageError(str(e)) from None
     for note in notes:

@@ -81,17 +81,23 @@ def build_objective(nets: dict[str, nn.Module], alpha: dict[str, float] | None =
 
 def load_pipeline(weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                   tasks: tuple[str, ...] | list[str] = DEFAULT_TASKS, alpha: dict[str, float] | None = None,
-                  views: int = 4, backend: str = "torch", onnx_dir: str | os.PathLike | None = None) -> Pipeline:
+                  views: int = 4, backend: str = "torch", onnx_dir: str | os.PathLike | None = None,
+                  precision: str = "fp32") -> Pipeline:
     """The classifier and the named SSL tasks from ``weights`` (default: the shipped ``weights/``).
 
-    ``backend`` runs the forward-only passes ("torch", "onnxruntime", or "auto": the fastest present); the repair's
-    gradient loop is PyTorch's in every case. Raises ``engine.weights.WeightsError`` (a clear message) where a file
+    ``backend`` runs the forward-only passes ("torch", "onnxruntime", "tensorrt" at ``precision``, or "auto": the
+    fastest present); the repair's gradient loop is PyTorch's in every case. Raises ``engine.weights.WeightsError`` (a clear message) where a file
     is missing or does not match its manifest, and ``BackendUnavailable`` where the backend cannot run here.
     """
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
     device = torch.device(device)
+    backend = resolve_backend(backend, device)
+    if backend == "tensorrt":                  # fail before any export work where it cannot run
+        from export.tensorrt import import_tensorrt
+
+        import_tensorrt()
     classifier, manifest = load_model("classifier", weights, device)
     manifests, nets = {"classifier": manifest}, {}
     for name in tasks:
@@ -99,21 +105,29 @@ def load_pipeline(weights: str | os.PathLike | None = None, device: str | torch.
     for net in (classifier, *nets.values()):
         net.requires_grad_(False)      # the repair differentiates w.r.t. the input only
     pipeline = Pipeline(classifier, build_objective(nets, alpha, views).to(device), manifests, device)
-    backend = resolve_backend(backend, device)
-    if backend == "onnxruntime":
+    if backend in ("onnxruntime", "tensorrt"):
         from export.onnx_export import ensure_exported
 
-        from .backends.onnxruntime_backend import OnnxRuntimeBackend
+        onnx_dir = ensure_exported(pipeline, onnx_dir)
+        if backend == "onnxruntime":
+            from .backends.onnxruntime_backend import OnnxRuntimeBackend
 
-        pipeline.backend = OnnxRuntimeBackend(ensure_exported(pipeline, onnx_dir), list(tasks), device)
+            pipeline.backend = OnnxRuntimeBackend(onnx_dir, list(tasks), device)
+        else:
+            from .backends.tensorrt_backend import TensorRTBackend
+
+            pipeline.backend = TensorRTBackend(onnx_dir, list(tasks), device, precision)
     return pipeline
 
 
 def resolve_backend(name: str, device: torch.device) -> str:
-    """The backend to use for ``name``; "auto" is the fastest present. On the CPU that is the torch reference:
-    its forward passes measured faster than onnxruntime's here (README, "Speed")."""
+    """The backend to use for ``name``. "auto": TensorRT where it can run (a CUDA device and the package),
+    else the torch reference."""
     if name == "auto":
-        return "torch"
+        import importlib.util
+
+        usable = device.type == "cuda" and torch.cuda.is_available() and importlib.util.find_spec("tensorrt")
+        return "tensorrt" if usable else "torch"
     if name not in BACKENDS:
         raise BackendUnavailable(f"unknown backend {name!r}; choose from auto, {', '.join(BACKENDS)}")
     return name

@@ -158,12 +158,17 @@ def graph_status(out_dir: Path, spec: GraphSpec, manifest: dict) -> str:
 
 
 def export_all(pipeline: Pipeline, out_dir: str | os.PathLike, overwrite: bool = False,
-               command: str | None = None) -> tuple[dict, list[str]]:
-    """Export every graph of ``pipeline`` into ``out_dir``; returns (manifest, notes)."""
+               command: str | None = None, precision: str = "fp32") -> tuple[dict, list[str]]:
+    """Export every graph of ``pipeline`` into ``out_dir``; returns (manifest, notes). ``precision`` "fp16" converts
+    each graph to FP16 with FP32 inputs and outputs kept (export/tensorrt.py, ``fp16_graph``)."""
+    if precision not in ("fp32", "fp16"):
+        raise ExportError(f"precision must be fp32 or fp16, not {precision!r}")
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
     weights = {name: m["sha256"] for name, m in pipeline.manifests.items()}
     specs = graph_specs(pipeline)
+    for spec in specs:
+        spec.sources["precision"] = precision
     status = {s.name: graph_status(out_dir, s, manifest) for s in specs}
     conflicts = [f"{name}.onnx" for name, st in status.items() if st == "conflict"]
     if conflicts and not overwrite:
@@ -178,9 +183,12 @@ def export_all(pipeline: Pipeline, out_dir: str | os.PathLike, overwrite: bool =
         if status[spec.name] == "stale":
             notes.append(f"{path.name}: did not match its manifest sha256 (stale or corrupt), re-exported")
         export_graph(spec, path)
-        graphs[spec.name] = {"file": path.name, "sha256": sha256sum(path),
-                             "sources": spec.sources, "opset": OPSET,
-                             "precision": "fp32", **describe_io(path)}
+        if precision == "fp16":
+            from .tensorrt import fp16_graph
+
+            fp16_graph(path, path)
+        graphs[spec.name] = {"file": path.name, "sha256": sha256sum(path), "sources": spec.sources,
+                             "opset": OPSET, "precision": precision, **describe_io(path)}
     manifest = {"opset": OPSET, "torch": torch.__version__, "onnx": onnx.__version__, "command": command,
                 "max_batch": MAX_BATCH, "weights": weights, "graphs": graphs}
     write_json(out_dir / MANIFEST, manifest)

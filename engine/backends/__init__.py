@@ -3,6 +3,7 @@ the forward-only passes: classifier logits, and the SSL losses the report and th
 
 - ``torch``: the reference (engine/backends/torch_backend.py)
 - ``onnxruntime``: the exported ONNX graphs (engine/backends/onnxruntime_backend.py)
+- ``tensorrt``: TensorRT engines built from those graphs, on CUDA (engine/backends/tensorrt_backend.py)
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from typing import Protocol
 
 import torch
 
-BACKENDS = ("torch", "onnxruntime")
+BACKENDS = ("torch", "onnxruntime", "tensorrt")
 
 
 class BackendUnavailable(RuntimeError):
