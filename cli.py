@@ -301,6 +301,38 @@ def export_command(weights: Path | None, out_dir: Path, tasks: str, views: int, 
     click.echo(f"{len(manifest['graphs'])} graphs in {out_dir} (manifest: {out_dir / 'manifest.json'})")
 
 
+@main.command()
+@click.option("--n", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Images per full repair (the examples, repeated where N is larger).")
+@click.option("--backends", default="torch,onnxruntime,tensorrt,torch-compile", show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=40, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--weights", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--onnx-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+def bench(n: int, backends: str, steps: int, device: str, precision: str, weights: Path | None,
+          onnx_dir: Path | None, json_path: Path | None, plot_path: Path | None) -> None:
+    """Repair throughput and per-graph forward throughput of each backend, with parity against torch."""
+    import json
+
+    from bench.throughput import BENCH_BACKENDS, plot, run_bench
+    from engine.weights import WeightsError, write_json
+
+    _check_device(device)
+    names = _names(backends, BENCH_BACKENDS, "--backends")
+    try:
+        result = run_bench(n, names, device, steps, weights, onnx_dir, precision)
+    except WeightsError as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(json.dumps(result, indent=2))
+    if json_path:
+        write_json(json_path, result)
+    if plot_path:
+        plot(result, plot_path)
+
+
 def _load(**kwargs):
     """load_pipeline, with every user-fixable failure turned into a usage error (exit 2)."""
     from engine.backends import BackendUnavailable

@@ -1,0 +1,151 @@
+"""`cli.py bench`: on the same inputs, for each backend, full-repair throughput, per-graph forward throughput,
+and parity against the PyTorch reference. Speed is only ever reported next to parity (DESIGN.md, principle 4).
+
+Backends:
+- ``torch``: eager PyTorch, the reference;
+- ``onnxruntime`` / ``tensorrt``: those engines do the forward-only passes, the gradient loop stays in autograd;
+- ``torch-compile``: eager forwards, the repair's gradient step through ``torch.compile``.
+A backend that cannot run here is listed with its reason, never dropped.
+"""
+from __future__ import annotations
+
+import copy
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+from engine.backends import BackendUnavailable
+from engine.folder import RepairConfig, repair_batch
+from engine.imageio import read_folder
+from engine.pipeline import Pipeline, load_pipeline
+from engine.repair import image_generators
+from export.parity import TOLERANCES, agreement, compare
+
+BENCH_BACKENDS = ("torch", "onnxruntime", "tensorrt", "torch-compile")
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "clean"
+
+
+def bench_images(n: int) -> torch.Tensor:
+    """``n`` example images (repeated where n exceeds the examples): the same inputs for every backend."""
+    x = torch.stack([r.image for r in read_folder(EXAMPLES) if r.image is not None])
+    return x.repeat((n + len(x) - 1) // len(x), 1, 1, 1)[:n]
+
+
+def timed(fn, repeat: int = 1) -> float:
+    """Seconds per call, best of ``repeat`` (after one untimed warm-up call)."""
+    fn()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def make_pipeline(name: str, weights, device: str, onnx_dir) -> tuple[Pipeline, float]:
+    """(pipeline, seconds it took to make: export, engine build or compilation included)."""
+    start = time.perf_counter()
+    if name == "torch-compile":
+        pipeline = load_pipeline(weights, device)
+        pipeline.objective = torch.compile(pipeline.objective)
+    else:
+        pipeline = load_pipeline(weights, device, backend=name, onnx_dir=onnx_dir)
+    return pipeline, time.perf_counter() - start
+
+
+def graph_throughput(pipeline: Pipeline, x: torch.Tensor, batches: tuple[int, ...]) -> dict:
+    """images/s of each forward graph of the pipeline's backend at each batch size."""
+    out = {}
+    for batch in batches:
+        xb = x.repeat((batch + len(x) - 1) // len(x), 1, 1, 1)[:batch].to(pipeline.device)
+        params = pipeline.objective.sample_params(image_generators(xb, 0), xb)
+        out.setdefault("classifier", {})[str(batch)] = batch / timed(lambda: pipeline.backend.logits(xb), 3)
+        for task in pipeline.tasks:
+            one = {task: params[task]}
+            seconds = timed(lambda: pipeline.backend.task_losses(xb, one), 3)
+            out.setdefault(f"{task}_loss", {})[str(batch)] = batch / seconds
+    return {g: {b: round(v, 1) for b, v in per.items()} for g, per in out.items()}
+
+
+def parity_rows(name: str, reference: Pipeline, candidate: Pipeline, x: torch.Tensor, ref_rows: list[dict],
+                rows: list[dict], precision: str) -> list[dict]:
+    x = x.to(candidate.device)
+    params = reference.objective.sample_params(image_generators(x, 0), x)
+    tol = TOLERANCES[precision]
+    ref_logits, logits = reference.backend.logits(x), candidate.backend.logits(x)
+    results = [compare("logits", ref_logits, logits, tol["logits"])]
+    ref_losses, losses = reference.backend.task_losses(x, params), candidate.backend.task_losses(x, params)
+    results += [compare(f"{t}_loss", ref_losses[t], losses[t], tol["loss"]) for t in ref_losses]
+    out = [{"backend": name, "output": r.output, "max_abs": r.max_abs, "max_rel": r.max_rel, "passed": r.passed,
+            "agreement": agreement(ref_logits, logits) if r.output == "logits" else None} for r in results]
+    after = sum(a["pred_after"] == b["pred_after"] for a, b in zip(ref_rows, rows)) / len(rows)
+    out.append({"backend": name, "output": "repaired prediction", "max_abs": None, "max_rel": None,
+                "passed": None, "agreement": after})
+    return out
+
+
+def run_bench(n: int = 64, backends: list[str] = list(BENCH_BACKENDS), device: str = "cpu", steps: int = 40,
+              weights=None, onnx_dir=None, precision: str = "fp32", batches: tuple[int, ...] = (64, 256),
+              log=print) -> dict:
+    x = bench_images(n)
+    config = RepairConfig(steps=steps, batch_size=n)
+    reference = load_pipeline(weights, device)
+    result = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+              "n": n, "steps": steps, "precision": precision, "torch": torch.__version__,
+              "threads": torch.get_num_threads(), "backends": [], "parity": []}
+    ref_rows = None
+    for name in ["torch", *(b for b in backends if b != "torch")]:
+        entry = {"name": name, "available": False, "reason": None, "images_per_s": None}
+        try:
+            pipeline, setup = (reference, 0.0) if name == "torch" else make_pipeline(name, weights, device, onnx_dir)
+        except BackendUnavailable as e:
+            entry["reason"] = str(e)
+            result["backends"].append(entry)
+            log(f"{name}: not available ({e})")
+            continue
+        last: dict[str, list[dict]] = {}
+
+        def full_repair() -> None:
+            last["rows"] = repair_batch(pipeline, x, config)
+
+        seconds = timed(full_repair)
+        rows = last["rows"]
+        entry.update(available=True, setup_seconds=round(setup, 1), repair_seconds=round(seconds, 2),
+                     images_per_s=round(n / seconds, 3), graphs=graph_throughput(pipeline, x, batches))
+        log(f"{name}: {entry['images_per_s']} images/s (full repair, {steps} steps)")
+        if name == "torch":
+            ref_rows = copy.deepcopy(rows)
+        else:
+            result["parity"] += parity_rows(name, reference, pipeline, x, ref_rows, rows, precision)
+        result["backends"].append(entry)
+    torch_speed = result["backends"][0]["images_per_s"]
+    for entry in result["backends"]:
+        if entry["available"]:
+            entry["speedup_vs_torch"] = round(entry["images_per_s"] / torch_speed, 3)
+    return result
+
+
+def plot(result: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [b["name"] for b in result["backends"]]
+    speeds = [b["images_per_s"] or 0 for b in result["backends"]]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    bars = ax.bar(names, speeds, color=["C0" if b["available"] else "0.8" for b in result["backends"]])
+    for bar, b in zip(bars, result["backends"]):
+        ax.annotate("not available" if not b["available"] else f"{b['images_per_s']:.2f}",
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()), ha="center", va="bottom", fontsize=8)
+    ax.set_ylabel("full repair, images/s")
+    ax.set_title(f"{result['device']}, n = {result['n']}, {result['steps']} steps")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
