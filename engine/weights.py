@@ -33,14 +33,22 @@ def sha256sum(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)``, then rename onto ``path``: a reader never sees half a file."""
+    """Call ``write(tmp_path)``, then rename onto ``path``: a reader never sees half a file. The file gets the
+    mode a plain ``open`` would give it (mkstemp's own is owner-only)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
         write(Path(tmp))
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -43,3 +43,14 @@ def test_existing_weights_are_not_overwritten(tmp_path):
     assert (tmp_path / "rotation.json").read_text() == before
     save_model(net, "rotation", tmp_path, {**manifest, "seed": 1}, overwrite=True)
     assert json.loads((tmp_path / "rotation.json").read_text())["seed"] == 1
+
+
+def test_written_files_get_the_usual_mode(tmp_path):
+    import os
+
+    from engine.weights import write_json
+
+    write_json(tmp_path / "a.json", {"x": 1})
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o666 & ~mask
