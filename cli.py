@@ -222,6 +222,8 @@ def _names(text: str, known, option: str) -> list[str]:
 @click.option("--repair-steps", type=click.IntRange(min=1), default=40, show_default=True)
 @click.option("--repair-step-size", type=FRACTION, default="2/255", show_default=True)
 @click.option("--views", type=click.IntRange(min=2), default=4, show_default=True)
+@click.option("--alpha", default="1,1,1", show_default=True,
+              help="Task weights of the repairs, in the order contrastive,inpainting,rotation.")
 @click.option("--attack-eps", type=FRACTION, default="8/255", show_default=True)
 @click.option("--attack-steps", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--lam", type=FRACTION, default="1", show_default=True, help="λ of the defense-aware attack.")
@@ -244,7 +246,7 @@ def _names(text: str, known, option: str) -> list[str]:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_path: Path | None,
              markdown_path: Path | None, seed: int, eps_r: float, repair_steps: int, repair_step_size: float,
-             views: int, attack_eps: float, attack_steps: int, lam: float, bpda_steps: int, eot: int,
+             views: int, alpha: str, attack_eps: float, attack_steps: int, lam: float, bpda_steps: int, eot: int,
              bpda_repair_steps: int, chunk: int, weights: Path | None, data_root: str | None, device: str,
              backend: str, onnx_dir: Path | None, precision: str, quiet: bool) -> None:
     """Accuracy of attack × repair on CIFAR-10 test images, with 95 % intervals and McNemar tests (Table 1)."""
@@ -255,7 +257,9 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_pa
     config = EvalConfig(n=n, seed=seed, attacks=_names(attacks, ATTACKS, "--attacks"),
                         repairs=_names(repairs, list(REPAIRS), "--repairs"), attack_eps=attack_eps,
                         attack_steps=attack_steps, eps_r=eps_r, repair_steps=repair_steps,
-                        repair_step_size=repair_step_size, views=views, aware_lambda=lam, bpda_steps=bpda_steps,
+                        repair_step_size=repair_step_size, views=views,
+                        alpha=list(_parse_alpha(alpha, ["contrastive", "inpainting", "rotation"]).values()),
+                        aware_lambda=lam, bpda_steps=bpda_steps,
                         bpda_eot=eot, bpda_repair_steps=bpda_repair_steps, chunk=chunk)
     pipeline = _load(weights=weights, device=device, views=views, backend=backend, onnx_dir=onnx_dir,
                      precision=precision)

@@ -66,6 +66,7 @@ class EvalConfig:
     repair_steps: int = 40
     repair_step_size: float = 2 / 255
     views: int = 4
+    alpha: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])   # contrastive, inpainting, rotation
     aware_lambda: float = 1.0
     bpda_steps: int = 10
     bpda_eot: int = 2
@@ -91,7 +92,8 @@ class Evaluator:
     def __init__(self, pipeline: Pipeline, config: EvalConfig) -> None:
         self.p, self.cfg = pipeline, config
         nets = {name: task.net for name, task in pipeline.objective.tasks.items()}
-        self.objectives = {repair: build_objective({t: nets[t] for t in tasks}, views=config.views)
+        alpha = dict(zip(DEFAULT_TASKS, config.alpha))
+        self.objectives = {repair: build_objective({t: nets[t] for t in tasks}, alpha, config.views)
                            for repair, tasks in REPAIRS.items() if tasks is not None}
         self.seconds: dict[str, float] = {}
 

@@ -91,3 +91,11 @@ def test_attack_cli_writes_pngs_labels_and_summary(tiny_weights, fake_test_set, 
     assert repaired.exit_code == 0, repaired.output
     report = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert report["summary"]["n_skipped"] == 2 and report["summary"]["n_labelled"] == 5
+
+
+def test_eval_alpha_weights_the_repair_objectives(tiny_pipeline):
+    evaluator = ev.Evaluator(tiny_pipeline, ev.EvalConfig(alpha=[0.5, 0.0, 2.0]))
+    assert evaluator.objectives["mtl"].alpha == {"contrastive": 0.5, "inpainting": 0.0, "rotation": 2.0}
+    assert evaluator.objectives["contrastive"].alpha == {"contrastive": 0.5}
+    result = CliRunner().invoke(main, ["eval", "--alpha", "1,2"])
+    assert result.exit_code == 2 and "2 weight(s) for 3 task(s)" in result.output
