@@ -5,8 +5,6 @@ the attack still fools the classifier after quantization.
 """
 from __future__ import annotations
 
-import csv
-import io
 from pathlib import Path
 
 import torch
@@ -15,7 +13,7 @@ from .attacks import PGD, DefenseAwarePGD
 from .data import CLASSES, load_cifar10
 from .imageio import quantize, write_png
 from .pipeline import Pipeline
-from .weights import atomic_write, write_json
+from .weights import write_csv, write_json
 
 ATTACK_SET_ATTACKS = ("pgd", "aware")
 
@@ -60,19 +58,13 @@ def write_attack_set(pipeline: Pipeline, out_dir: Path, n: int = 64, attack: str
                 write_png(clean_dir / names[i], x[j])
             rows.append({"file": names[i], "test_index": i, "label": int(y[j]), "class": CLASSES[y[j]],
                          "pred_clean": int(preds["clean"][j]), "pred_attacked": int(preds["attacked_png"][j])})
-    write_labels(out_dir / "labels.csv", rows)
-    if clean_dir:
-        write_labels(clean_dir / "labels.csv", [{k: v for k, v in r.items() if k != "pred_attacked"} for r in rows])
+    columns = list(rows[0])
+    write_csv(out_dir / "labels.csv", rows, columns)
+    if clean_dir:                                   # the clean copy has no attacked prediction
+        write_csv(clean_dir / "labels.csv", rows, [c for c in columns if c != "pred_attacked"])
     summary = {"n": n, "attack": attack, "eps": eps, "steps": steps, "step_size": step_size, "seed": seed,
                "test_indices": [0, n], **{f"accuracy_{k}": v / n for k, v in counts.items()},
                "classifier_sha256": pipeline.manifests["classifier"]["sha256"]}
     write_json(out_dir / "attack.json", summary)
     return summary
 
-
-def write_labels(path: Path, rows: list[dict]) -> None:
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue()))

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .repair import image_generators
+
 
 def random_start(x: torch.Tensor, eps: float, generator: torch.Generator | None) -> torch.Tensor:
     noise = torch.rand(x.shape, generator=generator).to(x.device, x.dtype)
@@ -86,8 +88,6 @@ class DefenseAwarePGD(PGD):
         self.objective, self.lam, self.seed = objective, lam, seed
 
     def prepare(self, x: torch.Tensor) -> list[torch.Generator]:
-        from .repair import image_generators
-
         return image_generators(x, self.seed)
 
     def attack_loss(self, x_adv: torch.Tensor, y: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import io
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -15,7 +14,7 @@ from .data import CLASSES
 from .imageio import ImageRecord, quantize, read_folder, write_png
 from .pipeline import Pipeline
 from .repair import image_generators
-from .weights import atomic_write, write_json
+from .weights import write_csv, write_json
 
 REPORT_FILES = ("report.json", "report.csv")
 CSV_COLUMNS = ("file", "status", "error", "notes", "output", "true_label", "pred_before", "pred_after",
@@ -160,9 +159,6 @@ def accuracy(images: list[dict]) -> dict:
 
 def write_report(report: dict, output_dir: Path) -> None:
     write_json(output_dir / "report.json", report)
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=CSV_COLUMNS, extrasaction="ignore")
-    writer.writeheader()
-    for row in report["images"]:
-        writer.writerow({**{c: row.get(c) for c in CSV_COLUMNS}, "notes": "; ".join(row.get("notes", []))})
-    atomic_write(output_dir / "report.csv", lambda tmp: tmp.write_text(buffer.getvalue()))
+    rows = [{**{c: row.get(c) for c in CSV_COLUMNS}, "notes": "; ".join(row.get("notes", []))}
+            for row in report["images"]]
+    write_csv(output_dir / "report.csv", rows, CSV_COLUMNS)

@@ -6,7 +6,9 @@ command, data md5, epochs, seed, wall time, machine), its measured metrics and t
 """
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -57,6 +59,15 @@ def atomic_write(path: Path, write) -> None:
 
 def write_json(path: Path, data: dict) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
+
+
+def write_csv(path: Path, rows: list[dict], columns: list[str] | tuple[str, ...]) -> None:
+    """``rows`` as CSV with ``columns`` (keys not named are left out), written atomically."""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue()))
 
 
 def save_model(model: nn.Module, name: str, out_dir: str | os.PathLike, manifest: dict,
