@@ -9,7 +9,8 @@ from pathlib import Path
 
 import click
 
-MODELS = ("classifier", "contrastive", "inpainting", "rotation")
+MODELS = ("classifier", "contrastive", "inpainting", "rotation", "contrastive-head", "inpainting-head",
+          "rotation-head")
 
 
 class Fraction(click.ParamType):
@@ -70,16 +71,16 @@ def train(model: str, profile: str, data_root: str | None, out_dir: str, seed: i
     click.echo(f"wrote {path}")
 
 
-def _parse_tasks(text: str) -> list[str]:
+def _parse_tasks(text: str, option: str = "--tasks") -> list[str]:
     from engine.tasks import TASKS
 
     tasks = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASKS]
     if not tasks or unknown:
         raise click.BadParameter(f"unknown task(s) {', '.join(unknown) or '(none given)'}; "
-                                 f"choose from {', '.join(TASKS)}", param_hint="--tasks")
+                                 f"choose from {', '.join(TASKS)}", param_hint=option)
     if len(set(tasks)) != len(tasks):
-        raise click.BadParameter(f"a task is named twice in {text!r}", param_hint="--tasks")
+        raise click.BadParameter(f"a task is named twice in {text!r}", param_hint=option)
     return tasks
 
 
@@ -109,6 +110,16 @@ def _parse_alpha(text: str | None, tasks: list[str]) -> dict[str, float]:
 @click.option("--step-size", type=FRACTION, default="2/255", show_default=True)
 @click.option("--views", type=click.IntRange(min=2), default=4, show_default=True,
               help="Augmented views per image for the contrastive loss.")
+@click.option("--objective", type=click.Choice(["plain", "clean"]), default="plain", show_default=True,
+              help="plain: Σ α_k L_k; clean: each task hinged at its clean-image level, α from clean statistics.")
+@click.option("--level", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5, show_default=True,
+              help="--objective clean: the quantile of clean-image losses each task is aimed at.")
+@click.option("--gate", "gate_fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Repair only inputs whose SSL losses exceed what this fraction of clean images exceeds "
+                   "(e.g. 0.05); the rest are written unchanged.")
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Clean-loss statistics for --objective clean and --gate (default: calibration.json beside "
+                   "the weights; made by `cli.py calibrate`).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
@@ -123,7 +134,8 @@ def _parse_alpha(text: str | None, tasks: list[str]) -> dict[str, float]:
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs and reports.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, alpha: str | None, eps: float,
-           steps: int, step_size: float, views: int, seed: int, batch_size: int, device: str, backend: str,
+           steps: int, step_size: float, views: int, objective: str, level: float, gate_fpr: float | None,
+           calibration: Path | None, seed: int, batch_size: int, device: str, backend: str,
            onnx_dir: Path | None, precision: str, resize: bool, overwrite: bool, quiet: bool) -> None:
     """Repair every image under INPUT into OUTPUT (same relative paths, lossless PNG) with a report.
 
@@ -139,7 +151,8 @@ def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, 
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     pipeline = _load(weights=weights, device=device, tasks=task_list, alpha=alphas, views=views, backend=backend,
-                     onnx_dir=onnx_dir, precision=precision)
+                     onnx_dir=onnx_dir, precision=precision, objective=objective, level=level, gate_fpr=gate_fpr,
+                     calibration=calibration)
     config = RepairConfig(eps=eps, steps=steps, step_size=step_size, seed=seed, batch_size=batch_size)
     try:
         report = repair_folder(pipeline, input_dir, output_dir, config, resize, overwrite, progress=not quiet)
@@ -153,6 +166,8 @@ def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, 
             click.echo(f"  error: {row['file']}: {row['error']}", err=True)
     changed = sum(r.get("pred_before") != r.get("pred_after") for r in report["images"] if r["status"] == "repaired")
     click.echo(f"prediction changed for {changed} image(s)")
+    if "n_gated_out" in summary:
+        click.echo(f"gate (false-positive rate {gate_fpr}): {summary['n_gated_out']} image(s) passed unchanged")
     if "accuracy_before" in summary:
         click.echo(f"accuracy on the {summary['n_labelled']} labelled image(s) (labels.csv): "
                    f"{100 * summary['accuracy_before']:.1f} % before, {100 * summary['accuracy_after']:.1f} % after")
@@ -211,7 +226,9 @@ def _names(text: str, known, option: str) -> list[str]:
               help="Test images (a seeded random subset, the same on every run).")
 @click.option("--attacks", default="none,pgd", show_default=True, help="Comma-separated: none, pgd, aware, bpda-eot.")
 @click.option("--repairs", default="none,noise,contrastive,mtl", show_default=True,
-              help="Comma-separated: none, noise, contrastive, inpainting, rotation, mtl.")
+              help="Comma-separated repair names BASE[:clean][:gate]; BASE: none, noise, mtl (the independent "
+                   "networks), mtl-head (heads on the classifier), a task, or tasks joined by + "
+                   "(e.g. noise,mtl-head,mtl-head:clean:gate).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the results here; partial results go beside it and an interrupted run resumes.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
@@ -224,6 +241,16 @@ def _names(text: str, known, option: str) -> list[str]:
 @click.option("--views", type=click.IntRange(min=2), default=4, show_default=True)
 @click.option("--alpha", default="1,1,1", show_default=True,
               help="Task weights of the repairs, in the order contrastive,inpainting,rotation.")
+@click.option("--level", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5, show_default=True,
+              help=":clean repairs aim each task at this quantile of its clean-image losses.")
+@click.option("--gate-fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.05,
+              show_default=True, help=":gate repairs: fraction of clean calibration images the gate flags.")
+@click.option("--gate-tasks", default="contrastive,inpainting,rotation", show_default=True,
+              help="Tasks whose losses make the gate's score.")
+@click.option("--defense", default="mtl", show_default=True,
+              help="The repair (a --repairs name) that the aware and bpda-eot attacks aim at.")
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Clean-loss statistics for :clean and :gate (default: calibration.json beside the weights).")
 @click.option("--attack-eps", type=FRACTION, default="8/255", show_default=True)
 @click.option("--attack-steps", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--lam", type=FRACTION, default="1", show_default=True, help="λ of the defense-aware attack.")
@@ -246,23 +273,39 @@ def _names(text: str, known, option: str) -> list[str]:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_path: Path | None,
              markdown_path: Path | None, seed: int, eps_r: float, repair_steps: int, repair_step_size: float,
-             views: int, alpha: str, attack_eps: float, attack_steps: int, lam: float, bpda_steps: int, eot: int,
+             views: int, alpha: str, level: float, gate_fpr: float, gate_tasks: str, defense: str,
+             calibration: Path | None, attack_eps: float, attack_steps: int, lam: float, bpda_steps: int, eot: int,
              bpda_repair_steps: int, chunk: int, weights: Path | None, data_root: str | None, device: str,
              backend: str, onnx_dir: Path | None, precision: str, quiet: bool) -> None:
     """Accuracy of attack × repair on CIFAR-10 test images, with 95 % intervals and McNemar tests (Table 1)."""
     from engine.data import DataError
-    from engine.evaluate import ATTACKS, REPAIRS, EvalConfig, markdown_table, plot, run_eval
+    from engine.evaluate import ATTACKS, EvalConfig, markdown_table, needs_calibration, plot, run_eval, tasks_needed
+    from engine.repair_spec import parse_repair
 
     _check_device(device)
+    repair_names = [r.strip() for r in repairs.split(",") if r.strip()]
+    for name, option in [*((r, "--repairs") for r in repair_names), (defense, "--defense")]:
+        try:
+            parse_repair(name)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint=option) from None
+    if not repair_names:
+        raise click.BadParameter("no repair named", param_hint="--repairs")
     config = EvalConfig(n=n, seed=seed, attacks=_names(attacks, ATTACKS, "--attacks"),
-                        repairs=_names(repairs, list(REPAIRS), "--repairs"), attack_eps=attack_eps,
+                        repairs=list(dict.fromkeys(repair_names)), attack_eps=attack_eps,
                         attack_steps=attack_steps, eps_r=eps_r, repair_steps=repair_steps,
                         repair_step_size=repair_step_size, views=views,
                         alpha=list(_parse_alpha(alpha, ["contrastive", "inpainting", "rotation"]).values()),
-                        aware_lambda=lam, bpda_steps=bpda_steps,
+                        level=level, gate_fpr=gate_fpr, gate_tasks=_parse_tasks(gate_tasks, "--gate-tasks"),
+                        defense=defense, aware_lambda=lam, bpda_steps=bpda_steps,
                         bpda_eot=eot, bpda_repair_steps=bpda_repair_steps, chunk=chunk)
-    pipeline = _load(weights=weights, device=device, views=views, backend=backend, onnx_dir=onnx_dir,
-                     precision=precision)
+    if needs_calibration(config) and calibration is None:
+        from engine.calibration import CALIBRATION_FILE
+        from engine.weights import DEFAULT_WEIGHTS
+
+        calibration = Path(weights or DEFAULT_WEIGHTS) / CALIBRATION_FILE
+    pipeline = _load(weights=weights, device=device, tasks=tasks_needed(config), views=views, backend=backend,
+                     onnx_dir=onnx_dir, precision=precision, calibration=calibration)
     try:
         result = run_eval(pipeline, config, json_path, data_root, progress=not quiet)
     except (ValueError, DataError) as e:
@@ -274,6 +317,41 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_pa
         markdown_path.write_text(table + "\n")
     if plot_path:
         plot(result, plot_path)
+
+
+@main.command()
+@click.option("--tasks", default=",".join(MODELS[1:]), show_default=True, help="Tasks to measure.")
+@click.option("--n", type=click.IntRange(min=10, max=50000), default=2000, show_default=True,
+              help="Clean CIFAR-10 training images (a seeded subset).")
+@click.option("--views", type=click.IntRange(min=2), default=4, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--weights", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Output JSON (default: calibration.json beside the weights).")
+@click.option("--data", "data_root", type=click.Path(file_okay=False), default=None,
+              help="CIFAR-10 folder (default: $CIFAR10_ROOT).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing calibration file.")
+def calibrate(tasks: str, n: int, views: int, seed: int, weights: Path | None, out_path: Path | None,
+              data_root: str | None, overwrite: bool) -> None:
+    """Measure each task's SSL loss on clean training images: the levels of --objective clean and the gate."""
+    from engine.calibration import CALIBRATION_FILE, calibrate as measure, save_calibration
+    from engine.data import DataError
+    from engine.weights import DEFAULT_WEIGHTS, WeightsError
+
+    task_list = _parse_tasks(tasks)
+    out_path = out_path or Path(weights or DEFAULT_WEIGHTS) / CALIBRATION_FILE
+    if out_path.exists() and not overwrite:
+        raise click.UsageError(f"{out_path} already exists; pass --overwrite to replace it, or choose another --out")
+    pipeline = _load(weights=weights, tasks=task_list, views=views)
+    command = f"python cli.py calibrate --tasks {','.join(task_list)} --n {n} --views {views} --seed {seed}"
+    try:
+        stats = measure(pipeline, n, seed, data_root)
+        save_calibration(stats, out_path, command, overwrite)
+    except (DataError, WeightsError, ValueError) as e:
+        raise click.UsageError(str(e)) from None
+    for t in task_list:
+        click.echo(f"{t}: clean median {stats.level(t):.4g}, IQR {stats.scale(t):.4g}, q90 {stats.level(t, 0.9):.4g}")
+    click.echo(f"wrote {out_path}")
 
 
 @main.command("export")

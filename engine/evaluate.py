@@ -20,14 +20,14 @@ from tqdm import tqdm
 
 from .attacks import BPDAEOT, PGD, DefenseAwarePGD
 from .data import load_cifar10
-from .pipeline import DEFAULT_TASKS, Pipeline, build_objective
+from .heads import base_task
+from .pipeline import DEFAULT_TASKS, Gate, Pipeline, build_objective
+from .repair import RepairResult
+from .repair_spec import parse_repair
 from .weights import write_json
 
 Z95 = 1.959963984540054
 ATTACKS = ("none", "pgd", "aware", "bpda-eot")
-# The task set of each repair; "noise" is the control: the random start of the repair, no optimization.
-REPAIRS = {"none": None, "noise": DEFAULT_TASKS, "contrastive": ("contrastive",), "inpainting": ("inpainting",),
-           "rotation": ("rotation",), "mtl": DEFAULT_TASKS}
 
 
 def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -67,6 +67,10 @@ class EvalConfig:
     repair_step_size: float = 2 / 255
     views: int = 4
     alpha: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])   # contrastive, inpainting, rotation
+    level: float = 0.5                  # the clean-level objective's quantile of clean losses
+    gate_fpr: float = 0.05
+    gate_tasks: list[str] = field(default_factory=lambda: list(DEFAULT_TASKS))
+    defense: str = "mtl"                # the repair the adaptive attacks (aware, bpda-eot) are aimed at
     aware_lambda: float = 1.0
     bpda_steps: int = 10
     bpda_eot: int = 2
@@ -86,24 +90,55 @@ def eval_subset(n: int, seed: int, root: str | None = None) -> tuple[torch.Tenso
     return x[idx].float() / 255, y[idx], idx
 
 
+def tasks_needed(config: EvalConfig) -> list[str]:
+    """Every task a config's repairs, gate and defense use (the pipeline must load them)."""
+    specs = [parse_repair(name) for name in [*config.repairs, config.defense]]
+    tasks = [t for spec in specs for t in spec.tasks]
+    if any(spec.gated for spec in specs):
+        tasks += config.gate_tasks
+    return list(dict.fromkeys(tasks)) or list(DEFAULT_TASKS)
+
+
+def needs_calibration(config: EvalConfig) -> bool:
+    return any(s.objective == "clean" or s.gated for s in map(parse_repair, [*config.repairs, config.defense]))
+
+
 class Evaluator:
     """Runs the attacks and repairs of a config on batches of images; outcome lists keyed "attack/repair"."""
 
     def __init__(self, pipeline: Pipeline, config: EvalConfig) -> None:
         self.p, self.cfg = pipeline, config
+        self.specs = {name: parse_repair(name) for name in [*config.repairs, config.defense]}
+        if not self.specs[config.defense].optimize:
+            raise ValueError(f"the defense the adaptive attacks aim at must be a repair, not {config.defense!r}")
         nets = {name: task.net for name, task in pipeline.objective.tasks.items()}
-        alpha = dict(zip(DEFAULT_TASKS, config.alpha))
-        self.objectives = {repair: build_objective({t: nets[t] for t in tasks}, alpha, config.views)
-                           for repair, tasks in REPAIRS.items() if tasks is not None}
+        alpha = {t: dict(zip(DEFAULT_TASKS, config.alpha))[base_task(t)] for t in nets}
+        cal = pipeline.calibration
+        self.objectives = {name: build_objective({t: nets[t] for t in spec.tasks}, alpha, config.views, cal,
+                                                 config.level if spec.objective == "clean" else None)
+                           for name, spec in self.specs.items() if spec.optimize}
+        self.gate = Gate(cal, config.gate_tasks, config.gate_fpr) if any(s.gated for s in self.specs.values()) \
+            else None
         self.seconds: dict[str, float] = {}
 
-    def repair(self, name: str, x: torch.Tensor, seed: int, steps: int | None = None) -> torch.Tensor:
-        if name == "none":
-            return x
-        from .repair import reverse_attack
+    def repair(self, name: str, x: torch.Tensor, seed: int, steps: int | None = None) -> RepairResult:
+        spec = self.specs[name]
+        if not spec.noise:
+            return RepairResult(x, x.new_zeros(0, len(x)))
+        steps = 0 if not spec.optimize else (self.cfg.repair_steps if steps is None else steps)
+        return self.p.repair_with_trace(x, self.cfg.eps_r, steps, self.cfg.repair_step_size, seed,
+                                        self.objectives.get(name), self.gate if spec.gated else None)
 
-        steps = 0 if name == "noise" else (self.cfg.repair_steps if steps is None else steps)
-        return reverse_attack(self.objectives[name], x, self.cfg.eps_r, steps, self.cfg.repair_step_size, seed).images
+    def aware_objective(self) -> torch.nn.Module:
+        """What the defense-aware attacker keeps low: the gate's score where the defense is gated (so that the
+        attacked image passes the gate unrepaired), else the defense's own repair objective."""
+        if not self.specs[self.cfg.defense].gated:
+            return self.objectives[self.cfg.defense]
+        cal, tasks = self.gate.calibration, self.gate.tasks
+        nets = {name: task.net for name, task in self.p.objective.tasks.items()}
+        # score = mean_k (L_k − median_k) / IQR_k: a weighted sum of the losses plus a constant
+        return build_objective({t: nets[t] for t in tasks}, {t: 1 / (len(tasks) * cal.scale(t)) for t in tasks},
+                               self.cfg.views)
 
     def attack(self, name: str, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
         cfg, model = self.cfg, self.p.classifier
@@ -113,11 +148,11 @@ class Evaluator:
             return PGD(model, cfg.attack_eps, cfg.attack_step, cfg.attack_steps,
                        generator=torch.Generator().manual_seed(seed))(x, y)
         if name == "aware":
-            return DefenseAwarePGD(model, self.objectives["mtl"], cfg.aware_lambda, cfg.attack_eps, cfg.attack_step,
+            return DefenseAwarePGD(model, self.aware_objective(), cfg.aware_lambda, cfg.attack_eps, cfg.attack_step,
                                    cfg.attack_steps, seed)(x, y)
         if name == "bpda-eot":
-            return BPDAEOT(model, lambda xa, s: self.repair("mtl", xa, s, cfg.bpda_repair_steps), cfg.attack_eps,
-                           cfg.attack_step, cfg.bpda_steps, cfg.bpda_eot, seed)(x, y)
+            return BPDAEOT(model, lambda xa, s: self.repair(cfg.defense, xa, s, cfg.bpda_repair_steps).images,
+                           cfg.attack_eps, cfg.attack_step, cfg.bpda_steps, cfg.bpda_eot, seed)(x, y)
         raise ValueError(f"unknown attack {name!r}; known: {', '.join(ATTACKS)}")
 
     def _timed(self, key: str, fn, *args):
@@ -126,44 +161,65 @@ class Evaluator:
         self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
         return out
 
-    def run_chunk(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> dict[str, list[int]]:
-        outcomes = {}
+    def run_chunk(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> dict[str, dict]:
+        """Per "attack/repair": per-image correctness, the summed per-task SSL losses of the final images (every
+        task loaded, so over-minimization shows against the clean level) and how many the gate sent to repair."""
+        correct, loss_sums, repaired = {}, {}, {}
         x, y = x.to(self.p.device), y.to(self.p.device)
         for attack in self.cfg.attacks:
             x_adv = self._timed(f"attack {attack}", self.attack, attack, x, y, seed)
             for repair in self.cfg.repairs:
-                x_rep = self._timed(f"repair {repair}", self.repair, repair, x_adv, seed)
-                outcomes[f"{attack}/{repair}"] = (self.p.predict(x_rep) == y).int().tolist()
-        return outcomes
+                key = f"{attack}/{repair}"
+                result = self._timed(f"repair {repair}", self.repair, repair, x_adv, seed)
+                correct[key] = (self.p.predict(result.images) == y).int().tolist()
+                with torch.no_grad():
+                    losses = self.p.task_losses(result.images, seed)
+                loss_sums[key] = {t: loss.double().sum().item() for t, loss in losses.items()}
+                repaired[key] = (0 if not self.specs[repair].noise else
+                                 len(x) if result.repaired is None else int(result.repaired.sum()))
+        return {"correct": correct, "loss_sums": loss_sums, "repaired": repaired}
 
 
-def summarize(outcomes: dict[str, list[int]], config: EvalConfig) -> dict:
+def summarize(outcomes: dict[str, dict], config: EvalConfig) -> dict:
+    """Rows (accuracy, Wilson CI, mean SSL loss per task, fraction repaired) and McNemar tests of every repair
+    against the noise control (and the gated noise control, for gated repairs) and against no repair."""
     rows = []
-    for key, values in outcomes.items():
+    for key, values in outcomes["correct"].items():
         attack, repair = key.split("/")
         k, n = sum(values), len(values)
         rows.append({"attack": attack, "repair": repair, "accuracy": k / n, "ci95": list(wilson_interval(k, n)),
-                     "n": n})
+                     "n": n, "repaired_fraction": outcomes["repaired"][key] / n,
+                     "ssl_loss_mean": {t: v / n for t, v in outcomes["loss_sums"][key].items()}})
     tests = []
     for attack in config.attacks:
-        for other in ("none", "noise", "contrastive"):
-            a, b = f"{attack}/{other}", f"{attack}/mtl"
-            if a in outcomes and b in outcomes:
-                tests.append({"a": a, "b": b, **mcnemar_exact(outcomes[a], outcomes[b])})
+        for repair in config.repairs:
+            spec = parse_repair(repair)
+            controls = ["none", "noise"] + (["noise:gate"] if spec.gated else [])
+            for control in controls if spec.optimize else []:
+                a, b = f"{attack}/{control}", f"{attack}/{repair}"
+                if a in outcomes["correct"]:
+                    tests.append({"a": a, "b": b, **mcnemar_exact(outcomes["correct"][a], outcomes["correct"][b])})
     return {"rows": rows, "mcnemar": tests}
 
 
 def markdown_table(result: dict) -> str:
+    """Accuracy table (a row per repair, a column per attack), McNemar tests, and the mean SSL losses."""
     repairs = list(dict.fromkeys(r["repair"] for r in result["rows"]))
     attacks = list(dict.fromkeys(r["attack"] for r in result["rows"]))
     cell = {(r["attack"], r["repair"]): r for r in result["rows"]}
-    lines = ["| attack \\ repair | " + " | ".join(repairs) + " |", "|---" * (len(repairs) + 1) + "|"]
-    for attack in attacks:
-        cells = [f"{100 * cell[attack, r]['accuracy']:.1f} ({100 * cell[attack, r]['ci95'][0]:.1f}–"
-                 f"{100 * cell[attack, r]['ci95'][1]:.1f})" for r in repairs]
-        lines.append(f"| {attack} | " + " | ".join(cells) + " |")
+    pct = lambda v: f"{100 * v:.1f}"
+    lines = ["| repair | " + " | ".join(f"{a} (95 % CI) | {a} repaired" for a in attacks) + " |",
+             "|---" * (2 * len(attacks) + 1) + "|"]
+    for repair in repairs:
+        cells = [f"{pct(c['accuracy'])} ({pct(c['ci95'][0])}–{pct(c['ci95'][1])}) | {pct(c['repaired_fraction'])} %"
+                 for c in (cell[a, repair] for a in attacks)]
+        lines.append(f"| {repair} | " + " | ".join(cells) + " |")
     lines += ["", "| McNemar (exact) | a right only | b right only | p |", "|---|---|---|---|"]
     lines += [f"| {t['a']} vs {t['b']} | {t['a_only']} | {t['b_only']} | {t['p']:.3g} |" for t in result["mcnemar"]]
+    tasks = list(result["rows"][0]["ssl_loss_mean"])
+    lines += ["", "| mean SSL loss of the final images | " + " | ".join(tasks) + " |", "|---" * (len(tasks) + 1) + "|"]
+    lines += [f"| {r['attack']}/{r['repair']} | " + " | ".join(f"{r['ssl_loss_mean'][t]:.4g}" for t in tasks) + " |"
+              for r in result["rows"]]
     return "\n".join(lines)
 
 
@@ -199,9 +255,8 @@ def run_eval(pipeline: Pipeline, config: EvalConfig, json_path: Path | None = No
     for name in config.attacks:
         if name not in ATTACKS:
             raise ValueError(f"unknown attack {name!r}; known: {', '.join(ATTACKS)}")
-    for name in config.repairs:
-        if name not in REPAIRS:
-            raise ValueError(f"unknown repair {name!r}; known: {', '.join(REPAIRS)}")
+    for name in [*config.repairs, config.defense]:
+        parse_repair(name)
     x, y, idx = eval_subset(config.n, config.seed, data_root)
     state_path = json_path.with_name(f"{json_path.stem}.partial-{config.key()}.json") if json_path else None
     state = json.loads(state_path.read_text()) if state_path and state_path.exists() else {"chunks": {}}
@@ -215,10 +270,15 @@ def run_eval(pipeline: Pipeline, config: EvalConfig, json_path: Path | None = No
         state["chunks"][str(start)] = evaluator.run_chunk(x[chunk], y[chunk], config.seed + start)
         if state_path:
             write_json(state_path, state)
-    outcomes: dict[str, list[int]] = {}
+    outcomes: dict[str, dict] = {"correct": {}, "loss_sums": {}, "repaired": {}}
     for start in starts:
-        for key, values in state["chunks"][str(start)].items():
-            outcomes.setdefault(key, []).extend(values)
+        chunk = state["chunks"][str(start)]
+        for key, values in chunk["correct"].items():
+            outcomes["correct"].setdefault(key, []).extend(values)
+            outcomes["repaired"][key] = outcomes["repaired"].get(key, 0) + chunk["repaired"][key]
+            sums = outcomes["loss_sums"].setdefault(key, {})
+            for task, v in chunk["loss_sums"][key].items():
+                sums[task] = sums.get(task, 0.0) + v
     result = {"n": config.n, **summarize(outcomes, config), "config": asdict(config),
               "test_indices_sha256": hashlib.sha256(idx.numpy().tobytes()).hexdigest(),
               "seconds": {"total_this_run": round(time.time() - start_time, 1),

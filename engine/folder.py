@@ -18,7 +18,7 @@ from .weights import write_csv, write_json
 
 REPORT_FILES = ("report.json", "report.csv")
 CSV_COLUMNS = ("file", "status", "error", "notes", "output", "true_label", "pred_before", "pred_after",
-               "label_before", "label_after", "ssl_loss_before", "ssl_loss_after", "linf")
+               "label_before", "label_after", "ssl_loss_before", "ssl_loss_after", "linf", "gate_score", "gated_out")
 
 
 @dataclass
@@ -97,11 +97,17 @@ def repair_folder(pipeline: Pipeline, input_dir: Path, output_dir: Path, config:
     report = {
         "config": {**asdict(config), "backend": pipeline.backend.name, "tasks": pipeline.tasks,
                    "alpha": [pipeline.objective.alpha[t] for t in pipeline.tasks], "device": str(pipeline.device),
+                   "objective": "plain" if pipeline.objective.levels is None else "clean",
+                   "levels": pipeline.objective.levels,
+                   "gate": None if pipeline.gate is None else {"fpr": pipeline.gate.fpr, "tasks": pipeline.gate.tasks,
+                                                               "threshold": pipeline.gate.threshold},
                    "weights": {name: m["sha256"] for name, m in pipeline.manifests.items()}},
         "images": images,
         "summary": {"n_inputs": len(images), "n_repaired": n_repaired, "n_error": n_error,
                     "n_skipped": len(images) - n_repaired - n_error, "seconds": round(seconds, 3),
-                    "images_per_s": round(n_repaired / seconds, 3) if seconds else None, **accuracy(images)},
+                    "images_per_s": round(n_repaired / seconds, 3) if seconds else None, **accuracy(images),
+                    **({} if pipeline.gate is None else {"n_gated_out": sum(r.get("gated_out", False)
+                                                                            for r in images)})},
     }
     write_report(report, output_dir)
     return report
@@ -116,22 +122,24 @@ def repair_batch(pipeline: Pipeline, x: torch.Tensor, config: RepairConfig) -> l
     params = objective.sample_params(image_generators(x, config.seed), x)
     before = pipeline.backend.task_losses(x, params)
     with torch.enable_grad():
-        repaired = quantize(pipeline.repair(x, config.eps, config.steps, config.step_size, config.seed))
+        result = pipeline.repair_with_trace(x, config.eps, config.steps, config.step_size, config.seed)
+    repaired = quantize(result.images)
     after = pipeline.backend.task_losses(repaired, params)
     pred_before, pred_after = pipeline.predict(x).tolist(), pipeline.predict(repaired).tolist()
     linf = (repaired - x).abs().amax((1, 2, 3)).tolist()
-
-    def total(losses: dict[str, torch.Tensor], i: int) -> float:
-        return round(sum(objective.alpha[t] * losses[t][i].item() for t in losses), 6)
+    total_before, total_after = objective.combine(before).tolist(), objective.combine(after).tolist()
+    gate = {} if result.score is None else {"gate_score": result.score.tolist(),
+                                             "gated_out": (~result.repaired).tolist()}
 
     return [{
         "image": repaired[i],
         "pred_before": pred_before[i], "pred_after": pred_after[i],
         "label_before": CLASSES[pred_before[i]], "label_after": CLASSES[pred_after[i]],
-        "ssl_loss_before": total(before, i), "ssl_loss_after": total(after, i),
+        "ssl_loss_before": round(total_before[i], 6), "ssl_loss_after": round(total_after[i], 6),
         "task_losses_before": {t: round(v[i].item(), 6) for t, v in before.items()},
         "task_losses_after": {t: round(v[i].item(), 6) for t, v in after.items()},
         "linf": round(linf[i], 6),
+        **{k: (round(v[i], 6) if k == "gate_score" else v[i]) for k, v in gate.items()},
     } for i in range(len(x))]
 
 

@@ -45,8 +45,8 @@ class Backbone(nn.Module):
     Average, not airbench's max: with max-pooled features an unscaled linear head starts at a loss of 3-6 and
     FGSM training stalled at chance for a whole epoch; the average trains from the first steps (measured).
 
-    ``features(x)`` returns the pooled vector (N×widths[2]) and the 16×16 map after the first group
-    (N×widths[0]×16×16): the two places where heads on this network attach.
+    ``forward`` gives the pooled vector N×widths[2]; ``maps`` the three groups' outputs, where the task heads on a
+    classifier's backbone attach (engine/heads.py).
     """
 
     def __init__(self, widths: tuple[int, int, int] = (32, 128, 128), stem: int = 24) -> None:
@@ -58,13 +58,14 @@ class Backbone(nn.Module):
         self.group3 = ConvGroup(widths[1], widths[2])
         self.out_dim = widths[2]
 
-    def features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        fmap = self.group1(self.stem(self.normalize(x)))
-        pooled = self.group3(self.group2(fmap)).mean(dim=(2, 3))
-        return pooled, fmap
+    def maps(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The three groups' outputs: N×widths[0]×16×16, N×widths[1]×8×8, N×widths[2]×4×4."""
+        m16 = self.group1(self.stem(self.normalize(x)))
+        m8 = self.group2(m16)
+        return m16, m8, self.group3(m8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.features(x)[0]
+        return self.maps(x)[2].mean(dim=(2, 3))
 
 
 class Classifier(nn.Module):
@@ -138,8 +139,45 @@ class ContextEncoder(nn.Module):
         return torch.sigmoid(self.decoder(self.encoder(torch.cat([context, mask], dim=1))))
 
 
+class RotationHead(nn.Module):
+    """Rotation prediction on a classifier's backbone (Hendrycks et al., 2019; Mao et al., 2021): an MLP on the
+    flattened 4×4 map. The map, not the pooled vector: which way is up lives in the spatial layout, which the
+    average pool throws away. Output: logits N×4."""
+
+    def __init__(self, widths: tuple[int, int, int] = (32, 128, 128), hidden: int = 256) -> None:
+        super().__init__()
+        self.backbone = Backbone(tuple(widths))
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(widths[2] * 16, hidden), nn.GELU(), nn.Linear(hidden, 4))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone.maps(x)[2])
+
+
+class InpaintingHead(nn.Module):
+    """Inpainting decoder on a classifier's backbone: the backbone sees the image with the dropped region filled
+    with the CIFAR mean colour (0 after normalization, like the context encoder's zeroed input), and a small U-Net
+    decoder climbs from its 4×4 map back to 32×32 through the 8×8 and 16×16 maps. Output: N×3×32×32 in [0, 1]."""
+
+    def __init__(self, widths: tuple[int, int, int] = (32, 128, 128), width: int = 64) -> None:
+        super().__init__()
+        self.backbone = Backbone(tuple(widths))
+        self.register_buffer("fill", torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1), persistent=False)
+        w = width
+        self.reduce = nn.Sequential(nn.Conv2d(widths[2], w, 1, bias=False), nn.BatchNorm2d(w), nn.GELU())
+        self.up8 = nn.Sequential(*conv_bn(w + widths[1], w))
+        self.up16 = nn.Sequential(*conv_bn(w + widths[0], w // 2))
+        self.out = nn.Conv2d(w // 2, 3, 3, padding=1)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        m16, m8, m4 = self.backbone.maps(x * (1 - mask) + self.fill * mask)
+        up = lambda t: F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=False)
+        h = self.up8(torch.cat([up(self.reduce(m4)), m8], dim=1))
+        h = self.up16(torch.cat([up(h), m16], dim=1))
+        return torch.sigmoid(self.out(up(h)))
+
+
 ARCHITECTURES: dict[str, type[nn.Module]] = {
-    cls.__name__: cls for cls in (Classifier, RotationNet, ContrastiveNet, ContextEncoder)
+    cls.__name__: cls for cls in (Classifier, RotationNet, ContrastiveNet, ContextEncoder, RotationHead, InpaintingHead)
 }
 
 

@@ -11,6 +11,7 @@ Example::
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
@@ -18,11 +19,29 @@ from torch import nn
 
 from .backends import BACKENDS, BackendUnavailable, ForwardBackend
 from .backends.torch_backend import TorchBackend
+from .calibration import CALIBRATION_FILE, Calibration, load_calibration
+from .heads import HEAD_TASKS, check_backbone
 from .repair import MultiTaskLoss, RepairResult, image_generators, reverse_attack
-from .tasks import TASKS
-from .weights import load_model
+from .tasks import TASKS, ContrastiveTask
+from .weights import DEFAULT_WEIGHTS, load_model
 
 DEFAULT_TASKS = ("contrastive", "inpainting", "rotation")
+OBJECTIVES = ("plain", "clean")
+
+
+@dataclass
+class Gate:
+    """Repair only the inputs whose SSL losses sit above the clean ones: score > threshold, with the threshold set
+    so that a fraction ``fpr`` of the clean calibration images is flagged (engine/calibration.py)."""
+    calibration: Calibration
+    tasks: list[str]
+    fpr: float
+
+    def __post_init__(self) -> None:
+        self.threshold = self.calibration.threshold(self.tasks, self.fpr)
+
+    def score(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.calibration.score({t: losses[t] for t in self.tasks})
 
 
 @dataclass
@@ -32,6 +51,8 @@ class Pipeline:
     manifests: dict[str, dict] = field(default_factory=dict)
     device: torch.device = torch.device("cpu")
     backend: ForwardBackend | None = None          # forward-only passes; None: the torch reference
+    gate: Gate | None = None                       # None: repair every input
+    calibration: Calibration | None = None         # clean-loss statistics, where loaded
 
     def __post_init__(self) -> None:
         if self.backend is None:
@@ -50,20 +71,32 @@ class Pipeline:
         """Predicted classes N (int64), from the forward backend."""
         return self.backend.logits(self._to_device(x)).argmax(1).to(self.device)
 
-    def task_losses(self, x: torch.Tensor, seed: int = 0) -> dict[str, torch.Tensor]:
-        """Each task's per-image loss (forward backend), with parameters drawn from the images' own generators
-        (seeded as in the repair, so the same image always gets the same augmentations)."""
+    def task_losses(self, x: torch.Tensor, seed: int = 0, tasks: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Each task's (or each of ``tasks``') per-image loss (forward backend), with parameters drawn from the
+        images' own generators (seeded as in the repair, so the same image always gets the same augmentations)."""
         x = self._to_device(x)
-        return self.backend.task_losses(x, self.objective.sample_params(image_generators(x, seed), x))
+        return self.backend.task_losses(x, self.objective.sample_params(image_generators(x, seed), x, tasks))
 
     def ssl_loss(self, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
-        """Σ_k α_k L_k(x), per image: Tensor[N]."""
-        losses = self.task_losses(x, seed)
-        return sum(self.objective.alpha[name] * loss for name, loss in losses.items())
+        """The repair objective L_m(x) (Σ_k α_k L_k, or its clean-level form), per image: Tensor[N]."""
+        return self.objective.combine(self.task_losses(x, seed))
 
     def repair_with_trace(self, x: torch.Tensor, eps: float = 16 / 255, steps: int = 40,
-                          step_size: float = 2 / 255, seed: int = 0) -> RepairResult:
-        return reverse_attack(self.objective, self._to_device(x), eps, steps, step_size, seed)
+                          step_size: float = 2 / 255, seed: int = 0, objective: MultiTaskLoss | None = None,
+                          gate: Gate | None = None) -> RepairResult:
+        """The repair (of ``objective``, default the pipeline's) with its trace; with a gate (default the
+        pipeline's), only inputs scoring above its threshold are repaired and the rest come back unchanged."""
+        x, objective, gate = self._to_device(x), objective or self.objective, gate or self.gate
+        if gate is None:
+            return reverse_attack(objective, x, eps, steps, step_size, seed)
+        with torch.no_grad():              # the score is forward only: the fast backends' job
+            score = gate.score(self.task_losses(x, seed, gate.tasks)).to(x.device)
+        flagged = score > gate.threshold
+        images, trace = x.clone(), x.new_full((steps, len(x)), float("nan"))
+        if flagged.any():                  # each image's repair is its own (principle 3): a subset changes nothing
+            result = reverse_attack(objective, x[flagged], eps, steps, step_size, seed)
+            images[flagged], trace[:, flagged] = result.images, result.trace
+        return RepairResult(images, trace, score, flagged)
 
     def repair(self, x: torch.Tensor, eps: float = 16 / 255, steps: int = 40, step_size: float = 2 / 255,
                seed: int = 0) -> torch.Tensor:
@@ -71,19 +104,31 @@ class Pipeline:
         return self.repair_with_trace(x, eps, steps, step_size, seed).images
 
 
-def build_objective(nets: dict[str, nn.Module], alpha: dict[str, float] | None = None,
-                    views: int = 4) -> MultiTaskLoss:
-    """The multi-task loss over the given task networks (name -> network)."""
-    tasks = {name: (TASKS[name](net, views=views) if name == "contrastive" else TASKS[name](net))
+def build_objective(nets: dict[str, nn.Module], alpha: dict[str, float] | None = None, views: int = 4,
+                    calibration: Calibration | None = None, level: float | None = None) -> MultiTaskLoss:
+    """The multi-task loss over the given task networks (name -> network). With a calibration and a ``level``
+    (a quantile of the clean losses), the clean-level objective: each task's α divided by its clean IQR, hinged
+    at that quantile of its clean losses."""
+    tasks = {name: (TASKS[name](net, views=views) if TASKS[name] is ContrastiveTask else TASKS[name](net))
              for name, net in nets.items()}
-    return MultiTaskLoss(tasks, alpha or {})
+    alpha = {name: (alpha or {}).get(name, 1.0) for name in tasks}
+    if level is None:
+        return MultiTaskLoss(tasks, alpha)
+    return MultiTaskLoss(tasks, {t: a / calibration.scale(t) for t, a in alpha.items()},
+                         {t: calibration.level(t, level) for t in tasks})
 
 
 def load_pipeline(weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                   tasks: tuple[str, ...] | list[str] = DEFAULT_TASKS, alpha: dict[str, float] | None = None,
                   views: int = 4, backend: str = "torch", onnx_dir: str | os.PathLike | None = None,
-                  precision: str = "fp32") -> Pipeline:
+                  precision: str = "fp32", objective: str = "plain", level: float = 0.5,
+                  gate_fpr: float | None = None, calibration: str | os.PathLike | None = None) -> Pipeline:
     """The classifier and the named SSL tasks from ``weights`` (default: the shipped ``weights/``).
+
+    ``objective`` "plain" is Σ α_k L_k; "clean" aims each task at the ``level`` quantile of its clean losses, α
+    divided by the clean IQR. ``gate_fpr`` repairs only inputs whose loss score exceeds the clean images' (1 − fpr)
+    quantile. Both read the clean statistics at ``calibration`` (default: calibration.json beside the weights),
+    which are also loaded whenever that path is given.
 
     ``backend`` runs the forward-only passes ("torch", "onnxruntime", "tensorrt" at ``precision``, or "auto": the
     fastest present); the repair's gradient loop is PyTorch's in every case. Raises ``engine.weights.WeightsError`` (a clear message) where a file
@@ -102,9 +147,20 @@ def load_pipeline(weights: str | os.PathLike | None = None, device: str | torch.
     manifests, nets = {"classifier": manifest}, {}
     for name in tasks:
         nets[name], manifests[name] = load_model(name, weights, device)
+        if name in HEAD_TASKS:
+            check_backbone(name, manifests[name], manifest)
     for net in (classifier, *nets.values()):
         net.requires_grad_(False)      # the repair differentiates w.r.t. the input only
-    pipeline = Pipeline(classifier, build_objective(nets, alpha, views).to(device), manifests, device)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
+    stats = None
+    if objective == "clean" or gate_fpr is not None or calibration is not None:
+        path = calibration or Path(weights or DEFAULT_WEIGHTS) / CALIBRATION_FILE
+        stats = load_calibration(path, list(tasks), manifests, views)
+    pipeline = Pipeline(classifier, build_objective(nets, alpha, views, stats, level if objective == "clean" else None)
+                        .to(device), manifests, device, calibration=stats)
+    if gate_fpr is not None:
+        pipeline.gate = Gate(stats, list(tasks), gate_fpr)
     if backend in ("onnxruntime", "tensorrt"):
         from export.onnx_export import ensure_exported
 

@@ -24,19 +24,28 @@ def image_generators(x: torch.Tensor, seed: int) -> list[torch.Generator]:
 
 
 class MultiTaskLoss(nn.Module):
-    """L_m(x) = Σ_k α_k L_k(x) over a set of SSL tasks (engine/tasks). Shapes: x B×3×32×32 -> B."""
+    """L_m(x) = Σ_k α_k L_k(x) over a set of SSL tasks (engine/tasks), or with ``levels`` the clean-level form
+    Σ_k α_k max(0, L_k(x) − level_k): once a task's loss is down at its clean level it stops pulling, so the repair
+    restores that level instead of driving the loss to zero (an adversarial example for the SSL net).
+    Shapes: x B×3×32×32 -> B."""
 
-    def __init__(self, tasks: dict[str, nn.Module], alpha: dict[str, float]) -> None:
+    def __init__(self, tasks: dict[str, nn.Module], alpha: dict[str, float],
+                 levels: dict[str, float] | None = None) -> None:
         super().__init__()
         if not tasks:
             raise ValueError("the multi-task loss needs at least one task")
         self.tasks = nn.ModuleDict(tasks)
         self.alpha = {name: float(alpha.get(name, 1.0)) for name in tasks}
+        self.levels = levels
 
-    def sample_params(self, generators: list[torch.Generator], like: torch.Tensor) -> dict[str, dict]:
-        """Each task's parameters for a batch, image i drawn from generators[i]; on ``like``'s device and dtype."""
+    def sample_params(self, generators: list[torch.Generator], like: torch.Tensor,
+                      names: list[str] | None = None) -> dict[str, dict]:
+        """Each task's parameters for a batch (all tasks, or ``names``), image i drawn from generators[i]; on
+        ``like``'s device and dtype."""
         params = {}
         for name, task in self.tasks.items():
+            if names is not None and name not in names:
+                continue
             per_image = [task.sample_params(1, g) for g in generators]
             params[name] = {key: torch.cat([p[key] for p in per_image]).to(like.device, like.dtype)
                             for key in per_image[0]}
@@ -45,14 +54,22 @@ class MultiTaskLoss(nn.Module):
     def per_task(self, x: torch.Tensor, params: dict[str, dict]) -> dict[str, torch.Tensor]:
         return {name: task.loss(x, **params[name]) for name, task in self.tasks.items()}
 
+    def combine(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The objective from per-task losses (each Tensor[B])."""
+        if self.levels is None:
+            return sum(self.alpha[name] * loss for name, loss in losses.items())
+        return sum(self.alpha[name] * (loss - self.levels[name]).clamp(min=0) for name, loss in losses.items())
+
     def forward(self, x: torch.Tensor, params: dict[str, dict]) -> torch.Tensor:
-        return sum(self.alpha[name] * loss for name, loss in self.per_task(x, params).items())
+        return self.combine(self.per_task(x, params))
 
 
 @dataclass
 class RepairResult:
-    images: torch.Tensor     # B×3×H×W, x + r in [0, 1]
-    trace: torch.Tensor      # steps×B: L_m at the start of each step (before its update)
+    images: torch.Tensor                    # B×3×H×W, x + r in [0, 1]
+    trace: torch.Tensor                     # steps×B: L_m at the start of each step (NaN: not repaired)
+    score: torch.Tensor | None = None       # B: the gate's score (None without a gate)
+    repaired: torch.Tensor | None = None    # B bool: inputs the gate sent to the repair
 
 
 def reverse_attack(objective: MultiTaskLoss, x: torch.Tensor, eps: float = 16 / 255, steps: int = 40,

@@ -22,7 +22,8 @@ from .tasks import augment
 from .tasks.contrastive import nt_xent_pairs
 from .tasks.inpainting import centre_mask
 from .tasks.rotation import rotate_all
-from .weights import save_model
+from .heads import HEAD_TASKS, attach_backbone, base_task
+from .weights import load_model, save_model
 
 PROFILES: dict[str, dict[str, dict]] = {
     "cpu": {
@@ -38,6 +39,15 @@ PROFILES: dict[str, dict[str, dict]] = {
                          lr=0.2, weight_decay=5e-4),
         "inpainting": dict(architecture="ContextEncoder", config=dict(width=32), epochs=6, batch=256, lr=2e-3,
                            weight_decay=1e-4),
+        # Heads on the classifier's frozen backbone (engine/heads.py): only the head trains, so an epoch costs about
+        # one backbone forward per view; epochs sized to ~5 min each on 2 cores.
+        "contrastive-head": dict(architecture="ContrastiveNet", config=dict(widths=(32, 128, 128), proj_dim=64,
+                                                                            bank_size=4096),
+                                 backbone="classifier", epochs=3, batch=256, lr=2e-3, weight_decay=1e-4, tau=0.2),
+        "rotation-head": dict(architecture="RotationHead", config=dict(widths=(32, 128, 128)), backbone="classifier",
+                              epochs=1, batch=128, lr=0.05, weight_decay=5e-4),
+        "inpainting-head": dict(architecture="InpaintingHead", config=dict(widths=(32, 128, 128), width=64),
+                                backbone="classifier", epochs=3, batch=256, lr=2e-3, weight_decay=1e-4),
     },
     "gpu": {
         "classifier": dict(architecture="Classifier", config=dict(widths=(64, 256, 256)), epochs=40, batch=512,
@@ -49,6 +59,13 @@ PROFILES: dict[str, dict[str, dict]] = {
                          lr=0.2, weight_decay=5e-4),
         "inpainting": dict(architecture="ContextEncoder", config=dict(width=64), epochs=40, batch=512, lr=2e-3,
                            weight_decay=1e-4),
+        "contrastive-head": dict(architecture="ContrastiveNet", config=dict(widths=(64, 256, 256), proj_dim=128,
+                                                                            bank_size=8192),
+                                 backbone="classifier", epochs=20, batch=512, lr=2e-3, weight_decay=1e-4, tau=0.2),
+        "rotation-head": dict(architecture="RotationHead", config=dict(widths=(64, 256, 256)), backbone="classifier",
+                              epochs=10, batch=256, lr=0.05, weight_decay=5e-4),
+        "inpainting-head": dict(architecture="InpaintingHead", config=dict(widths=(64, 256, 256), width=128),
+                                backbone="classifier", epochs=20, batch=512, lr=2e-3, weight_decay=1e-4),
     },
 }
 
@@ -94,6 +111,8 @@ def run_epochs(model: nn.Module, cfg: dict, train_x: torch.Tensor, generator: to
     total, step, peak = cfg["epochs"] * steps_per_epoch, 0, cfg["lr"]
     for epoch in range(cfg["epochs"]):
         model.train()
+        if cfg.get("backbone"):
+            model.backbone.eval()      # a frozen backbone keeps the classifier's BatchNorm statistics
         start, running = time.time(), 0.0
         for idx in shuffled_batches(len(train_x), cfg["batch"], generator):
             for group in optimizer.param_groups:
@@ -128,8 +147,7 @@ def batched(fn: Callable[[torch.Tensor], torch.Tensor], x_uint8: torch.Tensor, d
 
 # ---------------------------------------------------------------------------------------------------------- recipes
 
-def train_classifier(cfg: dict, data: dict, generator: torch.Generator, device: torch.device):
-    model = build_model(cfg["architecture"], cfg["config"]).to(device, memory_format=torch.channels_last)
+def train_classifier(model: nn.Module, cfg: dict, data: dict, generator: torch.Generator, device: torch.device):
     optimizer, eps, step_size = sgd(model, cfg), cfg["eps"], cfg["fgsm_step"]
 
     def fgsm_rs_loss(idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -153,8 +171,7 @@ def train_classifier(cfg: dict, data: dict, generator: torch.Generator, device: 
                    "pgd20_step": 2 / 255, "n_test": len(test_x)}
 
 
-def train_rotation(cfg: dict, data: dict, generator: torch.Generator, device: torch.device):
-    model = build_model(cfg["architecture"], cfg["config"]).to(device, memory_format=torch.channels_last)
+def train_rotation(model: nn.Module, cfg: dict, data: dict, generator: torch.Generator, device: torch.device):
     labels = torch.arange(4, device=device)
 
     def rotation_loss(idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -168,8 +185,7 @@ def train_rotation(cfg: dict, data: dict, generator: torch.Generator, device: to
     return model, {"rotation_accuracy": correct.sum().item() / (4 * len(data["test_x"]))}
 
 
-def train_contrastive(cfg: dict, data: dict, generator: torch.Generator, device: torch.device):
-    model = build_model(cfg["architecture"], cfg["config"]).to(device, memory_format=torch.channels_last)
+def train_contrastive(model: nn.Module, cfg: dict, data: dict, generator: torch.Generator, device: torch.device):
 
     def simclr_loss(idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         params = {k: v.to(device) for k, v in augment.sample_views(len(x), 2, generator).items()}
@@ -202,8 +218,7 @@ def knn_accuracy(model: nn.Module, data: dict, device: torch.device, k: int = 20
     return correct / len(test_f)
 
 
-def train_inpainting(cfg: dict, data: dict, generator: torch.Generator, device: torch.device):
-    model = build_model(cfg["architecture"], cfg["config"]).to(device, memory_format=torch.channels_last)
+def train_inpainting(model: nn.Module, cfg: dict, data: dict, generator: torch.Generator, device: torch.device):
 
     def masked_mse(idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         x = crop_flip(x, generator)
@@ -228,6 +243,7 @@ def train_inpainting(cfg: dict, data: dict, generator: torch.Generator, device: 
 
 RECIPES = {"classifier": train_classifier, "contrastive": train_contrastive, "rotation": train_rotation,
            "inpainting": train_inpainting}
+RECIPES.update({head: RECIPES[base_task(head)] for head in HEAD_TASKS})
 
 
 def train_model(name: str, profile: str = "cpu", data_root: str | None = None, out_dir: str = "weights",
@@ -246,7 +262,12 @@ def train_model(name: str, profile: str = "cpu", data_root: str | None = None, o
     data = {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
     log(f"training {name} ({profile} profile, {cfg['epochs']} epochs) on {dev}")
     start = time.time()
-    model, metrics = RECIPES[name](cfg, data, generator, dev)
+    model = build_model(cfg["architecture"], cfg["config"])
+    extra = {}
+    if cfg.get("backbone"):                # a head: the classifier beside it in out_dir lends its frozen backbone
+        classifier, classifier_manifest = load_model(cfg["backbone"], out_dir)
+        extra["backbone"] = attach_backbone(model, classifier, classifier_manifest)
+    model, metrics = RECIPES[name](model.to(dev, memory_format=torch.channels_last), cfg, data, generator, dev)
     wall = time.time() - start
     log(f"{name} done in {wall / 60:.1f} min: {metrics}")
     manifest = {
@@ -254,7 +275,7 @@ def train_model(name: str, profile: str = "cpu", data_root: str | None = None, o
         "recipe": {k: v for k, v in cfg.items() if k not in ("architecture", "config")}, "profile": profile,
         "command": command,
         "data_md5": dataset_md5(data_root), "epochs": cfg["epochs"], "seed": seed,
-        "wall_seconds": round(wall, 1), "metrics": metrics,
+        "wall_seconds": round(wall, 1), "metrics": metrics, **extra,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                     "torch": torch.__version__, "threads": torch.get_num_threads()},

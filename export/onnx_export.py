@@ -84,8 +84,9 @@ def graph_specs(pipeline: Pipeline) -> list[GraphSpec]:
 
     def sources(*names: str) -> dict[str, object]:
         made_of: dict[str, object] = {n: pipeline.manifests[n]["sha256"] for n in names}
-        if "contrastive" in names:          # the view axis is fixed in the graph
-            made_of["contrastive_views"] = objective.tasks["contrastive"].views
+        for n in names:                     # a contrastive loss's view axis is fixed in the graph
+            if n in objective.tasks and hasattr(objective.tasks[n], "views"):
+                made_of[f"{n}_views"] = objective.tasks[n].views
         return made_of
 
     specs = [GraphSpec("classifier", pipeline.classifier, {"x": x}, ["logits"], sources("classifier"))]
@@ -204,8 +205,8 @@ def ensure_exported(pipeline: Pipeline, onnx_dir: str | os.PathLike | None = Non
     weights' sha256 (exported there on first use, about a minute on 2 cores)."""
     if onnx_dir is None:
         key = "-".join(m["sha256"][:8] for _, m in sorted(pipeline.manifests.items()))
-        if "contrastive" in pipeline.objective.tasks:
-            key += f"-v{pipeline.objective.tasks['contrastive'].views}"
+        views = {task.views for task in pipeline.objective.tasks.values() if hasattr(task, "views")}
+        key += "".join(f"-v{v}" for v in sorted(views))
         onnx_dir = default_cache_dir() / "onnx" / key
     export_all(pipeline, onnx_dir)
     return Path(onnx_dir)

@@ -2,6 +2,7 @@
 code), the pipeline built from them, and paths to the shipped examples and weights."""
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
@@ -13,6 +14,9 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from engine.calibration import CALIBRATION_FILE, measure, save_calibration  # noqa: E402
+from engine.heads import attach_backbone  # noqa: E402
+from engine.imageio import read_image  # noqa: E402
 from engine.models import build_model  # noqa: E402
 from engine.pipeline import load_pipeline  # noqa: E402
 from engine.weights import save_model  # noqa: E402
@@ -22,6 +26,12 @@ TINY = {
     "contrastive": ("ContrastiveNet", {"widths": [8, 16, 16], "proj_dim": 16, "bank_size": 64}),
     "inpainting": ("ContextEncoder", {"width": 8}),
     "rotation": ("RotationNet", {"widths": [8, 16, 16]}),
+}
+# Heads on the tiny classifier's backbone (engine/heads.py)
+TINY_HEADS = {
+    "contrastive-head": ("ContrastiveNet", {"widths": [8, 16, 16], "proj_dim": 16, "bank_size": 64}),
+    "inpainting-head": ("InpaintingHead", {"widths": [8, 16, 16], "width": 8}),
+    "rotation-head": ("RotationHead", {"widths": [8, 16, 16], "hidden": 16}),
 }
 EXAMPLES = ROOT / "examples" / "clean"
 SHIPPED = ROOT / "weights"
@@ -36,6 +46,18 @@ def make_tiny_weights(out: Path) -> Path:
         if name == "contrastive":
             net.bank.copy_(F.normalize(torch.randn_like(net.bank), dim=1))
         save_model(net, name, out, {"architecture": arch, "config": config, "metrics": {}})
+        if name == "classifier":
+            classifier, classifier_manifest = net, json.loads((out / "classifier.json").read_text())
+    for name, (arch, config) in TINY_HEADS.items():
+        net = build_model(arch, config)
+        backbone = attach_backbone(net, classifier, classifier_manifest)
+        if name == "contrastive-head":
+            net.bank.copy_(F.normalize(torch.randn_like(net.bank), dim=1))
+        save_model(net, name, out, {"architecture": arch, "config": config, "metrics": {}, "backbone": backbone})
+    # clean-loss statistics of all six tasks, measured on the example images (the tests have no training set)
+    pipeline = load_pipeline(out, tasks=[*TINY][1:] + [*TINY_HEADS])
+    clean = torch.stack([read_image(p)[0] for p in sorted(EXAMPLES.glob("*.png"))])
+    save_calibration(measure(pipeline, clean), out / CALIBRATION_FILE, "tests/conftest.py")
     return out
 
 
@@ -52,8 +74,6 @@ def tiny_pipeline(tiny_weights):
 @pytest.fixture(scope="session")
 def images() -> torch.Tensor:
     """8 real CIFAR-10 test images from examples/, float in [0, 1]."""
-    from engine.imageio import read_image
-
     return torch.stack([read_image(p)[0] for p in sorted(EXAMPLES.glob("*.png"))[:8]])
 
 

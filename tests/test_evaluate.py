@@ -36,14 +36,16 @@ def test_eval_json_schema_and_table(tiny_pipeline, fake_test_set, tmp_path):
     assert saved["n"] == 6 and {"rows", "mcnemar", "config", "seconds"} <= set(saved)
     assert len(saved["rows"]) == 16
     for row in saved["rows"]:
-        assert set(row) == {"attack", "repair", "accuracy", "ci95", "n"} and row["n"] == 6
-        assert row["ci95"][0] <= row["accuracy"] <= row["ci95"][1]
+        assert set(row) == {"attack", "repair", "accuracy", "ci95", "n", "repaired_fraction", "ssl_loss_mean"}
+        assert row["n"] == 6 and row["ci95"][0] <= row["accuracy"] <= row["ci95"][1]
+        assert set(row["ssl_loss_mean"]) == {"contrastive", "inpainting", "rotation"}
+        assert row["repaired_fraction"] == (0.0 if row["repair"] == "none" else 1.0)
     pairs = {(t["a"], t["b"]) for t in saved["mcnemar"]}
     assert ("pgd/none", "pgd/mtl") in pairs and ("none/none", "none/mtl") in pairs
-    assert ("bpda-eot/contrastive", "bpda-eot/mtl") in pairs and ("pgd/noise", "pgd/mtl") in pairs
+    assert ("bpda-eot/noise", "bpda-eot/contrastive") in pairs and ("pgd/noise", "pgd/mtl") in pairs
     assert not list(tmp_path.glob("*.partial-*"))
     table = ev.markdown_table(result)
-    assert table.count("\n| ") >= 4 and "pgd/none vs pgd/mtl" in table
+    assert table.count("\n| ") >= 4 and "pgd/none vs pgd/mtl" in table and "mean SSL loss" in table
     ev.plot(result, tmp_path / "eval.png")
     assert (tmp_path / "eval.png").stat().st_size > 1000
 

@@ -8,5 +8,7 @@ from .inpainting import InpaintingTask
 from .rotation import RotationTask
 
 TASKS = {"contrastive": ContrastiveTask, "inpainting": InpaintingTask, "rotation": RotationTask}
+# The same losses on heads of the classifier's backbone (engine/heads.py): same task, other network.
+TASKS.update({f"{name}-head": task for name, task in list(TASKS.items())})
 
 __all__ = ["TASKS", "ContrastiveTask", "InpaintingTask", "RotationTask"]
