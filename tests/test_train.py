@@ -13,9 +13,12 @@ from engine.weights import load_model
 
 TINY_CONFIGS = {"classifier": {"widths": (8, 16, 16)}, "rotation": {"widths": (8, 16, 16)},
                 "contrastive": {"widths": (8, 16, 16), "proj_dim": 16, "bank_size": 32},
-                "inpainting": {"width": 8}}
+                "inpainting": {"width": 8}, "rotation-head": {"widths": (8, 16, 16), "hidden": 16},
+                "contrastive-head": {"widths": (8, 16, 16), "proj_dim": 16, "bank_size": 32},
+                "inpainting-head": {"widths": (8, 16, 16), "width": 8}}
 EXPECTED_METRICS = {"classifier": {"clean_accuracy", "pgd20_accuracy"}, "rotation": {"rotation_accuracy"},
                     "contrastive": {"knn_accuracy"}, "inpainting": {"inpainting_mse", "mean_colour_baseline_mse"}}
+EXPECTED_METRICS.update({f"{task}-head": EXPECTED_METRICS[task] for task in ("rotation", "contrastive", "inpainting")})
 
 
 @pytest.fixture
@@ -33,7 +36,7 @@ def small_data(monkeypatch):
                             {**train.PROFILES["cpu"][name], "config": config, "batch": 32, "epochs": 1})
 
 
-@pytest.mark.parametrize("name", list(TINY_CONFIGS))
+@pytest.mark.parametrize("name", [n for n in TINY_CONFIGS if not n.endswith("-head")])
 def test_train_writes_weights_and_manifest(small_data, tmp_path, name):
     result = CliRunner().invoke(main, ["train", name, "--out", str(tmp_path), "--seed", "3"])
     assert result.exit_code == 0, result.output
@@ -63,3 +66,19 @@ def test_triangular_schedule():
     assert train.triangular_lr(20, 100, 1.0) == pytest.approx(1.0)
     assert train.triangular_lr(60, 100, 1.0) == pytest.approx(0.5)
     assert train.triangular_lr(100, 100, 1.0) == 0
+
+
+@pytest.mark.parametrize("head", [n for n in TINY_CONFIGS if n.endswith("-head")])
+def test_a_head_trains_on_the_frozen_backbone_of_the_classifier_beside_it(small_data, tmp_path, head):
+    missing = CliRunner().invoke(main, ["train", head, "--out", str(tmp_path)])
+    assert missing.exit_code == 2 and "classifier" in missing.output
+    assert CliRunner().invoke(main, ["train", "classifier", "--out", str(tmp_path)]).exit_code == 0
+    result = CliRunner().invoke(main, ["train", head, "--out", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / f"{head}.json").read_text())
+    classifier, classifier_manifest = load_model("classifier", tmp_path)
+    assert manifest["backbone"] == {"name": "classifier", "sha256": classifier_manifest["sha256"]}
+    assert EXPECTED_METRICS[head] <= set(manifest["metrics"])
+    model, _ = load_model(head, tmp_path)
+    frozen, trained = classifier.backbone.state_dict(), model.backbone.state_dict()
+    assert all(torch.equal(frozen[k], trained[k]) for k in frozen)     # BatchNorm statistics included
