@@ -182,3 +182,17 @@ def test_engines_match_the_golden_outputs(golden, engine, tmp_path_factory):
     failed = [r.report() for r in results if not r.passed]
     assert not failed, "\n".join(failed)
     assert agreement(golden["out.logits"], backend.logits(x)) == 1.0
+
+
+def test_head_tasks_export_and_match_torch_in_onnxruntime(tiny_weights, images, tmp_path):
+    pipeline = load_pipeline(tiny_weights, tasks=["contrastive-head", "inpainting-head", "rotation-head"])
+    manifest, _ = export_all(pipeline, tmp_path)
+    assert {"contrastive-head_loss", "inpainting-head_loss", "rotation-head_loss"} <= set(manifest["graphs"])
+    assert manifest["graphs"]["contrastive-head_loss"]["sources"]["contrastive-head_views"] == 4
+    backend = OnnxRuntimeBackend(tmp_path, pipeline.tasks)
+    x = images[:3]
+    params = pipeline.objective.sample_params(image_generators(x, 2), x)
+    ours = backend.task_losses(x, params)
+    for task, loss in pipeline.objective.per_task(x, params).items():
+        result = compare(f"{task}_loss", loss, ours[task], TOLERANCES["fp32"]["loss"])
+        assert result.passed, result.report()
