@@ -28,7 +28,7 @@ CALIBRATION_FILE = "calibration.json"
 @dataclass
 class Calibration:
     losses: dict[str, torch.Tensor]      # task -> per-image clean losses, Tensor[n]
-    views: int                           # contrastive views the losses were measured with
+    views: int | None                    # contrastive views the losses were measured with (None: no such task)
     sources: dict[str, str]              # network name -> sha256 of the weights measured
 
     def level(self, task: str, quantile: float = 0.5) -> float:
@@ -67,7 +67,7 @@ def measure(pipeline, x: torch.Tensor, seed: int = 0, batch: int = 250) -> Calib
         for task, loss in pipeline.task_losses(x[i:i + batch], seed).items():
             chunks[task].append(loss.double().cpu())
     views = {task.views for task in pipeline.objective.tasks.values() if hasattr(task, "views")}
-    return Calibration({t: torch.cat(c) for t, c in chunks.items()}, views.pop() if views else 0,
+    return Calibration({t: torch.cat(c) for t, c in chunks.items()}, views.pop() if views else None,
                        {t: pipeline.manifests[t]["sha256"] for t in pipeline.tasks})
 
 

@@ -40,12 +40,13 @@ PROFILES: dict[str, dict[str, dict]] = {
         "inpainting": dict(architecture="ContextEncoder", config=dict(width=32), epochs=6, batch=256, lr=2e-3,
                            weight_decay=1e-4),
         # Heads on the classifier's frozen backbone (engine/heads.py): only the head trains, so an epoch costs about
-        # one backbone forward per view; epochs sized to ~5 min each on 2 cores.
+        # one backbone forward per view (3 min for the contrastive head, 2.5 min for rotation's four).
+        # 1 rotation epoch reached 65.2 % rotation accuracy (the independent net: 83.6 %), hence 3.
         "contrastive-head": dict(architecture="ContrastiveNet", config=dict(widths=(32, 128, 128), proj_dim=64,
                                                                             bank_size=4096),
                                  backbone="classifier", epochs=3, batch=256, lr=2e-3, weight_decay=1e-4, tau=0.2),
         "rotation-head": dict(architecture="RotationHead", config=dict(widths=(32, 128, 128)), backbone="classifier",
-                              epochs=1, batch=128, lr=0.05, weight_decay=5e-4),
+                              epochs=3, batch=128, lr=0.05, weight_decay=5e-4),
         "inpainting-head": dict(architecture="InpaintingHead", config=dict(widths=(32, 128, 128), width=64),
                                 backbone="classifier", epochs=3, batch=256, lr=2e-3, weight_decay=1e-4),
     },

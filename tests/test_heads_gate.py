@@ -15,7 +15,7 @@ from engine.repair import image_generators
 from engine.repair_spec import parse_repair
 from engine.weights import WeightsError, load_model
 
-from .conftest import EXAMPLES
+from .conftest import EXAMPLES, needs_cifar
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +193,18 @@ def test_shipped_heads_load_with_the_shipped_classifier():
     p = load_pipeline(SHIPPED, tasks=[t for t in HEAD_TASKS if (SHIPPED / f"{t}.json").exists()])
     for task in p.objective.tasks.values():
         assert torch.equal(task.net.backbone.group3[0].weight, classifier.backbone.group3[0].weight)
+
+
+@needs_cifar
+def test_calibrate_cli_measures_clean_training_images_and_keeps_an_existing_file(tiny_weights, tmp_path):
+    out = tmp_path / "cal.json"
+    args = ["calibrate", "--weights", str(tiny_weights), "--tasks", "rotation,inpainting-head", "--n", "20",
+            "--out", str(out)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert {t: len(v) for t, v in data["losses"].items()} == {"rotation": 20, "inpainting-head": 20}
+    assert data["views"] is None and "rotation: clean median" in result.output      # no contrastive task here
+    load_pipeline(tiny_weights, tasks=["rotation", "inpainting-head"], gate_fpr=0.1, calibration=out)
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 2 and "--overwrite" in again.output
