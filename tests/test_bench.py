@@ -1,6 +1,9 @@
 """`cli.py bench` on tiny models: every backend listed (an absent one with its reason), parity next to speed."""
 import json
 
+import pytest
+import torch
+
 from click.testing import CliRunner
 
 from cli import main
@@ -25,3 +28,15 @@ def test_bench_lists_every_backend_with_parity(tiny_weights, tmp_path):
     assert {p["output"] for p in ort_parity} >= {"logits", "rotation_loss", "repaired prediction"}
     assert all(p["passed"] is not False for p in ort_parity)
     assert (tmp_path / "bench.png").stat().st_size > 1000
+
+
+def test_attack_signal_auc_is_the_mann_whitney_statistic():
+    from scipy import stats
+
+    from bench.attack_signal import auc
+
+    g = torch.Generator().manual_seed(0)
+    negatives, positives = torch.randn(50, generator=g), torch.randn(40, generator=g).add(0.5).round()
+    u = stats.mannwhitneyu(positives.numpy(), negatives.numpy()).statistic
+    assert auc(negatives, positives) == pytest.approx(u / (50 * 40))
+    assert auc(negatives, negatives) == pytest.approx(0.5)

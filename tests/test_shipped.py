@@ -10,7 +10,7 @@ from engine.imageio import read_image
 from tests.conftest import EXAMPLES, SHIPPED, needs_shipped
 
 pytestmark = needs_shipped
-NAMES = ("classifier", "contrastive", "inpainting", "rotation")
+NAMES = ("classifier", "contrastive", "inpainting", "rotation", "contrastive-head", "inpainting-head", "rotation-head")
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +48,20 @@ def test_classifier_recognises_the_examples(shipped, labelled):
     assert accuracy >= 0.55          # the manifest's test-set accuracy is ~0.7; 64 images give ±0.11 (95 %)
 
 
-def test_repair_lowers_the_ssl_loss_of_real_images(shipped, labelled):
+@pytest.mark.parametrize("tasks", [("contrastive", "inpainting", "rotation"),
+                                   ("contrastive-head", "inpainting-head", "rotation-head")])
+def test_repair_lowers_the_ssl_loss_of_real_images(labelled, tasks):
+    from engine import load_pipeline
+
+    p = load_pipeline(tasks=tasks, objective="plain")
     x = labelled[0][:16]
-    before = shipped.ssl_loss(x, seed=0)
-    after = shipped.ssl_loss(shipped.repair(x, steps=10, seed=0), seed=0)
+    before = p.ssl_loss(x, seed=0)
+    after = p.ssl_loss(p.repair(x, steps=10, seed=0), seed=0)
     assert torch.isfinite(before).all() and after.mean() < before.mean()
+
+
+def test_shipped_calibration_matches_the_shipped_weights():
+    from engine import load_pipeline
+
+    p = load_pipeline(tasks=NAMES[1:], objective="clean", gate_fpr=0.05)     # raises where stale or incomplete
+    assert p.gate.threshold > 0 and all(v > 0 for v in p.objective.levels.values())
