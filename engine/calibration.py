@@ -93,7 +93,7 @@ def load_calibration(path: str | os.PathLike | None, tasks: list[str], manifests
     fix = f"run `python cli.py calibrate --tasks {','.join(tasks)} --views {views}`"
     if not path.exists():
         raise WeightsError(f"the clean-level objective and the gate need clean-loss statistics: {path} is missing; "
-                           f"{fix}")
+                           f"{fix} (or repair with --objective plain and no --gate)")
     data = json.loads(path.read_text())
     missing = [t for t in tasks if t not in data["losses"]]
     if missing:
