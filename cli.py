@@ -300,11 +300,10 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_pa
                         level=level, gate_fpr=gate_fpr, gate_tasks=_parse_tasks(gate_tasks, "--gate-tasks"),
                         defense=defense, aware_lambda=lam, bpda_steps=bpda_steps,
                         bpda_eot=eot, bpda_repair_steps=bpda_repair_steps, chunk=chunk)
-    if needs_calibration(config) and calibration is None:
-        from engine.calibration import CALIBRATION_FILE
-        from engine.weights import DEFAULT_WEIGHTS
+    if needs_calibration(config):
+        from engine.calibration import calibration_path
 
-        calibration = Path(weights or DEFAULT_WEIGHTS) / CALIBRATION_FILE
+        calibration = calibration_path(weights, calibration)
     pipeline = _load(weights=weights, device=device, tasks=tasks_needed(config), views=views, backend=backend,
                      onnx_dir=onnx_dir, precision=precision, calibration=calibration)
     try:
@@ -335,12 +334,12 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_pa
 def calibrate(tasks: str, n: int, views: int, seed: int, weights: Path | None, out_path: Path | None,
               data_root: str | None, overwrite: bool) -> None:
     """Measure each task's SSL loss on clean training images: the levels of --objective clean and the gate."""
-    from engine.calibration import CALIBRATION_FILE, calibrate as measure, save_calibration
+    from engine.calibration import calibrate as measure, calibration_path, save_calibration
     from engine.data import DataError
-    from engine.weights import DEFAULT_WEIGHTS, WeightsError
+    from engine.weights import WeightsError
 
     task_list = _parse_tasks(tasks)
-    out_path = out_path or Path(weights or DEFAULT_WEIGHTS) / CALIBRATION_FILE
+    out_path = calibration_path(weights, out_path)
     if out_path.exists() and not overwrite:
         raise click.UsageError(f"{out_path} already exists; pass --overwrite to replace it, or choose another --out")
     pipeline = _load(weights=weights, tasks=task_list, views=views)

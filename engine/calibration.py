@@ -38,9 +38,15 @@ class Calibration:
         q25, q75 = torch.quantile(self.losses[task], torch.tensor([0.25, 0.75], dtype=torch.float64)).tolist()
         return max(q75 - q25, 1e-8)
 
+    def score_weights(self, tasks: list[str]) -> dict[str, float]:
+        """w_k = 1 / (K · clean IQR_k): the score is Σ_k w_k (L_k − clean median_k), a weighted sum of the losses plus
+        a constant (which is what an attacker who keeps the score low minimizes)."""
+        return {t: 1 / (len(tasks) * self.scale(t)) for t in tasks}
+
     def score(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
         """Per image: mean over the given tasks of (L_k − clean median_k) / clean IQR_k."""
-        return sum((loss - self.level(t)) / self.scale(t) for t, loss in losses.items()) / len(losses)
+        weights = self.score_weights(list(losses))
+        return sum(weights[t] * (loss - self.level(t)) for t, loss in losses.items())
 
     def threshold(self, tasks: list[str], fpr: float) -> float:
         """The score above which a fraction ``fpr`` of the clean calibration images lies."""
@@ -83,13 +89,18 @@ def save_calibration(calibration: Calibration, path: Path, command: str, overwri
     })
 
 
-def load_calibration(path: str | os.PathLike | None, tasks: list[str], manifests: dict[str, dict],
+def calibration_path(weights: str | os.PathLike | None = None, path: str | os.PathLike | None = None) -> Path:
+    """``path`` if given, else calibration.json beside the weights (default: the shipped weights/)."""
+    return Path(path) if path is not None else Path(weights or DEFAULT_WEIGHTS) / CALIBRATION_FILE
+
+
+def load_calibration(path: str | os.PathLike, tasks: list[str], manifests: dict[str, dict],
                      views: int) -> Calibration:
-    """The calibration at ``path`` (default weights/calibration.json), checked against the networks loaded:
-    every task present, the same weights, the same contrastive views. WeightsError with the fix otherwise."""
+    """The calibration at ``path``, checked against the networks loaded: every task present, the same weights, the
+    same contrastive views. WeightsError with the fix otherwise."""
     import json
 
-    path = Path(path) if path is not None else DEFAULT_WEIGHTS / CALIBRATION_FILE
+    path = Path(path)
     fix = f"run `python cli.py calibrate --tasks {','.join(tasks)} --views {views}`"
     if not path.exists():
         raise WeightsError(f"the clean-level objective and the gate need clean-loss statistics: {path} is missing; "

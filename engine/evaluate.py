@@ -111,10 +111,10 @@ class Evaluator:
         self.specs = {name: parse_repair(name) for name in [*config.repairs, config.defense]}
         if not self.specs[config.defense].optimize:
             raise ValueError(f"the defense the adaptive attacks aim at must be a repair, not {config.defense!r}")
-        nets = {name: task.net for name, task in pipeline.objective.tasks.items()}
-        alpha = {t: dict(zip(DEFAULT_TASKS, config.alpha))[base_task(t)] for t in nets}
+        self.nets = {name: task.net for name, task in pipeline.objective.tasks.items()}
+        alpha = {t: dict(zip(DEFAULT_TASKS, config.alpha))[base_task(t)] for t in self.nets}
         cal = pipeline.calibration
-        self.objectives = {name: build_objective({t: nets[t] for t in spec.tasks}, alpha, config.views, cal,
+        self.objectives = {name: build_objective({t: self.nets[t] for t in spec.tasks}, alpha, config.views, cal,
                                                  config.level if spec.objective == "clean" else None)
                            for name, spec in self.specs.items() if spec.optimize}
         self.gate = Gate(cal, config.gate_tasks, config.gate_fpr) if any(s.gated for s in self.specs.values()) \
@@ -134,10 +134,8 @@ class Evaluator:
         attacked image passes the gate unrepaired), else the defense's own repair objective."""
         if not self.specs[self.cfg.defense].gated:
             return self.objectives[self.cfg.defense]
-        cal, tasks = self.gate.calibration, self.gate.tasks
-        nets = {name: task.net for name, task in self.p.objective.tasks.items()}
-        # score = mean_k (L_k − median_k) / IQR_k: a weighted sum of the losses plus a constant
-        return build_objective({t: nets[t] for t in tasks}, {t: 1 / (len(tasks) * cal.scale(t)) for t in tasks},
+        tasks = self.gate.tasks
+        return build_objective({t: self.nets[t] for t in tasks}, self.gate.calibration.score_weights(tasks),
                                self.cfg.views)
 
     def attack(self, name: str, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:

@@ -122,13 +122,14 @@ def repair_batch(pipeline: Pipeline, x: torch.Tensor, config: RepairConfig) -> l
     params = objective.sample_params(image_generators(x, config.seed), x)
     before = pipeline.backend.task_losses(x, params)
     with torch.enable_grad():
-        result = pipeline.repair_with_trace(x, config.eps, config.steps, config.step_size, config.seed)
+        result = pipeline.repair_with_trace(x, config.eps, config.steps, config.step_size, config.seed,
+                                            losses=before)
     repaired = quantize(result.images)
     after = pipeline.backend.task_losses(repaired, params)
     pred_before, pred_after = pipeline.predict(x).tolist(), pipeline.predict(repaired).tolist()
     linf = (repaired - x).abs().amax((1, 2, 3)).tolist()
     total_before, total_after = objective.combine(before).tolist(), objective.combine(after).tolist()
-    gate = {} if result.score is None else {"gate_score": result.score.tolist(),
+    gate = {} if result.score is None else {"gate_score": [round(v, 6) for v in result.score.tolist()],
                                              "gated_out": (~result.repaired).tolist()}
 
     return [{
@@ -139,7 +140,7 @@ def repair_batch(pipeline: Pipeline, x: torch.Tensor, config: RepairConfig) -> l
         "task_losses_before": {t: round(v[i].item(), 6) for t, v in before.items()},
         "task_losses_after": {t: round(v[i].item(), 6) for t, v in after.items()},
         "linf": round(linf[i], 6),
-        **{k: (round(v[i], 6) if k == "gate_score" else v[i]) for k, v in gate.items()},
+        **{k: v[i] for k, v in gate.items()},
     } for i in range(len(x))]
 
 

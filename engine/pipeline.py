@@ -11,7 +11,6 @@ Example::
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from dataclasses import dataclass, field
 
 import torch
@@ -19,11 +18,11 @@ from torch import nn
 
 from .backends import BACKENDS, BackendUnavailable, ForwardBackend
 from .backends.torch_backend import TorchBackend
-from .calibration import CALIBRATION_FILE, Calibration, load_calibration
+from .calibration import Calibration, calibration_path, load_calibration
 from .heads import HEAD_TASKS, check_backbone
 from .repair import MultiTaskLoss, RepairResult, image_generators, reverse_attack
 from .tasks import TASKS, ContrastiveTask
-from .weights import DEFAULT_WEIGHTS, load_model
+from .weights import load_model
 
 DEFAULT_TASKS = ("contrastive", "inpainting", "rotation")
 OBJECTIVES = ("plain", "clean")
@@ -83,14 +82,17 @@ class Pipeline:
 
     def repair_with_trace(self, x: torch.Tensor, eps: float = 16 / 255, steps: int = 40,
                           step_size: float = 2 / 255, seed: int = 0, objective: MultiTaskLoss | None = None,
-                          gate: Gate | None = None) -> RepairResult:
+                          gate: Gate | None = None, losses: dict[str, torch.Tensor] | None = None) -> RepairResult:
         """The repair (of ``objective``, default the pipeline's) with its trace; with a gate (default the
-        pipeline's), only inputs scoring above its threshold are repaired and the rest come back unchanged."""
+        pipeline's), only inputs scoring above its threshold are repaired and the rest come back unchanged.
+        ``losses``: x's task losses at this ``seed`` where the caller has them already (the gate reuses them)."""
         x, objective, gate = self._to_device(x), objective or self.objective, gate or self.gate
         if gate is None:
             return reverse_attack(objective, x, eps, steps, step_size, seed)
-        with torch.no_grad():              # the score is forward only: the fast backends' job
-            score = gate.score(self.task_losses(x, seed, gate.tasks)).to(x.device)
+        if losses is None:
+            with torch.no_grad():          # the score is forward only: the fast backends' job
+                losses = self.task_losses(x, seed, gate.tasks)
+        score = gate.score(losses).to(x.device)
         flagged = score > gate.threshold
         images, trace = x.clone(), x.new_full((steps, len(x)), float("nan"))
         if flagged.any():                  # each image's repair is its own (principle 3): a subset changes nothing
@@ -155,8 +157,7 @@ def load_pipeline(weights: str | os.PathLike | None = None, device: str | torch.
         raise ValueError(f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
     stats = None
     if objective == "clean" or gate_fpr is not None or calibration is not None:
-        path = calibration or Path(weights or DEFAULT_WEIGHTS) / CALIBRATION_FILE
-        stats = load_calibration(path, list(tasks), manifests, views)
+        stats = load_calibration(calibration_path(weights, calibration), list(tasks), manifests, views)
     pipeline = Pipeline(classifier, build_objective(nets, alpha, views, stats, level if objective == "clean" else None)
                         .to(device), manifests, device, calibration=stats)
     if gate_fpr is not None:

@@ -41,13 +41,13 @@ PROFILES: dict[str, dict[str, dict]] = {
                            weight_decay=1e-4),
         # Heads on the classifier's frozen backbone (engine/heads.py): only the head trains, so an epoch costs about
         # one backbone forward per view (3 min for the contrastive head, 2.5 min for rotation's four).
-        # 1 rotation epoch reached 65.2 % rotation accuracy (the independent net: 83.6 %), hence 3.
-        "contrastive-head": dict(architecture="ContrastiveNet", config=dict(widths=(32, 128, 128), proj_dim=64,
-                                                                            bank_size=4096),
+        # 1 rotation epoch reached 65.2 % rotation accuracy (the independent net: 83.6 %), hence 3. A head's widths
+        # are its classifier's (train_model reads them from the classifier it attaches to).
+        "contrastive-head": dict(architecture="ContrastiveNet", config=dict(proj_dim=64, bank_size=4096),
                                  backbone="classifier", epochs=3, batch=256, lr=2e-3, weight_decay=1e-4, tau=0.2),
-        "rotation-head": dict(architecture="RotationHead", config=dict(widths=(32, 128, 128)), backbone="classifier",
-                              epochs=3, batch=128, lr=0.05, weight_decay=5e-4),
-        "inpainting-head": dict(architecture="InpaintingHead", config=dict(widths=(32, 128, 128), width=64),
+        "rotation-head": dict(architecture="RotationHead", config=dict(), backbone="classifier", epochs=3,
+                              batch=128, lr=0.05, weight_decay=5e-4),
+        "inpainting-head": dict(architecture="InpaintingHead", config=dict(width=64),
                                 backbone="classifier", epochs=3, batch=256, lr=2e-3, weight_decay=1e-4),
     },
     "gpu": {
@@ -60,12 +60,11 @@ PROFILES: dict[str, dict[str, dict]] = {
                          lr=0.2, weight_decay=5e-4),
         "inpainting": dict(architecture="ContextEncoder", config=dict(width=64), epochs=40, batch=512, lr=2e-3,
                            weight_decay=1e-4),
-        "contrastive-head": dict(architecture="ContrastiveNet", config=dict(widths=(64, 256, 256), proj_dim=128,
-                                                                            bank_size=8192),
+        "contrastive-head": dict(architecture="ContrastiveNet", config=dict(proj_dim=128, bank_size=8192),
                                  backbone="classifier", epochs=20, batch=512, lr=2e-3, weight_decay=1e-4, tau=0.2),
-        "rotation-head": dict(architecture="RotationHead", config=dict(widths=(64, 256, 256)), backbone="classifier",
-                              epochs=10, batch=256, lr=0.05, weight_decay=5e-4),
-        "inpainting-head": dict(architecture="InpaintingHead", config=dict(widths=(64, 256, 256), width=128),
+        "rotation-head": dict(architecture="RotationHead", config=dict(), backbone="classifier", epochs=10,
+                              batch=256, lr=0.05, weight_decay=5e-4),
+        "inpainting-head": dict(architecture="InpaintingHead", config=dict(width=128),
                                 backbone="classifier", epochs=20, batch=512, lr=2e-3, weight_decay=1e-4),
     },
 }
@@ -263,11 +262,14 @@ def train_model(name: str, profile: str = "cpu", data_root: str | None = None, o
     data = {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
     log(f"training {name} ({profile} profile, {cfg['epochs']} epochs) on {dev}")
     start = time.time()
-    model = build_model(cfg["architecture"], cfg["config"])
     extra = {}
     if cfg.get("backbone"):                # a head: the classifier beside it in out_dir lends its frozen backbone
         classifier, classifier_manifest = load_model(cfg["backbone"], out_dir)
+        cfg["config"] = {**cfg["config"], "widths": classifier_manifest["config"]["widths"]}
+        model = build_model(cfg["architecture"], cfg["config"])
         extra["backbone"] = attach_backbone(model, classifier, classifier_manifest)
+    else:
+        model = build_model(cfg["architecture"], cfg["config"])
     model, metrics = RECIPES[name](model.to(dev, memory_format=torch.channels_last), cfg, data, generator, dev)
     wall = time.time() - start
     log(f"{name} done in {wall / 60:.1f} min: {metrics}")
