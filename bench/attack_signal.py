@@ -38,7 +38,8 @@ def measure(n: int, seed: int, eps_r: float, chunk: int = 100) -> dict:
     for start in range(0, n, chunk):
         xc, yc = x[start:start + chunk], y[start:start + chunk]
         # the attack of `cli.py eval` (same seeds for the same chunk size)
-        attacked = PGD(p.classifier, 8 / 255, 2 / 255, 20, generator=torch.Generator().manual_seed(seed + start))(xc, yc)
+        pgd = PGD(p.classifier, 8 / 255, 2 / 255, 20, generator=torch.Generator().manual_seed(seed + start))
+        attacked = pgd(xc, yc)
         noise = torch.rand(xc.shape, generator=torch.Generator().manual_seed(seed + start))
         noisy = (xc + (2 * noise - 1) * eps_r).clamp(0, 1)
         for name, images in (("clean", xc), ("pgd", attacked), ("noise", noisy)):

@@ -40,3 +40,31 @@ def test_attack_signal_auc_is_the_mann_whitney_statistic():
     u = stats.mannwhitneyu(positives.numpy(), negatives.numpy()).statistic
     assert auc(negatives, positives) == pytest.approx(u / (50 * 40))
     assert auc(negatives, negatives) == pytest.approx(0.5)
+
+
+def test_sweep_runs_each_point_once_against_its_own_noise_control(tiny_weights, fake_test_set, tmp_path, monkeypatch):
+    import engine.calibration
+    from bench import sweep as sw
+
+    x, y = fake_test_set
+    monkeypatch.setattr(engine.calibration, "load_cifar10", lambda split="train", root=None: (x, y))
+    rows = sw.sweep(4, "mtl:clean", [8 / 255, 16 / 255], [1], [2], tmp_path, str(tiny_weights), 32)
+    assert [(r["eps_r_255"], r["steps"], r["views"]) for r in rows] == [(8, 1, 2), (16, 1, 2)]
+    # the shipped (tiny) calibration has 4 views: a 2-view one was measured beside the results
+    assert json.loads((tmp_path / "calibration_views2.json").read_text())["views"] == 2
+    for row in rows:
+        saved = json.loads(sw.point_path(tmp_path, row["eps_r_255"] / 255, 1, 2).read_text())
+        assert saved["config"]["eps_r"] == pytest.approx(row["eps_r_255"] / 255) and saved["n"] == 4
+        acc = {r["repair"]: r["accuracy"] for r in saved["rows"]}
+        assert (row["noise"], row["repair"]) == (acc["noise"], acc["mtl:clean"])
+        assert row["gain"] == pytest.approx(acc["mtl:clean"] - acc["noise"]) and 0 <= row["p"] <= 1
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("a finished point was run again")
+
+    monkeypatch.setattr(sw, "run_eval", must_not_run)
+    assert sw.sweep(4, "mtl:clean", [8 / 255, 16 / 255], [1], [2], tmp_path, str(tiny_weights)) == rows
+    table = sw.markdown(rows, "mtl:clean", 4)
+    assert "| 8/255 | 1 | 2 |" in table and "| 16/255 | 1 | 2 |" in table
+    with pytest.raises(ValueError, match="none to vary"):
+        sw.sweep(4, "noise", [8 / 255], [1], [2], tmp_path, str(tiny_weights))
