@@ -124,7 +124,8 @@ def _parse_alpha(text: str | None, tasks: list[str]) -> dict[str, float]:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
+              show_default=True,
               help="Engine for the forward-only passes (auto: the fastest present); the repair's gradient loop "
                    "is always PyTorch's.")
 @click.option("--onnx-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
@@ -266,7 +267,8 @@ def _names(text: str, known, option: str) -> list[str]:
 @click.option("--data", "data_root", type=click.Path(file_okay=False), default=None,
               help="CIFAR-10 folder (default: $CIFAR10_ROOT).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto", show_default=True,
+@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
+              show_default=True,
               help="Engine for the forward-only passes (predictions); attacks and repairs run in PyTorch.")
 @click.option("--onnx-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,

@@ -133,8 +133,9 @@ def load_pipeline(weights: str | os.PathLike | None = None, device: str | torch.
     which are also loaded whenever that path is given.
 
     ``backend`` runs the forward-only passes ("torch", "onnxruntime", "tensorrt" at ``precision``, or "auto": the
-    fastest present); the repair's gradient loop is PyTorch's in every case. Raises ``engine.weights.WeightsError`` (a clear message) where a file
-    is missing or does not match its manifest, and ``BackendUnavailable`` where the backend cannot run here.
+    fastest present); the repair's gradient loop is PyTorch's in every case. Raises ``engine.weights.WeightsError``
+    (a clear message) where a file is missing or does not match its manifest, and ``BackendUnavailable`` where the
+    backend cannot run here.
     """
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:

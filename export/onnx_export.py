@@ -130,7 +130,8 @@ def describe_io(path: Path) -> dict:
     def one(value) -> dict:
         tensor = value.type.tensor_type
         shape = [d.dim_param or d.dim_value for d in tensor.shape.dim]
-        return {"name": value.name, "shape": shape, "dtype": onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name}
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(tensor.elem_type).name
+        return {"name": value.name, "shape": shape, "dtype": dtype}
 
     return {"inputs": [one(v) for v in graph.input], "outputs": [one(v) for v in graph.output]}
 
