@@ -101,11 +101,13 @@ def load_calibration(path: str | os.PathLike, tasks: list[str], manifests: dict[
     import json
 
     path = Path(path)
-    fix = f"run `python cli.py calibrate --tasks {','.join(tasks)} --views {views}`"
+    command = f"python cli.py calibrate --tasks {','.join(tasks)} --views {views}"
+    fix = f"run `{command}`"
     if not path.exists():
         raise WeightsError(f"the clean-level objective and the gate need clean-loss statistics: {path} is missing; "
                            f"{fix} (or repair with --objective plain and no --gate)")
     data = json.loads(path.read_text())
+    fix = f"run `{command} --out {path} --overwrite` to measure it again"
     missing = [t for t in tasks if t not in data["losses"]]
     if missing:
         raise WeightsError(f"{path} has no statistics for {', '.join(missing)}; {fix}")
@@ -113,7 +115,9 @@ def load_calibration(path: str | os.PathLike, tasks: list[str], manifests: dict[
     if stale:
         raise WeightsError(f"{path} was measured on other weights of {', '.join(stale)}; {fix}")
     if any(depends_on_views(t) for t in tasks) and data["views"] != views:
-        raise WeightsError(f"{path} was measured with {data['views']} contrastive views, not {views}; {fix}")
+        other = path.with_name(f"calibration_views{views}.json")
+        raise WeightsError(f"{path} was measured with {data['views']} contrastive views, not {views}; run "
+                           f"`{command} --out {other}` and pass --calibration {other}")
     return Calibration({t: torch.tensor(data["losses"][t], dtype=torch.float64) for t in tasks}, data["views"],
                        data["sources"])
 

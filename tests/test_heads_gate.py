@@ -93,8 +93,10 @@ def test_gated_repair_repairs_only_flagged_images_and_returns_the_rest_unchanged
 
 
 def test_calibration_must_match_the_weights_and_views(tiny_weights, tmp_path):
-    with pytest.raises(WeightsError, match="4 contrastive views, not 2"):
+    with pytest.raises(WeightsError, match="4 contrastive views, not 2") as error:
         load_pipeline(tiny_weights, views=2, gate_fpr=0.1)
+    # the fix writes a file of its own instead of the shipped calibration
+    assert f"--views 2 --out {tiny_weights / 'calibration_views2.json'}` and pass --calibration" in str(error.value)
     other = tmp_path / "w"
     shutil.copytree(tiny_weights, other)
     (other / CALIBRATION_FILE).unlink()
