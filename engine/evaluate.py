@@ -119,7 +119,7 @@ class Evaluator:
                            for name, spec in self.specs.items() if spec.optimize}
         self.gate = Gate(cal, config.gate_tasks, config.gate_fpr) if any(s.gated for s in self.specs.values()) \
             else None
-        self.seconds: dict[str, float] = {}
+        self.seconds: dict[str, float] = {}       # of the chunk being run
 
     def repair(self, name: str, x: torch.Tensor, seed: int, steps: int | None = None) -> RepairResult:
         spec = self.specs[name]
@@ -161,8 +161,10 @@ class Evaluator:
 
     def run_chunk(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> dict[str, dict]:
         """Per "attack/repair": per-image correctness, the summed per-task SSL losses of the final images (every
-        task loaded, so over-minimization shows against the clean level) and how many the gate sent to repair."""
+        task loaded, so over-minimization shows against the clean level), how many the gate sent to repair, and the
+        seconds each attack and repair took on this chunk (saved with it, so a resumed run still counts them)."""
         correct, loss_sums, repaired = {}, {}, {}
+        self.seconds = {}
         x, y = x.to(self.p.device), y.to(self.p.device)
         for attack in self.cfg.attacks:
             x_adv = self._timed(f"attack {attack}", self.attack, attack, x, y, seed)
@@ -175,7 +177,7 @@ class Evaluator:
                 loss_sums[key] = {t: loss.double().sum().item() for t, loss in losses.items()}
                 repaired[key] = (0 if not self.specs[repair].noise else
                                  len(x) if result.repaired is None else int(result.repaired.sum()))
-        return {"correct": correct, "loss_sums": loss_sums, "repaired": repaired}
+        return {"correct": correct, "loss_sums": loss_sums, "repaired": repaired, "seconds": self.seconds}
 
 
 def summarize(outcomes: dict[str, dict], config: EvalConfig) -> dict:
@@ -269,8 +271,11 @@ def run_eval(pipeline: Pipeline, config: EvalConfig, json_path: Path | None = No
         if state_path:
             write_json(state_path, state)
     outcomes: dict[str, dict] = {"correct": {}, "loss_sums": {}, "repaired": {}}
+    seconds: dict[str, float] = {}
     for start in starts:
         chunk = state["chunks"][str(start)]
+        for key, v in chunk["seconds"].items():
+            seconds[key] = seconds.get(key, 0.0) + v
         for key, values in chunk["correct"].items():
             outcomes["correct"].setdefault(key, []).extend(values)
             outcomes["repaired"][key] = outcomes["repaired"].get(key, 0) + chunk["repaired"][key]
@@ -280,7 +285,7 @@ def run_eval(pipeline: Pipeline, config: EvalConfig, json_path: Path | None = No
     result = {"n": config.n, **summarize(outcomes, config), "config": asdict(config),
               "test_indices_sha256": hashlib.sha256(idx.numpy().tobytes()).hexdigest(),
               "seconds": {"total_this_run": round(time.time() - start_time, 1),
-                          **{k: round(v, 1) for k, v in evaluator.seconds.items()}},
+                          **{k: round(v, 1) for k, v in seconds.items()}},
               "device": str(pipeline.device), "weights": {k: m["sha256"] for k, m in pipeline.manifests.items()}}
     if json_path:
         write_json(json_path, result)

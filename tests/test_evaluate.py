@@ -62,12 +62,16 @@ def test_an_interrupted_eval_resumes(tiny_pipeline, fake_test_set, tmp_path, mon
         return real(self, x, y, seed)
 
     monkeypatch.setattr(ev.Evaluator, "run_chunk", fail_on_second)
+    ticks = iter(range(10**6))      # every timed step takes exactly 1 s
+    monkeypatch.setattr(ev.time, "perf_counter", lambda: float(next(ticks)))
     with pytest.raises(KeyboardInterrupt):
         ev.run_eval(tiny_pipeline, config, tmp_path / "eval.json", progress=False)
     assert len(list(tmp_path.glob("eval.partial-*.json"))) == 1
     monkeypatch.setattr(ev.Evaluator, "run_chunk", real)
     result = ev.run_eval(tiny_pipeline, config, tmp_path / "eval.json", progress=False)
     assert all(row["n"] == 6 for row in result["rows"])
+    # the seconds cover both chunks, the one run before the interruption too
+    assert result["seconds"]["repair noise"] == result["seconds"]["attack none"] == 2.0
 
 
 def test_eval_cli_rejects_unknown_names(tiny_weights):
