@@ -11,6 +11,7 @@ import click
 
 MODELS = ("classifier", "contrastive", "inpainting", "rotation", "contrastive-head", "inpainting-head",
           "rotation-head")
+JOINT_MODELS = ("joint-robust", "joint-standard")     # engine/joint.py (kept here: --help imports no torch)
 
 
 class Fraction(click.ParamType):
@@ -44,7 +45,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("model", type=click.Choice(MODELS))
+@click.argument("model", type=click.Choice(MODELS + JOINT_MODELS))
 @click.option("--profile", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
               help="Recipe size: cpu fits a 2-core machine, gpu is the larger variant for a CUDA GPU.")
 @click.option("--data", "data_root", type=click.Path(file_okay=False), default=None,
@@ -54,18 +55,32 @@ def main() -> None:
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the profile's epoch count.")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when available.")
 @click.option("--overwrite", is_flag=True, help="Replace existing weights of the same name in --out.")
+@click.option("--base", "base_dir", type=click.Path(file_okay=False), default="weights", show_default=True,
+              help="joint-*: the folder of the trained classifier (and its heads) to fine-tune jointly.")
 def train(model: str, profile: str, data_root: str | None, out_dir: str, seed: int, epochs: int | None,
-          device: str | None, overwrite: bool) -> None:
-    """Train MODEL and write OUT/MODEL.safetensors + OUT/MODEL.json (with test-set metrics)."""
+          device: str | None, overwrite: bool, base_dir: str) -> None:
+    """Train MODEL and write OUT/MODEL.safetensors + OUT/MODEL.json (with test-set metrics).
+
+    joint-robust and joint-standard fine-tune the classifier in --base together with its rotation, contrastive and
+    inpainting heads (and label consistency) and write the classifier and the three heads to --out, which must be
+    another folder (e.g. --out weights/joint-robust).
+    """
     from engine.data import DataError
-    from engine.train import train_model
     from engine.weights import WeightsError
 
     _check_device(device)
     command = f"python cli.py train {model} --profile {profile} --out {out_dir} --seed {seed}"
     command += f" --epochs {epochs}" if epochs else ""
     try:
-        path = train_model(model, profile, data_root, out_dir, seed, device, overwrite, epochs, command)
+        if model in JOINT_MODELS:
+            from engine.joint import train_joint
+
+            path = train_joint(model, profile, data_root, out_dir, base_dir, seed, device, overwrite, epochs,
+                               f"{command} --base {base_dir}")
+        else:
+            from engine.train import train_model
+
+            path = train_model(model, profile, data_root, out_dir, seed, device, overwrite, epochs, command)
     except (DataError, WeightsError) as e:
         raise click.UsageError(str(e)) from None
     click.echo(f"wrote {path}")
@@ -226,7 +241,10 @@ def _names(text: str, known, option: str) -> list[str]:
 @main.command("eval")
 @click.option("--n", type=click.IntRange(min=1, max=10000), default=1000, show_default=True,
               help="Test images (a seeded random subset, the same on every run).")
-@click.option("--attacks", default="none,pgd", show_default=True, help="Comma-separated: none, pgd, aware, bpda-eot.")
+@click.option("--attacks", default="none,pgd", show_default=True,
+              help="Comma-separated: none, pgd, aware, bpda-eot, autoattack (APGD-CE + APGD-T on the classifier, "
+                   "then the repair), autoattack-bpda (APGD-CE through the repair, BPDA); autoattack needs the "
+                   "attacks extra.")
 @click.option("--repairs", default="none,noise,contrastive,mtl", show_default=True,
               help="Comma-separated repair names BASE[:clean][:gate]; BASE: none, noise, mtl (the independent "
                    "networks), mtl-head (heads on the classifier), a task, or tasks joined by + "
@@ -261,6 +279,12 @@ def _names(text: str, known, option: str) -> list[str]:
               help="Repair samples averaged per BPDA step.")
 @click.option("--bpda-repair-steps", type=click.IntRange(min=1), default=10, show_default=True,
               help="Repair steps inside the BPDA+EOT attack (the evaluated repair keeps --repair-steps).")
+@click.option("--aa-iters", type=click.IntRange(min=1), default=100, show_default=True,
+              help="APGD iterations of the autoattack attacks (AutoAttack's standard: 100).")
+@click.option("--aa-targets", type=click.IntRange(1, 9), default=9, show_default=True,
+              help="Target classes of APGD-T (AutoAttack's standard: 9).")
+@click.option("--aa-eot", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Gradient samples per APGD step of autoattack-bpda (EOT over the repair's randomness).")
 @click.option("--chunk", type=click.IntRange(min=1), default=100, show_default=True,
               help="Images per unit of work (and of saved progress).")
 @click.option("--weights", type=click.Path(file_okay=False, path_type=Path), default=None)
@@ -278,7 +302,7 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_pa
              markdown_path: Path | None, seed: int, eps_r: float, repair_steps: int, repair_step_size: float,
              views: int, alpha: str, level: float, gate_fpr: float, gate_tasks: str, defense: str,
              calibration: Path | None, attack_eps: float, attack_steps: int, lam: float, bpda_steps: int, eot: int,
-             bpda_repair_steps: int, chunk: int, weights: Path | None, data_root: str | None, device: str,
+             bpda_repair_steps: int, aa_iters: int, aa_targets: int, aa_eot: int, chunk: int, weights: Path | None, data_root: str | None, device: str,
              backend: str, onnx_dir: Path | None, precision: str, quiet: bool) -> None:
     """Accuracy of attack × repair on CIFAR-10 test images, with 95 % intervals and McNemar tests (Table 1)."""
     from engine.data import DataError
@@ -301,7 +325,8 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_pa
                         alpha=list(_parse_alpha(alpha, ["contrastive", "inpainting", "rotation"]).values()),
                         level=level, gate_fpr=gate_fpr, gate_tasks=_parse_tasks(gate_tasks, "--gate-tasks"),
                         defense=defense, aware_lambda=lam, bpda_steps=bpda_steps,
-                        bpda_eot=eot, bpda_repair_steps=bpda_repair_steps, chunk=chunk)
+                        bpda_eot=eot, bpda_repair_steps=bpda_repair_steps, autoattack_iters=aa_iters,
+                        autoattack_targets=aa_targets, autoattack_eot=aa_eot, chunk=chunk)
     if needs_calibration(config):
         from engine.calibration import calibration_path
 

@@ -1,12 +1,15 @@
 """How much signal an attack leaves for the repair: each task's SSL loss on clean, PGD-attacked and randomly perturbed
-test images (the same seeded subset as `cli.py eval`).
+test images (the same seeded subset and PGD-20 attack as `cli.py eval`).
 
 A repair can only reverse what the attack changed. Per task this reports the mean loss of each set, the shift from
 clean in units of the clean interquartile range, the fraction of images whose loss the attack raised (paired), and the
 AUC of the loss as a clean-vs-attacked detector (0.5: no signal). Uniform noise of the repair's ε_r is the reference:
-an attack that moves a loss less than noise does leaves nothing for that loss to find.
+an attack that moves a loss less than noise does leaves nothing for that loss to find. Where the weights folder has a
+calibration, the gate's score (mean over the tasks of (L_k − clean median_k) / clean IQR_k) gets the same columns.
 
     python -m bench.attack_signal --n 1000 --json results/ablation/attack_signal.json
+    python -m bench.attack_signal --n 1000 --weights weights/joint-robust \
+        --tasks contrastive-head,inpainting-head,rotation-head,consistency,hedge --json results/joint/signal_robust.json
 """
 from __future__ import annotations
 
@@ -17,10 +20,11 @@ from pathlib import Path
 import torch
 
 from engine.attacks import PGD
+from engine.calibration import calibration_path, load_calibration
 from engine.evaluate import eval_subset
 from engine.heads import HEAD_TASKS
 from engine.pipeline import DEFAULT_TASKS, load_pipeline
-from engine.weights import write_json
+from engine.weights import WeightsError, write_json
 
 
 def auc(negatives: torch.Tensor, positives: torch.Tensor) -> float:
@@ -30,9 +34,16 @@ def auc(negatives: torch.Tensor, positives: torch.Tensor) -> float:
     return (greater + 0.5 * ties).item()
 
 
-def measure(n: int, seed: int, eps_r: float, chunk: int = 100) -> dict:
-    tasks = [*DEFAULT_TASKS, *HEAD_TASKS]
-    p = load_pipeline(tasks=tasks)
+def measure(n: int, seed: int, eps_r: float, weights: Path | None = None, tasks: list[str] | None = None,
+            threads: int | None = None, chunk: int = 100) -> dict:
+    if threads:
+        torch.set_num_threads(threads)
+    tasks = tasks or [*DEFAULT_TASKS, *HEAD_TASKS]
+    p = load_pipeline(weights, tasks=tasks)
+    try:
+        calibration, note = load_calibration(calibration_path(weights), tasks, p.manifests, 4), None
+    except WeightsError as e:
+        calibration, note = None, f"no gate score: {e}"
     x, y, _ = eval_subset(n, seed)
     losses: dict[str, dict[str, list[torch.Tensor]]] = {s: {t: [] for t in tasks} for s in ("clean", "pgd", "noise")}
     for start in range(0, n, chunk):
@@ -46,12 +57,17 @@ def measure(n: int, seed: int, eps_r: float, chunk: int = 100) -> dict:
             with torch.no_grad():
                 for task, loss in p.task_losses(images, seed).items():
                     losses[name][task].append(loss.double())
-    result = {"n": n, "seed": seed, "noise_eps": eps_r, "tasks": {}}
-    for task in tasks:
-        clean, pgd, noisy = (torch.cat(losses[s][task]) for s in ("clean", "pgd", "noise"))
+    per_set = {s: {t: torch.cat(v) for t, v in by_task.items()} for s, by_task in losses.items()}
+    scores = {t: {s: per_set[s][t] for s in per_set} for t in tasks}
+    if calibration is not None:
+        scores["gate score"] = {s: calibration.score(per_set[s]) for s in per_set}
+    result = {"n": n, "seed": seed, "noise_eps": eps_r, "threads": torch.get_num_threads(), "note": note,
+              "weights": {k: m["sha256"] for k, m in p.manifests.items()}, "tasks": {}}
+    for name, by_set in scores.items():
+        clean, pgd, noisy = by_set["clean"], by_set["pgd"], by_set["noise"]
         q25, q75 = torch.quantile(clean, torch.tensor([0.25, 0.75], dtype=torch.float64)).tolist()
         iqr = q75 - q25
-        result["tasks"][task] = {
+        result["tasks"][name] = {
             "mean_clean": clean.mean().item(), "mean_pgd": pgd.mean().item(), "mean_noise": noisy.mean().item(),
             "shift_pgd_in_clean_iqr": (pgd - clean).mean().item() / iqr,
             "shift_noise_in_clean_iqr": (noisy - clean).mean().item() / iqr,
@@ -65,10 +81,18 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eps-r", type=float, default=16 / 255)
+    parser.add_argument("--weights", type=Path, default=None, help="weights folder (default: the shipped weights/)")
+    parser.add_argument("--tasks", default=None, help="comma-separated (default: the six shipped networks)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    result = measure(args.n, args.seed, args.eps_r)
-    print(json.dumps(result, indent=2))
+    tasks = args.tasks.split(",") if args.tasks else None
+    result = measure(args.n, args.seed, args.eps_r, args.weights, tasks, args.threads)
+    for name, row in result["tasks"].items():
+        print(f"{name:>18}: AUC clean vs PGD {row['auc_clean_vs_pgd']:.3f} (noise {row['auc_clean_vs_noise']:.3f}), "
+              f"shift {row['shift_pgd_in_clean_iqr']:+.3f} clean IQR, raised for {row['fraction_raised_by_pgd']:.1%}")
+    if result["note"]:
+        print(result["note"])
     if args.json:
         write_json(args.json, result)
 

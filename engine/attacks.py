@@ -124,3 +124,40 @@ class BPDAEOT(nn.Module):
                 grad += torch.autograd.grad(loss, repaired)[0]
             x_adv = project(x, x_adv + self.alpha * grad.sign(), self.eps)
         return x_adv
+
+
+class AutoAttackAPGD(nn.Module):
+    """APGD-CE and APGD-T (Croce & Hein, ICML 2020) from fra31's AutoAttack, through its maintained package
+    ``pyautoattack`` (an optional extra: ``pip install -e ".[attacks]"``) — not a rewrite. The two gradient attacks
+    of AutoAttack's standard version; FAB-T and Square add little against a model that is not gradient-masked.
+
+    ``iters``, ``targets`` (target classes of APGD-T) and ``eot`` (gradient samples per step, for a randomized
+    model) default to the standard version's 100, 9 and 1; fewer make it cheaper and weaker, say so where used.
+    As in the package, images already misclassified are not attacked. Shapes: x N×3×H×W in [0, 1], y N -> N×3×H×W.
+
+    Example::
+
+        x_adv = AutoAttackAPGD(model, eps=8/255)(x, y)
+    """
+
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, attacks: tuple[str, ...] = ("apgd-ce", "apgd-t"),
+                 iters: int = 100, targets: int = 9, eot: int = 1, seed: int = 0) -> None:
+        super().__init__()
+        self.model, self.eps, self.attacks = model, eps, attacks
+        self.iters, self.targets, self.eot, self.seed = iters, targets, eot, seed
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        try:
+            from pyautoattack import AutoAttack
+            from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
+        except ImportError:
+            raise ImportError("AutoAttack needs the pyautoattack package: pip install -e \".[attacks]\"") from None
+        aa = AutoAttack(self.model, attacks=list(self.attacks), version="custom", eps=self.eps, seed=self.seed,
+                        device=x.device)
+        # APGD derives its step-size schedule from n_iter when built: rebuild both rather than edit n_iter
+        common = dict(n_iter=self.iters, eps=self.eps, seed=self.seed, eot_iter=self.eot, rho=0.75,
+                      device=x.device, logger=aa.logger)
+        aa.apgd = APGDAttack(self.model, n_restarts=1, **common)
+        aa.apgd_targeted = APGDAttack_targeted(self.model, n_restarts=1, n_target_classes=self.targets, **common)
+        x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=len(x))
+        return x_adv.detach()

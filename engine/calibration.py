@@ -123,5 +123,7 @@ def load_calibration(path: str | os.PathLike, tasks: list[str], manifests: dict[
 
 
 def depends_on_views(task: str) -> bool:
-    """Whether a task's loss depends on the number of contrastive views."""
-    return task.startswith("contrastive")
+    """Whether a task's loss depends on the number of augmented views (contrastive, label consistency)."""
+    from .tasks import TASKS, VIEW_TASKS
+
+    return TASKS[task] in VIEW_TASKS

@@ -18,8 +18,9 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
-from .attacks import BPDAEOT, PGD, DefenseAwarePGD
+from .attacks import BPDAEOT, PGD, AutoAttackAPGD, DefenseAwarePGD
 from .data import load_cifar10
+from .defended import DefendedClassifier
 from .heads import base_task
 from .pipeline import DEFAULT_TASKS, Gate, Pipeline, build_objective
 from .repair import RepairResult
@@ -27,7 +28,9 @@ from .repair_spec import parse_repair
 from .weights import write_json
 
 Z95 = 1.959963984540054
-ATTACKS = ("none", "pgd", "aware", "bpda-eot")
+# autoattack: APGD-CE + APGD-T on the classifier (transfer: the repair then runs on its images);
+# autoattack-bpda: APGD-CE through the repair, BPDA (the repair is the identity backward), EOT over its randomness
+ATTACKS = ("none", "pgd", "aware", "bpda-eot", "autoattack", "autoattack-bpda")
 
 
 def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -75,6 +78,9 @@ class EvalConfig:
     bpda_steps: int = 10
     bpda_eot: int = 2
     bpda_repair_steps: int = 10
+    autoattack_iters: int = 100         # AutoAttack's standard version: 100 iterations, 9 target classes
+    autoattack_targets: int = 9
+    autoattack_eot: int = 1             # gradient samples per APGD step of autoattack-bpda
     chunk: int = 100
 
     def key(self) -> str:
@@ -112,7 +118,7 @@ class Evaluator:
         if not self.specs[config.defense].optimize:
             raise ValueError(f"the defense the adaptive attacks aim at must be a repair, not {config.defense!r}")
         self.nets = {name: task.net for name, task in pipeline.objective.tasks.items()}
-        alpha = {t: dict(zip(DEFAULT_TASKS, config.alpha))[base_task(t)] for t in self.nets}
+        alpha = {t: dict(zip(DEFAULT_TASKS, config.alpha)).get(base_task(t), 1.0) for t in self.nets}
         cal = pipeline.calibration
         self.objectives = {name: build_objective({t: self.nets[t] for t in spec.tasks}, alpha, config.views, cal,
                                                  config.level if spec.objective == "clean" else None)
@@ -151,6 +157,14 @@ class Evaluator:
         if name == "bpda-eot":
             return BPDAEOT(model, lambda xa, s: self.repair(cfg.defense, xa, s, cfg.bpda_repair_steps).images,
                            cfg.attack_eps, cfg.attack_step, cfg.bpda_steps, cfg.bpda_eot, seed)(x, y)
+        if name == "autoattack":
+            return AutoAttackAPGD(model, cfg.attack_eps, iters=cfg.autoattack_iters, targets=cfg.autoattack_targets,
+                                  seed=seed)(x, y)
+        if name == "autoattack-bpda":
+            defended = DefendedClassifier(self.p, bpda=True, seed=seed, repair=lambda xa, s: self.repair(
+                cfg.defense, xa, s, cfg.bpda_repair_steps).images)
+            return AutoAttackAPGD(defended, cfg.attack_eps, ("apgd-ce",), cfg.autoattack_iters,
+                                  eot=cfg.autoattack_eot, seed=seed)(x, y)
         raise ValueError(f"unknown attack {name!r}; known: {', '.join(ATTACKS)}")
 
     def _timed(self, key: str, fn, *args):

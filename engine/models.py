@@ -168,12 +168,19 @@ class InpaintingHead(nn.Module):
         self.up16 = nn.Sequential(*conv_bn(w + widths[0], w // 2))
         self.out = nn.Conv2d(w // 2, 3, 3, padding=1)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        m16, m8, m4 = self.backbone.maps(x * (1 - mask) + self.fill * mask)
+    def masked_input(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """What the backbone sees: x with the dropped region filled with the mean colour."""
+        return x * (1 - mask) + self.fill * mask
+
+    def decode(self, m16: torch.Tensor, m8: torch.Tensor, m4: torch.Tensor) -> torch.Tensor:
+        """The backbone's three maps (of the masked input) -> the predicted image N×3×32×32 in [0, 1]."""
         up = lambda t: F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=False)
         h = self.up8(torch.cat([up(self.reduce(m4)), m8], dim=1))
         h = self.up16(torch.cat([up(h), m16], dim=1))
         return torch.sigmoid(self.out(up(h)))
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.decode(*self.backbone.maps(self.masked_input(x, mask)))
 
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {

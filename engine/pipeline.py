@@ -21,7 +21,7 @@ from .backends.torch_backend import TorchBackend
 from .calibration import Calibration, calibration_path, load_calibration
 from .heads import HEAD_TASKS, check_backbone
 from .repair import MultiTaskLoss, RepairResult, image_generators, reverse_attack
-from .tasks import TASKS, ContrastiveTask
+from .tasks import CLASSIFIER_TASKS, TASKS, VIEW_TASKS
 from .weights import load_model
 
 DEFAULT_TASKS = ("contrastive", "inpainting", "rotation")
@@ -111,7 +111,7 @@ def build_objective(nets: dict[str, nn.Module], alpha: dict[str, float] | None =
     """The multi-task loss over the given task networks (name -> network). With a calibration and a ``level``
     (a quantile of the clean losses), the clean-level objective: each task's α divided by its clean IQR, hinged
     at that quantile of its clean losses."""
-    tasks = {name: (TASKS[name](net, views=views) if TASKS[name] is ContrastiveTask else TASKS[name](net))
+    tasks = {name: (TASKS[name](net, views=views) if TASKS[name] in VIEW_TASKS else TASKS[name](net))
              for name, net in nets.items()}
     alpha = {name: (alpha or {}).get(name, 1.0) for name in tasks}
     if level is None:
@@ -149,6 +149,9 @@ def load_pipeline(weights: str | os.PathLike | None = None, device: str | torch.
     classifier, manifest = load_model("classifier", weights, device)
     manifests, nets = {"classifier": manifest}, {}
     for name in tasks:
+        if name in CLASSIFIER_TASKS:       # reads the classifier itself: its weights are the classifier's
+            nets[name], manifests[name] = classifier, manifest
+            continue
         nets[name], manifests[name] = load_model(name, weights, device)
         if name in HEAD_TASKS:
             check_backbone(name, manifests[name], manifest)

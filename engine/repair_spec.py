@@ -1,7 +1,8 @@
 """Names of the repairs an evaluation compares: ``BASE[:clean][:gate]``.
 
 BASE is ``none`` (no repair), ``noise`` (the repair's random start only: the control every repair must beat),
-``mtl`` (the three independent networks), ``mtl-head`` (the three heads on the classifier's backbone), one task
+``mtl`` (the three independent networks), ``mtl-head`` (the three heads on the classifier's backbone),
+``mtl-joint`` (the three heads and label consistency, for a jointly trained model), one task
 (``rotation``, ``contrastive-head``, ...) or tasks joined by ``+`` (``contrastive-head+rotation-head``).
 ``:clean`` uses the clean-level objective instead of the plain sum; ``:gate`` repairs only the inputs the gate flags
 (for ``noise:gate``: adds noise only to them, the control of a gated repair).
@@ -16,7 +17,8 @@ from .heads import HEAD_TASKS
 from .pipeline import DEFAULT_TASKS
 from .tasks import TASKS
 
-TASK_SETS = {"mtl": DEFAULT_TASKS, "mtl-head": HEAD_TASKS}
+# mtl-joint: the heads of a jointly trained model (engine/joint.py) and label consistency on its classifier
+TASK_SETS = {"mtl": DEFAULT_TASKS, "mtl-head": HEAD_TASKS, "mtl-joint": (*HEAD_TASKS, "consistency")}
 MODIFIERS = ("clean", "gate")
 
 

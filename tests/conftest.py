@@ -103,3 +103,16 @@ def fake_test_set(monkeypatch):
     for module in (engine.evaluate, engine.attack_set):
         monkeypatch.setattr(module, "load_cifar10", lambda split="test", root=None: (x, y))
     return x, y
+
+
+def patch_small_cifar(monkeypatch, module, n_train: int, n_test: int) -> None:
+    """``module``'s load_cifar10 -> random uint8 images (n_train or n_test) with labels 0..9 in turn, and its
+    dataset_md5 -> a fixed table: training recipes then run end to end in seconds."""
+    gen = torch.Generator().manual_seed(0)
+
+    def fake_load(split, root=None):
+        n = n_train if split == "train" else n_test
+        return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen), torch.arange(n) % 10
+
+    monkeypatch.setattr(module, "load_cifar10", fake_load)
+    monkeypatch.setattr(module, "dataset_md5", lambda root=None: {"test_batch.bin": "0" * 32})

@@ -10,6 +10,7 @@ from click.testing import CliRunner
 import engine.train as train
 from cli import main
 from engine.weights import load_model
+from tests.conftest import patch_small_cifar
 
 TINY_CONFIGS = {"classifier": {"widths": (8, 16, 16)}, "rotation": {"widths": (8, 16, 16)},
                 "contrastive": {"widths": (8, 16, 16), "proj_dim": 16, "bank_size": 32},
@@ -23,14 +24,7 @@ EXPECTED_METRICS.update({f"{task}-head": EXPECTED_METRICS[task] for task in ("ro
 
 @pytest.fixture
 def small_data(monkeypatch):
-    gen = torch.Generator().manual_seed(0)
-
-    def fake_load(split, root=None):
-        n = 128 if split == "train" else 40
-        return torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen), torch.arange(n) % 10
-
-    monkeypatch.setattr(train, "load_cifar10", fake_load)
-    monkeypatch.setattr(train, "dataset_md5", lambda root=None: {"test_batch.bin": "0" * 32})
+    patch_small_cifar(monkeypatch, train, 128, 40)
     for name, config in TINY_CONFIGS.items():
         monkeypatch.setitem(train.PROFILES["cpu"], name,
                             {**train.PROFILES["cpu"][name], "config": config, "batch": 32, "epochs": 1})

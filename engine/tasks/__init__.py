@@ -3,12 +3,20 @@
 - ``sample_params(batch, generator) -> dict[str, Tensor]``: every random choice of the loss, and
 - ``loss(x, **params) -> Tensor[B]``: deterministic, one loss per image, differentiable in x.
 """
+from .consistency import ConsistencyTask
 from .contrastive import ContrastiveTask
+from .hedge import HedgeTask
 from .inpainting import InpaintingTask
 from .rotation import RotationTask
 
 TASKS = {"contrastive": ContrastiveTask, "inpainting": InpaintingTask, "rotation": RotationTask}
 # The same losses on heads of the classifier's backbone (engine/heads.py): same task, other network.
 TASKS.update({f"{name}-head": task for name, task in list(TASKS.items())})
+# Tasks that read the classifier itself: no weights of their own, tied to the classifier they are loaded with.
+CLASSIFIER_TASKS = {"consistency": ConsistencyTask, "hedge": HedgeTask}
+TASKS.update(CLASSIFIER_TASKS)
+# Tasks whose sample_params draw augmented views (their loss, and its calibration, depend on the number of views).
+VIEW_TASKS = (ContrastiveTask, ConsistencyTask)
 
-__all__ = ["TASKS", "ContrastiveTask", "InpaintingTask", "RotationTask"]
+__all__ = ["TASKS", "CLASSIFIER_TASKS", "VIEW_TASKS", "ConsistencyTask", "ContrastiveTask", "HedgeTask",
+           "InpaintingTask", "RotationTask"]

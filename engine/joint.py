@@ -1,0 +1,289 @@
+"""Joint models: one backbone trained at once on classification and on its SSL heads (issue: SSL losses that see the
+attack; SOAP, Shi et al. 2021; Hendrycks et al. 2019).
+
+A frozen backbone never has to carry SSL structure, so an attack on the classifier leaves the heads' losses where
+they were (measured: AUC 0.51–0.55). Trained jointly, the classifier's own features must also predict rotations,
+fill holes and agree across augmented views; an attack that moves those features should move the SSL losses too.
+
+The recipe starts from a trained classifier (the shipped one: fine-tuning is the cheap way on 2 cores) and from the
+heads trained on its frozen backbone where they exist, and trains everything unfrozen. Each step, on one batch:
+
+- classification: ``robust`` — FGSM with random start (Wong et al. 2020), as the base classifier was trained;
+  ``standard`` — Gaussian-noise augmentation as in SOAP, no adversarial examples;
+- SSL, on the clean half of the batch: one random rotation per image, two SimCLR views (contrastive, and label
+  consistency from the classifier's predictions of the same two views), the centre-hole inpainting decoder.
+
+One backbone pass carries the classification batch and every SSL input (so BatchNorm sees them together, as at
+training of any multi-task net). Each SSL loss enters divided by a running mean of its own value: the tasks' raw
+scales differ by 100× (inpainting MSE ≈ 0.02, NT-Xent ≈ 4), and this makes ``ssl_weight`` the share each one gets
+relative to the cross-entropy, whatever its units.
+
+The result is saved in the format of heads on a classifier (engine/heads.py): ``classifier`` plus
+``contrastive-head``, ``inpainting-head``, ``rotation-head``, each holding a copy of the jointly trained backbone, so
+that loading, calibration, export and parity work unchanged. ``consistency`` and ``hedge`` read the classifier itself.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .attacks import PGD
+from .data import dataset_md5, load_cifar10
+from .models import build_model, num_params
+from .tasks import augment
+from .tasks.consistency import prediction_spread
+from .tasks.contrastive import nt_xent_pairs
+from .tasks.inpainting import centre_mask
+from .train import batched, crop_flip, knn_accuracy, log, shuffled_batches, triangular_lr
+from .weights import WeightsError, load_model, save_model
+
+JOINT_MODELS = ("joint-robust", "joint-standard")
+HEADS = {"contrastive-head": ("ContrastiveNet", dict(proj_dim=64, bank_size=4096)),
+         "rotation-head": ("RotationHead", dict()), "inpainting-head": ("InpaintingHead", dict(width=64))}
+SSL_TASKS = ("rotation", "contrastive", "inpainting", "consistency")
+
+JOINT_PROFILES: dict[str, dict[str, dict]] = {
+    # Sized so that the two recipes train side by side, one thread each, in about an hour on the 2-core machine.
+    # SSL on a quarter of the batch: measured 3.5 s/step (11 min/epoch) robust at 1 thread, against 6.1 s with half
+    # the batch; the SSL heads see 64 images a step, 12,500 an epoch. lr: half the base classifier's peak, since
+    # the backbone starts trained. ssl_weight 0.25 per task: the four SSL terms together weigh as much as the CE.
+    "cpu": {
+        "joint-robust": dict(adversarial=True, epochs=4, batch=256, lr=0.05, weight_decay=5e-4, eps=8 / 255,
+                             fgsm_step=10 / 255, ssl_weight=0.25, ssl_fraction=0.25, tau=0.2, noise_std=0.0),
+        # SOAP trains with Gaussian noise; σ 0.05 (≈ 13/255) is about the scale of the repair's own ε_r = 16/255
+        # perturbations, so the classifier stays calm under the repair's moves without learning to ignore attacks.
+        "joint-standard": dict(adversarial=False, epochs=5, batch=256, lr=0.05, weight_decay=5e-4, eps=8 / 255,
+                               fgsm_step=10 / 255, ssl_weight=0.25, ssl_fraction=0.25, tau=0.2, noise_std=0.05),
+    },
+    "gpu": {
+        "joint-robust": dict(adversarial=True, epochs=30, batch=512, lr=0.1, weight_decay=5e-4, eps=8 / 255,
+                             fgsm_step=10 / 255, ssl_weight=0.25, ssl_fraction=1.0, tau=0.2, noise_std=0.0),
+        "joint-standard": dict(adversarial=False, epochs=30, batch=512, lr=0.1, weight_decay=5e-4, eps=8 / 255,
+                               fgsm_step=10 / 255, ssl_weight=0.25, ssl_fraction=1.0, tau=0.2, noise_std=0.05),
+    },
+}
+
+
+class JointNets(nn.Module):
+    """The classifier and its three heads around one shared backbone (``classifier.backbone``); ``configs``: each
+    head's architecture config, as its manifest will store it."""
+
+    def __init__(self, classifier: nn.Module, heads: dict[str, nn.Module], configs: dict[str, dict]) -> None:
+        super().__init__()
+        self.classifier, self.configs = classifier, configs
+        self.heads = nn.ModuleDict({name.replace("-", "_"): net for name, net in heads.items()})
+        for net in self.heads.values():
+            net.backbone = classifier.backbone          # shared: one set of backbone parameters
+
+    def head(self, name: str) -> nn.Module:
+        return self.heads[name.replace("-", "_")]
+
+
+def load_base(base_dir: str | os.PathLike) -> tuple[JointNets, dict]:
+    """The base classifier from ``base_dir`` and its heads (where trained on its backbone, else fresh)."""
+    base_dir = Path(base_dir)
+    if not (base_dir / "classifier.json").exists():
+        raise WeightsError(f"the joint recipes fine-tune a trained classifier: {base_dir / 'classifier.json'} is "
+                           "missing (pass --base DIR holding classifier.json and classifier.safetensors)")
+    classifier, manifest = load_model("classifier", base_dir)
+    if manifest["architecture"] != "Classifier":
+        raise WeightsError(f"{base_dir / 'classifier.json'} is a {manifest['architecture']}, not a Classifier")
+    widths = manifest["config"]["widths"]
+    heads, configs = {}, {}
+    for name, (architecture, config) in HEADS.items():
+        configs[name] = {**config, "widths": widths}
+        head = build_model(architecture, configs[name])
+        if (base_dir / f"{name}.json").exists():
+            trained, head_manifest = load_model(name, base_dir)
+            if head_manifest.get("backbone", {}).get("sha256") == manifest["sha256"]:
+                head, configs[name] = trained, head_manifest["config"]
+        heads[name] = head
+    return JointNets(classifier, heads, configs).train().requires_grad_(True), manifest
+
+
+def one_rotation(x: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image rotated by a random multiple of 90° (one rotation per image), with the rotation index."""
+    k = torch.randint(0, 4, (len(x),), generator=generator).to(x.device)
+    rotated = torch.stack([torch.rot90(x, r, dims=(2, 3)) for r in range(4)])       # 4×N×C×H×W
+    return rotated[k, torch.arange(len(x), device=x.device)], k
+
+
+class RunningScale:
+    """Exponential moving average of each loss's value: the unit each SSL loss is measured in."""
+
+    def __init__(self, momentum: float = 0.98, floor: float = 1e-3) -> None:
+        self.momentum, self.floor, self.values = momentum, floor, {}
+
+    def __call__(self, name: str, loss: torch.Tensor) -> float:
+        value = max(loss.item(), self.floor)
+        old = self.values.get(name, value)
+        self.values[name] = self.momentum * old + (1 - self.momentum) * value
+        return self.values[name]
+
+
+def joint_step(nets: JointNets, cfg: dict, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator,
+               scale: RunningScale) -> tuple[torch.Tensor, dict[str, float]]:
+    """One batch's total loss (CE + Σ_k w · L_k / running scale_k) and each term's value."""
+    clf, device = nets.classifier, x.device
+    x = crop_flip(x, generator)
+    if cfg["adversarial"]:
+        eps, delta = cfg["eps"], (torch.rand(x.shape, generator=generator) * 2 - 1).to(device) * cfg["eps"]
+        delta.requires_grad_(True)
+        grad, = torch.autograd.grad(F.cross_entropy(clf((x + delta).clamp(0, 1)), y), delta)
+        x_cls = (x + (delta.detach() + cfg["fgsm_step"] * grad.sign()).clamp(-eps, eps)).clamp(0, 1)
+    else:
+        x_cls = (x + cfg["noise_std"] * torch.randn(x.shape, generator=generator).to(device)).clamp(0, 1)
+    b = max(2, int(len(x) * cfg["ssl_fraction"]))
+    xs = x[:b]
+    x_rot, k = one_rotation(xs, generator)
+    params = {key: v.to(device) for key, v in augment.sample_views(b, 2, generator).items()}
+    views = augment.apply_views(xs, **params).transpose(0, 1).flatten(0, 1)        # view 1 of all, then view 2
+    inpainting = nets.head("inpainting-head")
+    mask = centre_mask(b, device=device)
+    m16, m8, m4 = clf.backbone.maps(torch.cat([x_cls, x_rot, views, inpainting.masked_input(xs, mask)]))
+    n = len(x)
+    pooled = m4.mean((2, 3))
+    losses = {"classification": F.cross_entropy(clf.head(pooled[:n]), y)}
+    losses["rotation"] = F.cross_entropy(nets.head("rotation-head").head(m4[n:n + b]), k)
+    z = F.normalize(nets.head("contrastive-head").projector(pooled[n + b:n + 3 * b]), dim=1)
+    losses["contrastive"] = nt_xent_pairs(z[:b], z[b:], cfg["tau"])
+    probs = clf.head(pooled[n + b:n + 3 * b]).softmax(1).view(2, b, -1).transpose(0, 1)
+    losses["consistency"] = prediction_spread(probs).mean()
+    filled = inpainting.decode(m16[n + 3 * b:], m8[n + 3 * b:], m4[n + 3 * b:])
+    losses["inpainting"] = ((filled - xs) ** 2 * mask).sum() / (mask.sum() * 3)
+    total = losses["classification"] + sum(cfg["ssl_weight"] * losses[t] / scale(t, losses[t]) for t in SSL_TASKS)
+    return total, {name: loss.item() for name, loss in losses.items()}
+
+
+def train_epochs(nets: JointNets, cfg: dict, data: dict, generator: torch.Generator, device: torch.device,
+                 name: str) -> None:
+    params = list(dict.fromkeys(nets.parameters()))       # the shared backbone once
+    optimizer = torch.optim.SGD(params, lr=cfg["lr"], momentum=0.9, nesterov=True, weight_decay=cfg["weight_decay"])
+    steps_per_epoch = len(data["train_x"]) // cfg["batch"]
+    total, step, scale = cfg["epochs"] * steps_per_epoch, 0, RunningScale()
+    for epoch in range(cfg["epochs"]):
+        nets.train()
+        start, sums = time.time(), {}
+        for idx in shuffled_batches(len(data["train_x"]), cfg["batch"], generator):
+            for group in optimizer.param_groups:
+                group["lr"] = triangular_lr(step, total, cfg["lr"])
+            x = data["train_x"][idx].to(device).float().div_(255)
+            loss, values = joint_step(nets, cfg, x, data["train_y"][idx].to(device), generator, scale)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for key, v in values.items():
+                sums[key] = sums.get(key, 0.0) + v
+            step += 1
+        log(f"{name} epoch {epoch + 1}/{cfg['epochs']}: "
+            + ", ".join(f"{k} {v / steps_per_epoch:.4f}" for k, v in sums.items()) + f", {time.time() - start:.0f} s")
+
+
+@torch.no_grad()
+def fill_bank(net: nn.Module, data: dict, generator: torch.Generator, device: torch.device) -> None:
+    """The contrastive head's negatives: one augmented view of each of bank-size training images."""
+    pick = torch.randperm(len(data["train_x"]), generator=generator)[:net.bank.shape[0]]
+    x = data["train_x"][pick].float().div(255)
+    views = augment.apply_views(x, **augment.sample_views(len(x), 1, generator))[:, 0]
+    net.bank.copy_(torch.cat([net(views[i:i + 500].to(device)) for i in range(0, len(views), 500)]))
+
+
+def measure(nets: JointNets, data: dict, generator: torch.Generator, device: torch.device,
+            n_pgd: int) -> dict[str, dict]:
+    """Test-set metrics of each saved network: accuracy clean and under PGD-20, and each task's own metric."""
+    nets.eval()
+    clf, test_x, test_y = nets.classifier, data["test_x"], data["test_y"]
+    clean = (batched(clf, test_x, device).argmax(1) == test_y).float().mean().item()
+    attack = PGD(clf, eps=8 / 255, alpha=2 / 255, steps=20, generator=torch.Generator().manual_seed(0))
+    correct = 0
+    for i in range(0, n_pgd, 500):
+        x, y = test_x[i:min(n_pgd, i + 500)].to(device).float().div_(255), test_y[i:min(n_pgd, i + 500)].to(device)
+        correct += (clf(attack(x, y)).argmax(1) == y).sum().item()
+    rotation = nets.head("rotation-head")
+    labels = torch.arange(4)
+    rot_correct = batched(lambda x: torch.stack([(rotation(torch.rot90(x, r, dims=(2, 3))).argmax(1) == r)
+                                                 for r in labels]).float().sum(0), test_x, device)
+    inpainting = nets.head("inpainting-head")
+
+    def inpaint_errors(x: torch.Tensor) -> torch.Tensor:
+        mask = centre_mask(len(x), device=x.device)
+        context = (x * (1 - mask)).sum((2, 3), keepdim=True) / (1 - mask).sum((2, 3), keepdim=True)
+        per = lambda pred: ((pred - x) ** 2 * mask).sum((1, 2, 3)) / (3 * mask.sum((1, 2, 3)))
+        return torch.stack([per(inpainting(x, mask)), per(context)], 1)
+
+    mse, baseline = batched(inpaint_errors, test_x, device).mean(0).tolist()
+    agree = []
+    for i in range(0, len(test_x), 500):
+        x = test_x[i:i + 500].float().div(255)
+        views = augment.apply_views(x, **augment.sample_views(len(x), 2, generator)).flatten(0, 1)
+        with torch.no_grad():
+            pred = clf(views.to(device)).argmax(1).view(-1, 2)
+        agree.append((pred[:, 0] == pred[:, 1]).float().cpu())
+    knn = knn_accuracy(nets.head("contrastive-head"), data, device, k=20)
+    return {
+        "classifier": {"clean_accuracy": clean, "pgd20_accuracy": correct / n_pgd, "pgd20_eps": 8 / 255,
+                       "pgd20_step": 2 / 255, "n_test": len(test_x), "n_pgd": n_pgd,
+                       "consistency_two_view_agreement": torch.cat(agree).mean().item()},
+        "rotation-head": {"rotation_accuracy": rot_correct.sum().item() / (4 * len(test_x))},
+        "inpainting-head": {"inpainting_mse": mse, "mean_colour_baseline_mse": baseline,
+                            "reduction_vs_baseline": 1 - mse / baseline},
+        "contrastive-head": {"knn_accuracy": knn, "knn_k": 20},
+    }
+
+
+def train_joint(name: str, profile: str = "cpu", data_root: str | None = None, out_dir: str = "weights/joint",
+                base_dir: str = "weights", seed: int = 0, device: str | None = None, overwrite: bool = False,
+                epochs: int | None = None, command: str | None = None, n_pgd: int = 2000) -> str:
+    """Train joint model ``name`` (a key of JOINT_PROFILES[profile]) from the classifier in ``base_dir``; write the
+    classifier and its three heads, with manifests, to ``out_dir``. Returns the classifier manifest's path."""
+    cfg = dict(JOINT_PROFILES[profile][name])
+    if epochs is not None:
+        cfg["epochs"] = epochs
+    out = Path(out_dir)
+    if not overwrite:
+        taken = [out / f"{m}.json" for m in ("classifier", *HEADS) if (out / f"{m}.json").exists()]
+        if taken:
+            raise WeightsError(f"{taken[0]} already exists; pass --overwrite to replace it, or choose another --out")
+    if out.resolve() == Path(base_dir).resolve():
+        raise WeightsError(f"--out {out} is the base classifier's folder: the joint model would replace it")
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    nets, base_manifest = load_base(base_dir)
+    train_x, train_y = load_cifar10("train", data_root)
+    test_x, test_y = load_cifar10("test", data_root)
+    data = {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
+    log(f"training {name} ({profile} profile, {cfg['epochs']} epochs) on {dev}, from {base_dir}/classifier")
+    start = time.time()
+    nets = nets.to(dev, memory_format=torch.channels_last)
+    train_epochs(nets, cfg, data, generator, dev, name)
+    nets.eval().requires_grad_(False)
+    fill_bank(nets.head("contrastive-head"), data, generator, dev)
+    metrics = measure(nets, data, generator, dev, n_pgd)
+    wall = time.time() - start
+    log(f"{name} done in {wall / 60:.1f} min: {metrics}")
+    common = {"profile": profile, "command": command, "joint": name, "recipe": cfg, "data_md5": dataset_md5(data_root),
+              "epochs": cfg["epochs"], "seed": seed, "wall_seconds": round(wall, 1),
+              "base": {"name": "classifier", "dir": str(base_dir), "sha256": base_manifest["sha256"]},
+              "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                          "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+                          "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"},
+              "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    widths = base_manifest["config"]["widths"]
+    path = save_model(nets.classifier, "classifier", out, {
+        "architecture": "Classifier", "config": {"widths": widths}, "params": num_params(nets.classifier),
+        "metrics": metrics["classifier"], **common}, overwrite=overwrite)
+    classifier_sha = load_model("classifier", out)[1]["sha256"]
+    for head, (architecture, _) in HEADS.items():
+        net = nets.head(head)
+        save_model(net, head, out, {
+            "architecture": architecture, "config": nets.configs[head], "params": num_params(net),
+            "metrics": metrics[head], "backbone": {"name": "classifier", "sha256": classifier_sha}, **common},
+            overwrite=overwrite)
+    return str(path)

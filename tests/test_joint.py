@@ -1,0 +1,61 @@
+"""Joint training (engine/joint.py) end to end on a small slice of data and tiny widths: it fine-tunes the classifier
+in --base with its heads, writes the classifier and three heads whose backbones are the classifier's, and the
+pipeline loads them as heads; a missing base classifier and an --out equal to --base are refused."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+import engine.joint as joint
+from cli import main
+from engine.pipeline import load_pipeline
+from engine.weights import load_model
+from tests.conftest import patch_small_cifar
+
+
+@pytest.fixture
+def small_data(monkeypatch):
+    patch_small_cifar(monkeypatch, joint, 64, 20)
+    monkeypatch.setattr(joint, "HEADS", {**joint.HEADS, "contrastive-head": ("ContrastiveNet",
+                                                                             {"proj_dim": 16, "bank_size": 32})})
+    for name in joint.JOINT_MODELS:
+        monkeypatch.setitem(joint.JOINT_PROFILES["cpu"], name,
+                            {**joint.JOINT_PROFILES["cpu"][name], "batch": 16, "epochs": 1})
+
+
+@pytest.mark.parametrize("name", ["joint-robust", "joint-standard"])
+def test_joint_training_writes_a_classifier_and_heads_on_its_backbone(small_data, tiny_weights, tmp_path, name):
+    out = tmp_path / name
+    result = CliRunner().invoke(main, ["train", name, "--base", str(tiny_weights), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    classifier, manifest = load_model("classifier", out)
+    assert manifest["joint"] == name and manifest["base"]["sha256"] == json.loads(
+        (tiny_weights / "classifier.json").read_text())["sha256"]
+    assert {"clean_accuracy", "pgd20_accuracy", "consistency_two_view_agreement"} <= set(manifest["metrics"])
+    base, _ = load_model("classifier", tiny_weights)
+    assert not torch.equal(base.head.weight, classifier.head.weight)          # it trained
+    for head in ("contrastive-head", "inpainting-head", "rotation-head"):
+        net, head_manifest = load_model(head, out)
+        assert head_manifest["backbone"]["sha256"] == manifest["sha256"]
+        shared = classifier.backbone.state_dict()
+        assert all(torch.equal(shared[k], net.backbone.state_dict()[k]) for k in shared)
+    p = load_pipeline(out, tasks=["contrastive-head", "inpainting-head", "rotation-head", "consistency", "hedge"])
+    assert p.ssl_loss(torch.rand(2, 3, 32, 32)).shape == (2,)
+    again = CliRunner().invoke(main, ["train", name, "--base", str(tiny_weights), "--out", str(out)])
+    assert again.exit_code == 2 and "--overwrite" in again.output
+
+
+def test_joint_training_refuses_a_missing_base_and_an_out_that_is_the_base(small_data, tiny_weights, tmp_path):
+    missing = CliRunner().invoke(main, ["train", "joint-robust", "--base", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert missing.exit_code == 2 and str(tmp_path / "classifier.json") in missing.output
+    same = CliRunner().invoke(main, ["train", "joint-robust", "--base", str(tiny_weights), "--out",
+                                     str(tiny_weights), "--overwrite"])
+    assert same.exit_code == 2 and "base" in same.output
+
+
+def test_one_rotation_rotates_each_image_by_its_own_index():
+    x = torch.rand(6, 3, 8, 8)
+    rotated, k = joint.one_rotation(x, torch.Generator().manual_seed(1))
+    for i in range(6):
+        assert torch.equal(rotated[i], torch.rot90(x[i], int(k[i]), dims=(1, 2)))
