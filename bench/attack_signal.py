@@ -66,7 +66,7 @@ def measure(n: int, seed: int, eps_r: float, weights: Path | None = None, tasks:
     for name, by_set in scores.items():
         clean, pgd, noisy = by_set["clean"], by_set["pgd"], by_set["noise"]
         q25, q75 = torch.quantile(clean, torch.tensor([0.25, 0.75], dtype=torch.float64)).tolist()
-        iqr = q75 - q25
+        iqr = (q75 - q25) or float("nan")          # a constant loss has no spread to measure a shift in
         result["tasks"][name] = {
             "mean_clean": clean.mean().item(), "mean_pgd": pgd.mean().item(), "mean_noise": noisy.mean().item(),
             "shift_pgd_in_clean_iqr": (pgd - clean).mean().item() / iqr,

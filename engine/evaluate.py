@@ -31,6 +31,7 @@ Z95 = 1.959963984540054
 # autoattack: APGD-CE + APGD-T on the classifier (transfer: the repair then runs on its images);
 # autoattack-bpda: APGD-CE through the repair, BPDA (the repair is the identity backward), EOT over its randomness
 ATTACKS = ("none", "pgd", "aware", "bpda-eot", "autoattack", "autoattack-bpda")
+ADAPTIVE_ATTACKS = ("aware", "bpda-eot", "autoattack-bpda")      # aimed at the config's defense
 
 
 def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
@@ -96,9 +97,15 @@ def eval_subset(n: int, seed: int, root: str | None = None) -> tuple[torch.Tenso
     return x[idx].float() / 255, y[idx], idx
 
 
+def repairs_used(config: EvalConfig) -> list[str]:
+    """The config's repairs, and its defense where an adaptive attack aims at it."""
+    adaptive = any(a in ADAPTIVE_ATTACKS for a in config.attacks)
+    return list(dict.fromkeys([*config.repairs, *([config.defense] if adaptive else [])]))
+
+
 def tasks_needed(config: EvalConfig) -> list[str]:
     """Every task a config's repairs, gate and defense use (the pipeline must load them)."""
-    specs = [parse_repair(name) for name in [*config.repairs, config.defense]]
+    specs = [parse_repair(name) for name in repairs_used(config)]
     tasks = [t for spec in specs for t in spec.tasks]
     if any(spec.gated for spec in specs):
         tasks += config.gate_tasks
@@ -106,7 +113,7 @@ def tasks_needed(config: EvalConfig) -> list[str]:
 
 
 def needs_calibration(config: EvalConfig) -> bool:
-    return any(s.objective == "clean" or s.gated for s in map(parse_repair, [*config.repairs, config.defense]))
+    return any(s.objective == "clean" or s.gated for s in map(parse_repair, repairs_used(config)))
 
 
 class Evaluator:
@@ -114,8 +121,8 @@ class Evaluator:
 
     def __init__(self, pipeline: Pipeline, config: EvalConfig) -> None:
         self.p, self.cfg = pipeline, config
-        self.specs = {name: parse_repair(name) for name in [*config.repairs, config.defense]}
-        if not self.specs[config.defense].optimize:
+        self.specs = {name: parse_repair(name) for name in repairs_used(config)}
+        if config.defense in self.specs and not self.specs[config.defense].optimize:
             raise ValueError(f"the defense the adaptive attacks aim at must be a repair, not {config.defense!r}")
         self.nets = {name: task.net for name, task in pipeline.objective.tasks.items()}
         alpha = {t: dict(zip(DEFAULT_TASKS, config.alpha)).get(base_task(t), 1.0) for t in self.nets}
