@@ -391,16 +391,23 @@ def calibrate(tasks: str, n: int, views: int, seed: int, weights: Path | None, o
               help="Contrastive views per image (fixed in the exported graph).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="fp16: FP16 graphs with FP32 inputs and outputs (what TensorRT 11 needs for FP16 engines).")
+@click.option("--objective", type=click.Choice(["plain", "clean"]), default="clean", show_default=True,
+              help="The objective of the repair graphs (as `cli.py repair --objective`).")
+@click.option("--level", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5, show_default=True)
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Clean-loss statistics for --objective clean (default: calibration.json beside the weights).")
 @click.option("--overwrite", is_flag=True, help="Replace graphs exported from other weights.")
-def export_command(weights: Path | None, out_dir: Path, tasks: str, views: int, precision: str,
-                   overwrite: bool) -> None:
-    """Export the classifier and the SSL loss graphs to ONNX (opset 18, dynamic batch) with a manifest."""
+def export_command(weights: Path | None, out_dir: Path, tasks: str, views: int, precision: str, objective: str,
+                   level: float, calibration: Path | None, overwrite: bool) -> None:
+    """Export the classifier, the SSL loss graphs and the whole repair (its gradient step, and all steps in one ONNX
+    Loop, for --objective) to ONNX (opset 18, dynamic batch) with a manifest."""
     from export.onnx_export import ExportError, export_all
 
     task_list = _parse_tasks(tasks)
-    pipeline = _load(weights=weights, tasks=task_list, views=views)
+    pipeline = _load(weights=weights, tasks=task_list, views=views, objective=objective, level=level,
+                     calibration=calibration)
     command = (f"python cli.py export --out {out_dir} --tasks {','.join(task_list)} --views {views} "
-               f"--precision {precision}")
+               f"--precision {precision} --objective {objective} --level {level}")
     try:
         manifest, notes = export_all(pipeline, out_dir, overwrite, command, precision)
     except ExportError as e:
@@ -419,11 +426,17 @@ def export_command(weights: Path | None, out_dir: Path, tasks: str, views: int, 
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--weights", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--onnx-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch and onnxruntime intra-op threads (default: torch's). Measure 1 and 2 on a shared machine.")
+@click.option("--latency-images", type=click.IntRange(min=0), default=8, show_default=True,
+              help="Images repaired one at a time for the p50/p95 single-image latency (0: skip).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def bench(n: int, backends: str, steps: int, device: str, precision: str, weights: Path | None,
-          onnx_dir: Path | None, json_path: Path | None, plot_path: Path | None) -> None:
-    """Repair throughput and per-graph forward throughput of each backend, with parity against torch."""
+          onnx_dir: Path | None, threads: int | None, latency_images: int, json_path: Path | None,
+          plot_path: Path | None) -> None:
+    """Full-repair throughput, single-image latency and per-graph forward throughput of each backend, with parity
+    against torch."""
     import json
 
     from bench.throughput import BENCH_BACKENDS, plot, run_bench
@@ -432,7 +445,8 @@ def bench(n: int, backends: str, steps: int, device: str, precision: str, weight
     _check_device(device)
     names = _names(backends, BENCH_BACKENDS, "--backends")
     try:
-        result = run_bench(n, names, device, steps, weights, onnx_dir, precision)
+        result = run_bench(n, names, device, steps, weights, onnx_dir, precision, threads=threads,
+                           latency_images=latency_images)
     except WeightsError as e:
         raise click.UsageError(str(e)) from None
     click.echo(json.dumps(result, indent=2))

@@ -3,7 +3,8 @@ and parity against the PyTorch reference. Speed is only ever reported next to pa
 
 Backends:
 - ``torch``: eager PyTorch, the reference;
-- ``onnxruntime`` / ``tensorrt``: those engines do the forward-only passes, the gradient loop stays in autograd;
+- ``onnxruntime``: the whole repair in one exported Loop graph (export/repair_graphs.py) and the forward passes;
+- ``tensorrt``: TensorRT engines do the forward-only passes, the gradient loop stays in autograd;
 - ``torch-compile``: eager forwards, the repair's gradient step through ``torch.compile``.
 A backend that cannot run here is listed with its reason, never dropped.
 """
@@ -48,15 +49,27 @@ def timed(fn, repeat: int = 1) -> float:
     return best
 
 
-def make_pipeline(name: str, weights, device: str, onnx_dir) -> tuple[Pipeline, float]:
+def make_pipeline(name: str, weights, device: str, onnx_dir, threads: int | None) -> tuple[Pipeline, float]:
     """(pipeline, seconds it took to make: export, engine build or compilation included)."""
     start = time.perf_counter()
     if name == "torch-compile":
         pipeline = load_pipeline(weights, device)
         pipeline.objective = torch.compile(pipeline.objective)
     else:
-        pipeline = load_pipeline(weights, device, backend=name, onnx_dir=onnx_dir)
+        pipeline = load_pipeline(weights, device, backend=name, onnx_dir=onnx_dir, threads=threads)
     return pipeline, time.perf_counter() - start
+
+
+def latency_ms(pipeline: Pipeline, x: torch.Tensor, config: RepairConfig) -> dict:
+    """Single-image repair latency, p50 and p95 over the images of x repaired one at a time."""
+    repair_batch(pipeline, x[:1], config)                                     # warm-up
+    times = []
+    for i in range(len(x)):
+        start = time.perf_counter()
+        repair_batch(pipeline, x[i:i + 1], config)
+        times.append(1000 * (time.perf_counter() - start))
+    q = torch.quantile(torch.tensor(times, dtype=torch.float64), torch.tensor([0.5, 0.95], dtype=torch.float64))
+    return {"p50": round(q[0].item(), 1), "p95": round(q[1].item(), 1), "n": len(times)}
 
 
 def graph_throughput(pipeline: Pipeline, x: torch.Tensor, batches: tuple[int, ...]) -> dict:
@@ -92,7 +105,11 @@ def parity_rows(name: str, reference: Pipeline, candidate: Pipeline, x: torch.Te
 
 def run_bench(n: int = 64, backends: list[str] = list(BENCH_BACKENDS), device: str = "cpu", steps: int = 40,
               weights=None, onnx_dir=None, precision: str = "fp32", batches: tuple[int, ...] = (64, 256),
-              log=print) -> dict:
+              threads: int | None = None, latency_images: int = 8, log=print) -> dict:
+    """``threads``: torch's and onnxruntime's intra-op threads (default: torch's current setting). On a shared
+    machine, 2 threads can run many times slower than 1 when anything else is busy: always say which."""
+    if threads:
+        torch.set_num_threads(threads)
     x = bench_images(n)
     config = RepairConfig(steps=steps, batch_size=n)
     reference = load_pipeline(weights, device)
@@ -103,7 +120,8 @@ def run_bench(n: int = 64, backends: list[str] = list(BENCH_BACKENDS), device: s
     for name in ["torch", *(b for b in backends if b != "torch")]:
         entry = {"name": name, "available": False, "reason": None, "images_per_s": None}
         try:
-            pipeline, setup = (reference, 0.0) if name == "torch" else make_pipeline(name, weights, device, onnx_dir)
+            pipeline, setup = (reference, 0.0) if name == "torch" else make_pipeline(name, weights, device, onnx_dir,
+                                                                                       threads)
         except BackendUnavailable as e:
             entry["reason"] = str(e)
             result["backends"].append(entry)
@@ -117,7 +135,10 @@ def run_bench(n: int = 64, backends: list[str] = list(BENCH_BACKENDS), device: s
         seconds = timed(full_repair)
         rows = last["rows"]
         entry.update(available=True, setup_seconds=round(setup, 1), repair_seconds=round(seconds, 2),
-                     images_per_s=round(n / seconds, 3), graphs=graph_throughput(pipeline, x, batches))
+                     images_per_s=round(n / seconds, 3), graphs=graph_throughput(pipeline, x, batches),
+                     whole_repair_graph=bool(getattr(pipeline.backend, "can_repair", lambda o: False)(
+                         pipeline.objective)),
+                     latency_ms=latency_ms(pipeline, x[:latency_images], config) if latency_images else None)
         log(f"{name}: {entry['images_per_s']} images/s (full repair, {steps} steps)")
         if name == "torch":
             ref_rows = copy.deepcopy(rows)

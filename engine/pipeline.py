@@ -88,7 +88,7 @@ class Pipeline:
         ``losses``: x's task losses at this ``seed`` where the caller has them already (the gate reuses them)."""
         x, objective, gate = self._to_device(x), objective or self.objective, gate or self.gate
         if gate is None:
-            return reverse_attack(objective, x, eps, steps, step_size, seed)
+            return self._reverse_attack(objective, x, eps, steps, step_size, seed)
         if losses is None:
             with torch.no_grad():          # the score is forward only: the fast backends' job
                 losses = self.task_losses(x, seed, gate.tasks)
@@ -96,9 +96,17 @@ class Pipeline:
         flagged = score > gate.threshold
         images, trace = x.clone(), x.new_full((steps, len(x)), float("nan"))
         if flagged.any():                  # each image's repair is its own (principle 3): a subset changes nothing
-            result = reverse_attack(objective, x[flagged], eps, steps, step_size, seed)
+            result = self._reverse_attack(objective, x[flagged], eps, steps, step_size, seed)
             images[flagged], trace[:, flagged] = result.images, result.trace
         return RepairResult(images, trace, score, flagged)
+
+    def _reverse_attack(self, objective: MultiTaskLoss, *args) -> RepairResult:
+        """The repair loop: in the backend's exported repair graph where it has one for this objective (same draws,
+        same result: tests/test_repair_graphs.py), else PyTorch autograd (the reference)."""
+        can_repair = getattr(self.backend, "can_repair", None)
+        if can_repair is not None and can_repair(objective):
+            return self.backend.reverse_attack(objective, *args)
+        return reverse_attack(objective, *args)
 
     def repair(self, x: torch.Tensor, eps: float = 16 / 255, steps: int = 40, step_size: float = 2 / 255,
                seed: int = 0) -> torch.Tensor:
@@ -124,7 +132,8 @@ def load_pipeline(weights: str | os.PathLike | None = None, device: str | torch.
                   tasks: tuple[str, ...] | list[str] = DEFAULT_TASKS, alpha: dict[str, float] | None = None,
                   views: int = 4, backend: str = "torch", onnx_dir: str | os.PathLike | None = None,
                   precision: str = "fp32", objective: str = "plain", level: float = 0.5,
-                  gate_fpr: float | None = None, calibration: str | os.PathLike | None = None) -> Pipeline:
+                  gate_fpr: float | None = None, calibration: str | os.PathLike | None = None,
+                  threads: int | None = None) -> Pipeline:
     """The classifier and the named SSL tasks from ``weights`` (default: the shipped ``weights/``).
 
     ``objective`` "plain" is Σ α_k L_k; "clean" aims each task at the ``level`` quantile of its clean losses, α
@@ -133,7 +142,9 @@ def load_pipeline(weights: str | os.PathLike | None = None, device: str | torch.
     which are also loaded whenever that path is given.
 
     ``backend`` runs the forward-only passes ("torch", "onnxruntime", "tensorrt" at ``precision``, or "auto": the
-    fastest present); the repair's gradient loop is PyTorch's in every case. Raises ``engine.weights.WeightsError``
+    fastest present). With "onnxruntime", the whole repair runs in the exported Loop graph where it was exported for
+    this objective, else the gradient loop is PyTorch's; ``threads`` sets onnxruntime's intra-op threads (torch's
+    are the process's: ``torch.set_num_threads``). Raises ``engine.weights.WeightsError``
     (a clear message) where a file is missing or does not match its manifest, and ``BackendUnavailable`` where the
     backend cannot run here.
     """
@@ -173,7 +184,7 @@ def load_pipeline(weights: str | os.PathLike | None = None, device: str | torch.
         if backend == "onnxruntime":
             from .backends.onnxruntime_backend import OnnxRuntimeBackend
 
-            pipeline.backend = OnnxRuntimeBackend(onnx_dir, list(tasks), device)
+            pipeline.backend = OnnxRuntimeBackend(onnx_dir, list(tasks), device, threads)
         else:
             from .backends.tensorrt_backend import TensorRTBackend
 

@@ -63,6 +63,13 @@ class MultiTaskLoss(nn.Module):
     def forward(self, x: torch.Tensor, params: dict[str, dict]) -> torch.Tensor:
         return self.combine(self.per_task(x, params))
 
+    def signature(self) -> dict:
+        """What fixes the objective beyond the networks: an exported repair graph is valid for this one only."""
+        views = {name: task.views for name, task in self.tasks.items() if hasattr(task, "views")}
+        return {"tasks": list(self.tasks), "alpha": [round(self.alpha[t], 8) for t in self.tasks],
+                "levels": None if self.levels is None else [round(self.levels[t], 8) for t in self.tasks],
+                "views": views}
+
 
 @dataclass
 class RepairResult:
@@ -70,6 +77,23 @@ class RepairResult:
     trace: torch.Tensor                     # steps×B: L_m at the start of each step (NaN: not repaired)
     score: torch.Tensor | None = None       # B: the gate's score (None without a gate)
     repaired: torch.Tensor | None = None    # B bool: inputs the gate sent to the repair
+
+
+def uniform_start(generators: list[torch.Generator], like: torch.Tensor) -> torch.Tensor:
+    """U[0, 1) noise shaped like ``like``, image i's from generators[i]: the first draw of every repair."""
+    return torch.cat([torch.rand((1, *like.shape[1:]), generator=g) for g in generators]).to(like.device, like.dtype)
+
+
+def start_point(x: torch.Tensor, noise: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
+    """The random start x + (2u − 1)·ε, in [0, 1]."""
+    return (x + (2 * noise - 1) * eps).clamp(0, 1)
+
+
+def sign_step(x_r: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, eps: float | torch.Tensor,
+              step_size: float | torch.Tensor) -> torch.Tensor:
+    """One projected sign-gradient descent step: down the gradient, back into the ε-ball around x and into [0, 1].
+    The exported repair graphs trace this very function (export/repair_graphs.py), so engines agree bit for bit."""
+    return (x + (x_r - step_size * grad.sign() - x).clamp(-eps, eps)).clamp(0, 1)
 
 
 def reverse_attack(objective: MultiTaskLoss, x: torch.Tensor, eps: float = 16 / 255, steps: int = 40,
@@ -81,15 +105,13 @@ def reverse_attack(objective: MultiTaskLoss, x: torch.Tensor, eps: float = 16 / 
     """
     x = x.detach()
     generators = image_generators(x, seed)
-    start = torch.cat([torch.rand((1, *x.shape[1:]), generator=g) for g in generators]).to(x.device, x.dtype)
-    x_r = (x + (2 * start - 1) * eps).clamp(0, 1)
+    x_r = start_point(x, uniform_start(generators, x), eps)
     trace = []
     for _ in range(steps):
         x_r.requires_grad_(True)
         loss = objective(x_r, objective.sample_params(generators, x))
         grad, = torch.autograd.grad(loss.sum(), x_r)
         trace.append(loss.detach())
-        x_r = x + (x_r.detach() - step_size * grad.sign() - x).clamp(-eps, eps)
-        x_r = x_r.clamp(0, 1)
+        x_r = sign_step(x_r.detach(), x, grad, eps, step_size)
     trace = torch.stack(trace) if trace else x.new_zeros(0, len(x))
     return RepairResult(x_r.detach(), trace)

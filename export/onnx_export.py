@@ -15,6 +15,7 @@ sha256 (stale or corrupt) is re-exported with a note; anything else already ther
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import io
 import json
@@ -22,6 +23,7 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import onnx
 import torch
@@ -30,6 +32,8 @@ from torch import nn
 from engine.pipeline import Pipeline
 from engine.repair import image_generators
 from engine.weights import atomic_write, sha256sum, write_json
+
+from .repair_graphs import export_step_graph, write_loop_graph
 
 OPSET = 18
 MAX_BATCH = 4096
@@ -74,6 +78,7 @@ class GraphSpec:
     inputs: dict[str, torch.Tensor]        # example inputs, batch 2; "alpha" has no batch dimension
     outputs: list[str]
     sources: dict[str, object]             # what it is made from: weights sha256 per model, contrastive views
+    build: Callable[[Path], None] | None = None     # writes the graph itself (else: export_graph of module)
 
 
 def graph_specs(pipeline: Pipeline) -> list[GraphSpec]:
@@ -98,6 +103,12 @@ def graph_specs(pipeline: Pipeline) -> list[GraphSpec]:
     inputs = {"x": x, **{f"{task}_{key}": params[task][key] for task, key in layout}, "alpha": alpha}
     specs.append(GraphSpec("multitask_loss", MultiTaskLossGraph(objective, layout), inputs, ["loss"],
                            sources(*objective.tasks)))
+    # the whole repair (export/repair_graphs.py): valid for this objective only (its α, levels and views)
+    repair_sources = {**sources(*objective.tasks), "objective": objective.signature()}
+    specs.append(GraphSpec("repair_step", objective, {}, ["x_next", "loss"], repair_sources,
+                           build=lambda path: export_step_graph(objective, path)))
+    specs.append(GraphSpec("repair", objective, {}, ["repaired", "trace"], dict(repair_sources),
+                           build=lambda path: write_loop_graph(path.parent / "repair_step.onnx", path)))
     return specs
 
 
@@ -160,15 +171,17 @@ def graph_status(out_dir: Path, spec: GraphSpec, manifest: dict) -> str:
 
 
 def export_all(pipeline: Pipeline, out_dir: str | os.PathLike, overwrite: bool = False,
-               command: str | None = None, precision: str = "fp32") -> tuple[dict, list[str]]:
+               command: str | None = None, precision: str = "fp32",
+               repair_graphs: bool = True) -> tuple[dict, list[str]]:
     """Export every graph of ``pipeline`` into ``out_dir``; returns (manifest, notes). ``precision`` "fp16" converts
-    each graph to FP16 with FP32 inputs and outputs kept (export/tensorrt.py, ``fp16_graph``)."""
+    each graph to FP16 with FP32 inputs and outputs kept (export/tensorrt.py, ``fp16_graph``); the repair graphs
+    (export/repair_graphs.py, about a minute to trace) are FP32 only, and left out with ``repair_graphs=False``."""
     if precision not in ("fp32", "fp16"):
         raise ExportError(f"precision must be fp32 or fp16, not {precision!r}")
     out_dir = Path(out_dir)
     manifest = read_manifest(out_dir)
     weights = {name: m["sha256"] for name, m in pipeline.manifests.items()}
-    specs = graph_specs(pipeline)
+    specs = [s for s in graph_specs(pipeline) if repair_graphs or s.build is None]
     for spec in specs:
         spec.sources["precision"] = precision
     status = {s.name: graph_status(out_dir, s, manifest) for s in specs}
@@ -184,7 +197,12 @@ def export_all(pipeline: Pipeline, out_dir: str | os.PathLike, overwrite: bool =
             continue
         if status[spec.name] == "stale":
             notes.append(f"{path.name}: did not match its manifest sha256 (stale or corrupt), re-exported")
-        export_graph(spec, path)
+        if spec.build is not None:
+            if precision == "fp16":        # Loop bodies are left to a later FP16 pass; the forward graphs convert
+                continue
+            atomic_write(path, spec.build)
+        else:
+            export_graph(spec, path)
         if precision == "fp16":
             from .tensorrt import fp16_graph
 
@@ -208,7 +226,14 @@ def ensure_exported(pipeline: Pipeline, onnx_dir: str | os.PathLike | None = Non
         key = "-".join(m["sha256"][:8] for _, m in sorted(pipeline.manifests.items()))
         views = {task.views for task in pipeline.objective.tasks.values() if hasattr(task, "views")}
         key += "".join(f"-v{v}" for v in sorted(views))
+        # the repair graphs hold the objective (α, clean levels): another objective gets a folder of its own
+        key += "-" + hashlib.sha256(json.dumps(pipeline.objective.signature()).encode()).hexdigest()[:8]
         onnx_dir = default_cache_dir() / "onnx" / key
-    export_all(pipeline, onnx_dir)
+    try:
+        export_all(pipeline, onnx_dir)
+    except ExportError:
+        # a folder of the user's with repair graphs of another objective: keep them, and the repair loop runs in
+        # PyTorch (the backend's can_repair is False); a conflict in the forward graphs still raises
+        export_all(pipeline, onnx_dir, repair_graphs=False)
     return Path(onnx_dir)
 

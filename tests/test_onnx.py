@@ -18,6 +18,7 @@ from export.parity import TOLERANCES, Tolerance, agreement, compare
 from tests.conftest import SHIPPED, needs_shipped
 
 GRAPHS = {"classifier", "contrastive_loss", "inpainting_loss", "rotation_loss", "multitask_loss"}
+REPAIR_GRAPHS = {"repair_step", "repair"}          # tests/test_repair_graphs.py tests them
 GOLDEN = Path(__file__).parent / "golden"
 
 
@@ -30,8 +31,9 @@ def exported(tiny_pipeline, tmp_path_factory):
 
 def test_export_writes_checked_graphs_and_a_manifest(exported):
     out, manifest = exported
-    assert set(manifest["graphs"]) == GRAPHS and manifest["opset"] == 18
-    for name, entry in manifest["graphs"].items():
+    assert set(manifest["graphs"]) == GRAPHS | REPAIR_GRAPHS and manifest["opset"] == 18
+    for name in GRAPHS:
+        entry = manifest["graphs"][name]
         model = onnx.load(str(out / entry["file"]))
         onnx.checker.check_model(model, full_check=True)
         assert model.opset_import[0].version == 18
@@ -46,8 +48,8 @@ def test_export_writes_checked_graphs_and_a_manifest(exported):
 def test_exporting_again_keeps_and_reproduces_the_same_graphs(tiny_pipeline, exported, tmp_path):
     out, manifest = exported
     _, notes = export_all(tiny_pipeline, out)
-    assert all("up to date" in n for n in notes) and len(notes) == len(GRAPHS)
-    again, _ = export_all(tiny_pipeline, tmp_path / "again")
+    assert all("up to date" in n for n in notes) and len(notes) == len(GRAPHS | REPAIR_GRAPHS)
+    again, _ = export_all(tiny_pipeline, tmp_path / "again", repair_graphs=False)
     for name in GRAPHS:       # a fresh export is byte-identical
         assert again["graphs"][name]["sha256"] == manifest["graphs"][name]["sha256"]
 
@@ -136,7 +138,7 @@ def test_repair_with_the_onnxruntime_backend_predicts_like_torch(tiny_weights, e
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (IO binding on CUDA tensors)")
 def test_onnxruntime_io_binding_on_cuda(tiny_weights, tmp_path, images):
     pipeline = load_pipeline(tiny_weights, device="cuda")
-    export_all(pipeline, tmp_path)
+    export_all(pipeline, tmp_path, repair_graphs=False)
     backend = OnnxRuntimeBackend(tmp_path, pipeline.tasks, "cuda")
     x = images.cuda()
     assert compare("logits", pipeline.classifier(x), backend.logits(x), TOLERANCES["fp32"]["logits"]).passed
@@ -173,7 +175,7 @@ def test_engines_match_the_golden_outputs(golden, engine, tmp_path_factory):
     pipeline = load_pipeline()
     if engine == "onnxruntime":
         out = tmp_path_factory.mktemp("shipped_onnx")
-        export_all(pipeline, out)
+        export_all(pipeline, out, repair_graphs=False)
         backend = OnnxRuntimeBackend(out, pipeline.tasks)
     else:
         backend = pipeline.backend
@@ -188,7 +190,7 @@ def test_engines_match_the_golden_outputs(golden, engine, tmp_path_factory):
 
 def test_head_tasks_export_and_match_torch_in_onnxruntime(tiny_weights, images, tmp_path):
     pipeline = load_pipeline(tiny_weights, tasks=["contrastive-head", "inpainting-head", "rotation-head"])
-    manifest, _ = export_all(pipeline, tmp_path)
+    manifest, _ = export_all(pipeline, tmp_path, repair_graphs=False)
     assert {"contrastive-head_loss", "inpainting-head_loss", "rotation-head_loss"} <= set(manifest["graphs"])
     assert manifest["graphs"]["contrastive-head_loss"]["sources"]["contrastive-head_views"] == 4
     backend = OnnxRuntimeBackend(tmp_path, pipeline.tasks)

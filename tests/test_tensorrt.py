@@ -23,7 +23,7 @@ needs_tensorrt = pytest.mark.skipif(not (HAS_TENSORRT and torch.cuda.is_availabl
 @pytest.fixture(scope="module")
 def exported(tiny_pipeline, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx_trt")
-    export_all(tiny_pipeline, out)
+    export_all(tiny_pipeline, out, repair_graphs=False)
     return out
 
 
@@ -171,7 +171,7 @@ def test_tensorrt_engines_match_torch(tiny_pipeline, exported, tmp_path, images)
     from tests.conftest import make_tiny_weights
 
     pipeline = load_pipeline(make_tiny_weights(tmp_path / "w"), device="cuda")
-    export_all(pipeline, tmp_path / "onnx")
+    export_all(pipeline, tmp_path / "onnx", repair_graphs=False)
     backend = TensorRTBackend(tmp_path / "onnx", pipeline.tasks, "cuda", cache_dir=tmp_path / "engines")
     x = images.cuda()
     params = pipeline.objective.sample_params(image_generators(x, 0), x)

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..repair import RepairResult, image_generators, start_point, uniform_start
 from . import BackendUnavailable
 
 
@@ -32,7 +33,8 @@ def choose_providers(device: torch.device) -> list[str]:
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
-    def __init__(self, onnx_dir: str | Path, tasks: list[str], device: torch.device | str = "cpu") -> None:
+    def __init__(self, onnx_dir: str | Path, tasks: list[str], device: torch.device | str = "cpu",
+                 threads: int | None = None) -> None:
         try:
             import onnxruntime as ort
         except ImportError as e:
@@ -42,13 +44,46 @@ class OnnxRuntimeBackend:
         manifest = json.loads((onnx_dir / "manifest.json").read_text())
         self.providers = choose_providers(self.device)
         self.sessions, self.input_names = {}, {}
+        self.options = ort.SessionOptions()
+        if threads:
+            self.options.intra_op_num_threads = threads
         for graph in ["classifier", *(f"{t}_loss" for t in tasks)]:
             if graph not in manifest["graphs"]:
                 raise BackendUnavailable(f"{onnx_dir} has no {graph} graph; run `python cli.py export`")
-            session = ort.InferenceSession(str(onnx_dir / manifest["graphs"][graph]["file"]),
-                                           providers=self.providers)
-            self.sessions[graph] = session
-            self.input_names[graph] = [i.name for i in session.get_inputs()]
+            self._open(graph, onnx_dir / manifest["graphs"][graph]["file"])
+        # the whole repair in one graph, where exported for exactly this objective (export/repair_graphs.py)
+        repair = manifest["graphs"].get("repair")
+        self.repair_objective = repair["sources"].get("objective") if repair else None
+        if repair:
+            self._open("repair", onnx_dir / repair["file"])
+
+    def _open(self, graph: str, path: Path) -> None:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(path), self.options, providers=self.providers)
+        self.sessions[graph] = session
+        self.input_names[graph] = [i.name for i in session.get_inputs()]
+
+    def can_repair(self, objective) -> bool:
+        """Whether the exported repair graph computes ``objective`` (same tasks, α, levels and views)."""
+        return self.repair_objective is not None and self.repair_objective == objective.signature()
+
+    def reverse_attack(self, objective, x: torch.Tensor, eps: float, steps: int, step_size: float,
+                       seed: int) -> RepairResult:
+        """engine.repair.reverse_attack in one onnxruntime call: the same draws, in the same order, as inputs."""
+        x = x.detach().float()
+        generators = image_generators(x, seed)
+        noise = uniform_start(generators, x)
+        if steps == 0:
+            return RepairResult(start_point(x, noise, eps), x.new_zeros(0, len(x)))
+        draws = [objective.sample_params(generators, x) for _ in range(steps)]
+        feeds = {"x0": x, "noise": noise, "eps": x.new_tensor(eps), "step_size": x.new_tensor(step_size)}
+        for task, params in draws[0].items():
+            for key in params:
+                feeds[f"{task}_{key}_all"] = torch.stack([d[task][key] for d in draws])
+        arrays = {name: feeds[name].cpu().numpy() for name in self.input_names["repair"] if name != "steps"}
+        repaired, trace = self.sessions["repair"].run(None, {**arrays, "steps": np.array(steps, dtype=np.int64)})
+        return RepairResult(torch.from_numpy(repaired).to(x.device), torch.from_numpy(trace).to(x.device))
 
     def run(self, graph: str, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
         """The graph's single output for ``feeds`` (input name -> tensor), on the feeds' device."""
