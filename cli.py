@@ -426,6 +426,8 @@ def export_command(weights: Path | None, out_dir: Path, tasks: str, views: int, 
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
 @click.option("--weights", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--onnx-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--views", type=click.IntRange(min=2), default=4, show_default=True,
+              help="Augmented views per image of the contrastive loss.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch and onnxruntime intra-op threads (default: torch's). Measure 1 and 2 on a shared machine.")
 @click.option("--latency-images", type=click.IntRange(min=0), default=8, show_default=True,
@@ -433,7 +435,7 @@ def export_command(weights: Path | None, out_dir: Path, tasks: str, views: int, 
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def bench(n: int, backends: str, steps: int, device: str, precision: str, weights: Path | None,
-          onnx_dir: Path | None, threads: int | None, latency_images: int, json_path: Path | None,
+          onnx_dir: Path | None, views: int, threads: int | None, latency_images: int, json_path: Path | None,
           plot_path: Path | None) -> None:
     """Full-repair throughput, single-image latency and per-graph forward throughput of each backend, with parity
     against torch."""
@@ -446,12 +448,19 @@ def bench(n: int, backends: str, steps: int, device: str, precision: str, weight
     names = _names(backends, BENCH_BACKENDS, "--backends")
     try:
         result = run_bench(n, names, device, steps, weights, onnx_dir, precision, threads=threads,
-                           latency_images=latency_images)
+                           latency_images=latency_images, views=views)
     except WeightsError as e:
         raise click.UsageError(str(e)) from None
-    click.echo(json.dumps(result, indent=2))
     if json_path:
         write_json(json_path, result)
+        for b in result["backends"]:
+            latency = b.get("latency_ms") or {}
+            click.echo(f"{b['name']}: " + (f"{b['images_per_s']} images/s ({b.get('speedup_vs_torch')}× torch), "
+                                           f"latency p50 {latency.get('p50')} ms, p95 {latency.get('p95')} ms"
+                                           if b["available"] else f"not available: {b['reason']}"))
+        click.echo(f"wrote {json_path}")
+    else:
+        click.echo(json.dumps(result, indent=2))
     if plot_path:
         plot(result, plot_path)
 

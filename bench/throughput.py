@@ -49,14 +49,15 @@ def timed(fn, repeat: int = 1) -> float:
     return best
 
 
-def make_pipeline(name: str, weights, device: str, onnx_dir, threads: int | None) -> tuple[Pipeline, float]:
+def make_pipeline(name: str, weights, device: str, onnx_dir, threads: int | None,
+                  views: int = 4) -> tuple[Pipeline, float]:
     """(pipeline, seconds it took to make: export, engine build or compilation included)."""
     start = time.perf_counter()
     if name == "torch-compile":
-        pipeline = load_pipeline(weights, device)
+        pipeline = load_pipeline(weights, device, views=views)
         pipeline.objective = torch.compile(pipeline.objective)
     else:
-        pipeline = load_pipeline(weights, device, backend=name, onnx_dir=onnx_dir, threads=threads)
+        pipeline = load_pipeline(weights, device, views=views, backend=name, onnx_dir=onnx_dir, threads=threads)
     return pipeline, time.perf_counter() - start
 
 
@@ -105,23 +106,23 @@ def parity_rows(name: str, reference: Pipeline, candidate: Pipeline, x: torch.Te
 
 def run_bench(n: int = 64, backends: list[str] = list(BENCH_BACKENDS), device: str = "cpu", steps: int = 40,
               weights=None, onnx_dir=None, precision: str = "fp32", batches: tuple[int, ...] = (64, 256),
-              threads: int | None = None, latency_images: int = 8, log=print) -> dict:
+              threads: int | None = None, latency_images: int = 8, views: int = 4, log=print) -> dict:
     """``threads``: torch's and onnxruntime's intra-op threads (default: torch's current setting). On a shared
     machine, 2 threads can run many times slower than 1 when anything else is busy: always say which."""
     if threads:
         torch.set_num_threads(threads)
     x = bench_images(n)
     config = RepairConfig(steps=steps, batch_size=n)
-    reference = load_pipeline(weights, device)
+    reference = load_pipeline(weights, device, views=views)
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-              "n": n, "steps": steps, "precision": precision, "torch": torch.__version__,
+              "n": n, "steps": steps, "views": views, "precision": precision, "torch": torch.__version__,
               "threads": torch.get_num_threads(), "backends": [], "parity": []}
     ref_rows = None
     for name in ["torch", *(b for b in backends if b != "torch")]:
         entry = {"name": name, "available": False, "reason": None, "images_per_s": None}
         try:
             pipeline, setup = (reference, 0.0) if name == "torch" else make_pipeline(name, weights, device, onnx_dir,
-                                                                                       threads)
+                                                                                       threads, views)
         except BackendUnavailable as e:
             entry["reason"] = str(e)
             result["backends"].append(entry)

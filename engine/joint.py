@@ -186,6 +186,28 @@ def train_epochs(nets: JointNets, cfg: dict, data: dict, generator: torch.Genera
 
 
 @torch.no_grad()
+def reestimate_batchnorm(nets: JointNets, data: dict, device: torch.device, n: int = 10_000,
+                         batch: int = 500) -> None:
+    """BatchNorm statistics of the shared backbone measured again on ``n`` clean training images.
+
+    The running statistics that training leaves are those of its mixed batches (adversarial or noisy images,
+    rotations, augmented views, masked images), which are not an input's at test time: the first joint models scored
+    17–20 % clean with them and 66–69 % once re-estimated on clean images (measured, 1,000 test images), 67–68 %
+    with the batch's own statistics. So every joint model ends with this step; the heads share the backbone and so
+    these statistics."""
+    norms = [m for m in nets.classifier.backbone.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None                  # a cumulative average over every batch below
+    nets.classifier.backbone.train()
+    for i in range(0, min(n, len(data["train_x"])), batch):
+        nets.classifier.backbone(data["train_x"][i:i + batch].to(device).float().div_(255))
+    for m in norms:
+        m.momentum = 0.1
+    nets.eval()
+
+
+@torch.no_grad()
 def fill_bank(net: nn.Module, data: dict, generator: torch.Generator, device: torch.device) -> None:
     """The contrastive head's negatives: one augmented view of each of bank-size training images."""
     pick = torch.randperm(len(data["train_x"]), generator=generator)[:net.bank.shape[0]]
@@ -199,6 +221,7 @@ def measure(nets: JointNets, data: dict, generator: torch.Generator, device: tor
     """Test-set metrics of each saved network: accuracy clean and under PGD-20, and each task's own metric."""
     nets.eval()
     clf, test_x, test_y = nets.classifier, data["test_x"], data["test_y"]
+    n_pgd = min(n_pgd, len(test_x))
     clean = (batched(clf, test_x, device).argmax(1) == test_y).float().mean().item()
     attack = PGD(clf, eps=8 / 255, alpha=2 / 255, steps=20, generator=torch.Generator().manual_seed(0))
     correct = 0
@@ -237,6 +260,14 @@ def measure(nets: JointNets, data: dict, generator: torch.Generator, device: tor
     }
 
 
+def finish(nets: JointNets, data: dict, generator: torch.Generator, device: torch.device,
+           n_pgd: int) -> dict[str, dict]:
+    """After the last step: clean BatchNorm statistics, the contrastive head's negatives, the test-set metrics."""
+    reestimate_batchnorm(nets, data, device)
+    fill_bank(nets.head("contrastive-head"), data, generator, device)
+    return measure(nets, data, generator, device, n_pgd)
+
+
 def train_joint(name: str, profile: str = "cpu", data_root: str | None = None, out_dir: str = "weights/joint",
                 base_dir: str = "weights", seed: int = 0, device: str | None = None, overwrite: bool = False,
                 epochs: int | None = None, command: str | None = None, n_pgd: int = 2000) -> str:
@@ -264,8 +295,7 @@ def train_joint(name: str, profile: str = "cpu", data_root: str | None = None, o
     nets = nets.to(dev, memory_format=torch.channels_last)
     train_epochs(nets, cfg, data, generator, dev, name)
     nets.eval().requires_grad_(False)
-    fill_bank(nets.head("contrastive-head"), data, generator, dev)
-    metrics = measure(nets, data, generator, dev, n_pgd)
+    metrics = finish(nets, data, generator, dev, n_pgd)
     wall = time.time() - start
     log(f"{name} done in {wall / 60:.1f} min: {metrics}")
     common = {"profile": profile, "command": command, "joint": name, "recipe": cfg, "data_md5": dataset_md5(data_root),

@@ -59,3 +59,16 @@ def test_one_rotation_rotates_each_image_by_its_own_index():
     rotated, k = joint.one_rotation(x, torch.Generator().manual_seed(1))
     for i in range(6):
         assert torch.equal(rotated[i], torch.rot90(x[i], int(k[i]), dims=(1, 2)))
+
+
+@pytest.mark.parametrize("name", ["joint-robust", "joint-standard"])
+def test_shipped_joint_models_load_with_their_calibration(name):
+    from tests.conftest import SHIPPED
+
+    folder = SHIPPED / name
+    if not (folder / "classifier.json").exists():
+        pytest.skip(f"no {folder} (train it with `python cli.py train {name}`)")
+    tasks = ["contrastive-head", "inpainting-head", "rotation-head", "consistency", "hedge"]
+    p = load_pipeline(folder, tasks=tasks, objective="clean")          # calibration.json beside the weights
+    assert p.manifests["classifier"]["joint"] == name and "post_training" in p.manifests["classifier"]
+    assert p.ssl_loss(torch.rand(2, 3, 32, 32)).shape == (2,)

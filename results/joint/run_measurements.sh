@@ -21,19 +21,16 @@ for M in robust standard; do
       --json results/joint/headline_$M.json --markdown results/joint/headline_$M.md
 done
 for M in robust standard; do
-  run python cli.py eval --n 500 --attacks none,pgd --repairs none,noise,contrastive-head:clean,inpainting-head:clean,rotation-head:clean,consistency:clean,hedge:clean,mtl-joint,$ALL:clean,noise:gate,mtl-joint:clean:gate \
-      $(common $M) --json results/joint/ablation_$M.json --markdown results/joint/ablation_$M.md
-done
-for M in robust standard; do
-  run python cli.py eval --n 500 --attacks autoattack --aa-targets 3 --repairs none,noise,hedge,mtl-joint:clean \
+  run python cli.py eval --n 300 --attacks autoattack --aa-targets 3 --repairs none,noise,hedge,mtl-joint:clean \
       $(common $M) --json results/joint/autoattack_$M.json --markdown results/joint/autoattack_$M.md
 done
+run python cli.py eval --n 100 --attacks pgd,aware,bpda-eot,autoattack-bpda --aa-iters 20 \
+    --repairs none,noise,mtl-joint:clean --defense mtl-joint:clean $(common robust) \
+    --json results/joint/adaptive_robust.json --markdown results/joint/adaptive_robust.md
 for M in robust standard; do
-  run python cli.py eval --n 100 --attacks pgd,aware,bpda-eot,autoattack-bpda --aa-iters 20 \
-      --repairs none,noise,mtl-joint:clean --defense mtl-joint:clean $(common $M) \
-      --json results/joint/adaptive_$M.json --markdown results/joint/adaptive_$M.md
+  run python cli.py eval --n 300 --attacks none,pgd --repairs none,noise,contrastive-head:clean,inpainting-head:clean,rotation-head:clean,consistency:clean,hedge:clean,mtl-joint,$ALL:clean,noise:gate,mtl-joint:clean:gate \
+      $(common $M) --json results/joint/ablation_$M.json --markdown results/joint/ablation_$M.md
 done
-for M in robust standard; do
-  run python cli.py eval --n 500 --attacks none,pgd --eps-r 8/255 --repairs none,noise,hedge,mtl-joint:clean \
-      $(common $M) --json results/joint/eps8_$M.json --markdown results/joint/eps8_$M.md
-done
+run python cli.py eval --n 100 --attacks pgd,aware,bpda-eot,autoattack-bpda --aa-iters 20 \
+    --repairs none,noise,mtl-joint:clean --defense mtl-joint:clean $(common standard) \
+    --json results/joint/adaptive_standard.json --markdown results/joint/adaptive_standard.md
