@@ -205,20 +205,25 @@ def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, 
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--clean-output", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Also write the clean originals (and their labels.csv) here.")
-@click.option("--weights", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--tasks", default="contrastive,inpainting,rotation", show_default=True,
+              help="--attack aware: the SSL tasks whose loss the attack keeps low.")
+@click.option("--weights", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Weights folder whose classifier is attacked (default: the shipped weights/).")
 @click.option("--data", "data_root", type=click.Path(file_okay=False), default=None,
               help="CIFAR-10 folder (default: $CIFAR10_ROOT).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace files of an earlier run.")
 def attack(output_dir: Path, n: int, attack: str, eps: float, steps: int, step_size: float, lam: float, seed: int,
-           clean_output: Path | None, weights: Path | None, data_root: str | None, device: str,
+           clean_output: Path | None, tasks: str, weights: Path | None, data_root: str | None, device: str,
            overwrite: bool) -> None:
-    """Write attacked CIFAR-10 test images as lossless 8-bit PNG + labels.csv (the classifier is the shipped one)."""
+    """Write attacked CIFAR-10 test images as lossless 8-bit PNG + labels.csv (the classifier of --weights)."""
     from engine.attack_set import write_attack_set
     from engine.data import DataError
 
     _check_device(device)
-    pipeline = _load(weights=weights, device=device)
+    # PGD reads the classifier alone: hedge is a task with no weights of its own, so any weights folder loads
+    task_list = _parse_tasks(tasks) if attack == "aware" else ["hedge"]
+    pipeline = _load(weights=weights, device=device, tasks=task_list)
     try:
         summary = write_attack_set(pipeline, output_dir, n, attack, eps, steps, step_size, seed, clean_output,
                                    data_root, overwrite, lam)
