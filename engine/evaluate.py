@@ -279,7 +279,10 @@ def run_eval(pipeline: Pipeline, config: EvalConfig, json_path: Path | None = No
     for name in [*config.repairs, config.defense]:
         parse_repair(name)
     x, y, idx = eval_subset(config.n, config.seed, data_root)
-    state_path = json_path.with_name(f"{json_path.stem}.partial-{config.key()}.json") if json_path else None
+    # the state's name covers the weights too: a rerun with other weights must not resume from these outcomes
+    weights = json.dumps({k: m["sha256"] for k, m in sorted(pipeline.manifests.items())})
+    key = hashlib.sha256((config.key() + weights).encode()).hexdigest()[:12]
+    state_path = json_path.with_name(f"{json_path.stem}.partial-{key}.json") if json_path else None
     state = json.loads(state_path.read_text()) if state_path and state_path.exists() else {"chunks": {}}
     evaluator = Evaluator(pipeline, config)
     starts = range(0, config.n, config.chunk)

@@ -74,6 +74,27 @@ def test_an_interrupted_eval_resumes(tiny_pipeline, fake_test_set, tmp_path, mon
     assert result["seconds"]["repair noise"] == result["seconds"]["attack none"] == 2.0
 
 
+def test_an_eval_with_other_weights_does_not_resume_from_the_first_ones(tiny_pipeline, fake_test_set, tmp_path,
+                                                                       monkeypatch):
+    import dataclasses
+
+    config = ev.EvalConfig(**{**FAST, "attacks": ["none"], "repairs": ["none"]})
+    real = ev.Evaluator.run_chunk
+
+    def interrupt_after_one(self, x, y, seed):
+        if seed != config.seed:
+            raise KeyboardInterrupt
+        return real(self, x, y, seed)
+
+    monkeypatch.setattr(ev.Evaluator, "run_chunk", interrupt_after_one)
+    other = dataclasses.replace(tiny_pipeline, manifests={**tiny_pipeline.manifests,
+                                                          "classifier": {"sha256": "another model"}})
+    for pipeline in (tiny_pipeline, other):
+        with pytest.raises(KeyboardInterrupt):
+            ev.run_eval(pipeline, config, tmp_path / "eval.json", progress=False)
+    assert len(list(tmp_path.glob("eval.partial-*.json"))) == 2
+
+
 def test_eval_cli_rejects_unknown_names(tiny_weights):
     result = CliRunner().invoke(main, ["eval", "--attacks", "pgd,cw", "--weights", str(tiny_weights)])
     assert result.exit_code == 2 and "unknown cw" in result.output
