@@ -31,6 +31,7 @@ for M in robust standard; do
       --repairs none,noise,mtl-joint:clean --defense mtl-joint:clean $(common $M) \
       --json results/joint/adaptive_$M.json --markdown results/joint/adaptive_$M.md
 done
+# not run yet (CPU time): the per-task ablation
 for M in robust standard; do
   run python cli.py eval --n 100 --attacks none,pgd --repairs none,noise,contrastive-head:clean,inpainting-head:clean,rotation-head:clean,consistency:clean,hedge:clean,mtl-joint,$ALL:clean,noise:gate,mtl-joint:clean:gate \
       $(common $M) --json results/joint/ablation_$M.json --markdown results/joint/ablation_$M.md
