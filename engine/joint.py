@@ -33,14 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attacks import PGD
 from .data import dataset_md5, load_cifar10
 from .models import build_model, num_params
 from .tasks import augment
 from .tasks.consistency import prediction_spread
 from .tasks.contrastive import nt_xent_pairs
 from .tasks.inpainting import centre_mask
-from .train import batched, crop_flip, knn_accuracy, log, shuffled_batches, triangular_lr
+from .train import (batched, classifier_metrics, crop_flip, fill_bank, inpainting_metrics, knn_accuracy, log,
+                    shuffled_batches, triangular_lr)
 from .weights import WeightsError, load_model, save_model
 
 JOINT_MODELS = ("joint-robust", "joint-standard")
@@ -207,40 +207,15 @@ def reestimate_batchnorm(nets: JointNets, data: dict, device: torch.device, n: i
     nets.eval()
 
 
-@torch.no_grad()
-def fill_bank(net: nn.Module, data: dict, generator: torch.Generator, device: torch.device) -> None:
-    """The contrastive head's negatives: one augmented view of each of bank-size training images."""
-    pick = torch.randperm(len(data["train_x"]), generator=generator)[:net.bank.shape[0]]
-    x = data["train_x"][pick].float().div(255)
-    views = augment.apply_views(x, **augment.sample_views(len(x), 1, generator))[:, 0]
-    net.bank.copy_(torch.cat([net(views[i:i + 500].to(device)) for i in range(0, len(views), 500)]))
-
-
 def measure(nets: JointNets, data: dict, generator: torch.Generator, device: torch.device,
             n_pgd: int) -> dict[str, dict]:
-    """Test-set metrics of each saved network: accuracy clean and under PGD-20, and each task's own metric."""
+    """Test-set metrics of each saved network: accuracy clean and under PGD-20 (first ``n_pgd`` images), two-view
+    agreement of the classifier, and each head's metric as its frozen-backbone recipe measures it."""
     nets.eval()
-    clf, test_x, test_y = nets.classifier, data["test_x"], data["test_y"]
-    n_pgd = min(n_pgd, len(test_x))
-    clean = (batched(clf, test_x, device).argmax(1) == test_y).float().mean().item()
-    attack = PGD(clf, eps=8 / 255, alpha=2 / 255, steps=20, generator=torch.Generator().manual_seed(0))
-    correct = 0
-    for i in range(0, n_pgd, 500):
-        x, y = test_x[i:min(n_pgd, i + 500)].to(device).float().div_(255), test_y[i:min(n_pgd, i + 500)].to(device)
-        correct += (clf(attack(x, y)).argmax(1) == y).sum().item()
+    clf, test_x = nets.classifier, data["test_x"]
     rotation = nets.head("rotation-head")
-    labels = torch.arange(4)
     rot_correct = batched(lambda x: torch.stack([(rotation(torch.rot90(x, r, dims=(2, 3))).argmax(1) == r)
-                                                 for r in labels]).float().sum(0), test_x, device)
-    inpainting = nets.head("inpainting-head")
-
-    def inpaint_errors(x: torch.Tensor) -> torch.Tensor:
-        mask = centre_mask(len(x), device=x.device)
-        context = (x * (1 - mask)).sum((2, 3), keepdim=True) / (1 - mask).sum((2, 3), keepdim=True)
-        per = lambda pred: ((pred - x) ** 2 * mask).sum((1, 2, 3)) / (3 * mask.sum((1, 2, 3)))
-        return torch.stack([per(inpainting(x, mask)), per(context)], 1)
-
-    mse, baseline = batched(inpaint_errors, test_x, device).mean(0).tolist()
+                                                 for r in range(4)]).float().sum(0), test_x, device)
     agree = []
     for i in range(0, len(test_x), 500):
         x = test_x[i:i + 500].float().div(255)
@@ -248,15 +223,13 @@ def measure(nets: JointNets, data: dict, generator: torch.Generator, device: tor
         with torch.no_grad():
             pred = clf(views.to(device)).argmax(1).view(-1, 2)
         agree.append((pred[:, 0] == pred[:, 1]).float().cpu())
-    knn = knn_accuracy(nets.head("contrastive-head"), data, device, k=20)
     return {
-        "classifier": {"clean_accuracy": clean, "pgd20_accuracy": correct / n_pgd, "pgd20_eps": 8 / 255,
-                       "pgd20_step": 2 / 255, "n_test": len(test_x), "n_pgd": n_pgd,
+        "classifier": {**classifier_metrics(clf, data, device, n_pgd), "n_pgd": min(n_pgd, len(test_x)),
                        "consistency_two_view_agreement": torch.cat(agree).mean().item()},
         "rotation-head": {"rotation_accuracy": rot_correct.sum().item() / (4 * len(test_x))},
-        "inpainting-head": {"inpainting_mse": mse, "mean_colour_baseline_mse": baseline,
-                            "reduction_vs_baseline": 1 - mse / baseline},
-        "contrastive-head": {"knn_accuracy": knn, "knn_k": 20},
+        "inpainting-head": inpainting_metrics(nets.head("inpainting-head"), data, device),
+        "contrastive-head": {"knn_accuracy": knn_accuracy(nets.head("contrastive-head"), data, device, k=20),
+                             "knn_k": 20},
     }
 
 

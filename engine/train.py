@@ -159,16 +159,23 @@ def train_classifier(model: nn.Module, cfg: dict, data: dict, generator: torch.G
 
     run_epochs(model, cfg, data["train_x"], generator, device, fgsm_rs_loss, optimizer, "classifier")
     model.eval().requires_grad_(False)
+    return model, classifier_metrics(model, data, device)
+
+
+def classifier_metrics(model: nn.Module, data: dict, device: torch.device, n_pgd: int | None = None) -> dict:
+    """Clean accuracy on the test set, and PGD-20 (ε 8/255, step 2/255) accuracy on its first ``n_pgd`` images."""
     test_x, test_y = data["test_x"], data["test_y"]
+    n_pgd = len(test_x) if n_pgd is None else min(n_pgd, len(test_x))
     clean = (batched(model, test_x, device).argmax(1) == test_y).float().mean().item()
-    log(f"classifier clean accuracy {clean:.4f}; running PGD-20 on {len(test_x)} test images")
+    log(f"classifier clean accuracy {clean:.4f}; running PGD-20 on {n_pgd} test images")
     attack = PGD(model, eps=8 / 255, alpha=2 / 255, steps=20, generator=torch.Generator().manual_seed(0))
     correct = 0
-    for i in range(0, len(test_x), 500):
-        x, y = test_x[i:i + 500].to(device).float().div_(255), test_y[i:i + 500].to(device)
+    for i in range(0, n_pgd, 500):
+        end = min(n_pgd, i + 500)
+        x, y = test_x[i:end].to(device).float().div_(255), test_y[i:end].to(device)
         correct += (model(attack(x, y)).argmax(1) == y).sum().item()
-    return model, {"clean_accuracy": clean, "pgd20_accuracy": correct / len(test_x), "pgd20_eps": 8 / 255,
-                   "pgd20_step": 2 / 255, "n_test": len(test_x)}
+    return {"clean_accuracy": clean, "pgd20_accuracy": correct / n_pgd, "pgd20_eps": 8 / 255, "pgd20_step": 2 / 255,
+            "n_test": len(test_x)}
 
 
 def train_rotation(model: nn.Module, cfg: dict, data: dict, generator: torch.Generator, device: torch.device):
@@ -195,15 +202,19 @@ def train_contrastive(model: nn.Module, cfg: dict, data: dict, generator: torch.
 
     run_epochs(model, cfg, data["train_x"], generator, device, simclr_loss, adamw(model, cfg), "contrastive")
     model.eval()
-    with torch.no_grad():
-        # The negative bank: one augmented view of each of bank_size training images, like training's negatives.
-        pick = torch.randperm(len(data["train_x"]), generator=generator)[:model.bank.shape[0]]
-        bank_x = data["train_x"][pick]
-        params = augment.sample_views(len(bank_x), 1, generator)
-        views = augment.apply_views(bank_x.float().div(255), **params)[:, 0]
-        model.bank.copy_(torch.cat([model(views[i:i + 500].to(device)) for i in range(0, len(views), 500)]))
+    fill_bank(model, data, generator, device)
     knn = knn_accuracy(model, data, device, k=20)
     return model, {"knn_accuracy": knn, "knn_k": 20, "bank_size": model.bank.shape[0]}
+
+
+@torch.no_grad()
+def fill_bank(model: nn.Module, data: dict, generator: torch.Generator, device: torch.device) -> None:
+    """The negative bank: one augmented view of each of bank-size training images, like training's negatives."""
+    pick = torch.randperm(len(data["train_x"]), generator=generator)[:model.bank.shape[0]]
+    bank_x = data["train_x"][pick]
+    params = augment.sample_views(len(bank_x), 1, generator)
+    views = augment.apply_views(bank_x.float().div(255), **params)[:, 0]
+    model.bank.copy_(torch.cat([model(views[i:i + 500].to(device)) for i in range(0, len(views), 500)]))
 
 
 def knn_accuracy(model: nn.Module, data: dict, device: torch.device, k: int = 20, temperature: float = 0.07) -> float:
@@ -227,6 +238,11 @@ def train_inpainting(model: nn.Module, cfg: dict, data: dict, generator: torch.G
 
     run_epochs(model, cfg, data["train_x"], generator, device, masked_mse, adamw(model, cfg), "inpainting")
     model.eval()
+    return model, inpainting_metrics(model, data, device)
+
+
+def inpainting_metrics(model: nn.Module, data: dict, device: torch.device) -> dict:
+    """Test-set squared error in the dropped centre, against filling it with the image's mean context colour."""
 
     def errors(x: torch.Tensor) -> torch.Tensor:
         mask = centre_mask(len(x), device=x.device)
@@ -237,8 +253,7 @@ def train_inpainting(model: nn.Module, cfg: dict, data: dict, generator: torch.G
         return torch.stack([model_err, baseline_err], 1)
 
     mse, baseline = batched(errors, data["test_x"], device).mean(0).tolist()
-    return model, {"inpainting_mse": mse, "mean_colour_baseline_mse": baseline,
-                   "reduction_vs_baseline": 1 - mse / baseline}
+    return {"inpainting_mse": mse, "mean_colour_baseline_mse": baseline, "reduction_vs_baseline": 1 - mse / baseline}
 
 
 RECIPES = {"classifier": train_classifier, "contrastive": train_contrastive, "rotation": train_rotation,
