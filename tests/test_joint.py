@@ -72,3 +72,26 @@ def test_shipped_joint_models_load_with_their_calibration(name):
     p = load_pipeline(folder, tasks=tasks, objective="clean")          # calibration.json beside the weights
     assert p.manifests["classifier"]["joint"] == name and "post_training" in p.manifests["classifier"]
     assert p.ssl_loss(torch.rand(2, 3, 32, 32)).shape == (2,)
+
+
+def test_loss_scale_is_the_mean_of_the_warm_up_then_stays():
+    scale = joint.LossScale(warmup=3)
+    seen = [scale("c", torch.tensor(v)) for v in (1.0, 2.0, 3.0, 0.0001, 50.0)]
+    assert seen == pytest.approx([1.0, 1.5, 2.0, 2.0, 2.0])
+    running = joint.LossScale()                         # no warm-up: a moving average that follows the loss down
+    assert [running("c", torch.tensor(v)) for v in (1.0, 0.0)][-1] == pytest.approx(0.98, abs=1e-4)
+
+
+@pytest.mark.parametrize("steps", [1, 2])
+def test_attacked_batch_stays_within_eps_and_raises_the_loss(steps):
+    torch.manual_seed(0)
+    clf = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 10))
+    x, y = torch.rand(16, 3, 8, 8) * 0.5 + 0.25, torch.randint(0, 10, (16,))
+    cfg = {"eps": 8 / 255, "attack_steps": steps, "attack_step": 4 / 255, "noise_std": 0.0}
+    adv = joint.attacked_batch(clf, x, y, cfg, torch.Generator().manual_seed(0))
+    assert (adv - x).abs().max() <= 8 / 255 + 1e-6
+    ce = torch.nn.functional.cross_entropy
+    assert ce(clf(adv), y) > ce(clf(x), y)
+    noisy = joint.attacked_batch(clf, x, y, {**cfg, "attack_steps": 0, "noise_std": 0.05},
+                                 torch.Generator().manual_seed(0))
+    assert 0.03 < (noisy - x).std() < 0.07
