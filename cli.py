@@ -9,34 +9,11 @@ from pathlib import Path
 
 import click
 
+from runtime.cli import FRACTION
+
 MODELS = ("classifier", "contrastive", "inpainting", "rotation", "contrastive-head", "inpainting-head",
           "rotation-head")
 JOINT_MODELS = ("joint-robust", "joint-standard")     # engine/joint.py (kept here: --help imports no torch)
-
-
-class Fraction(click.ParamType):
-    """A float that may be written as a fraction, e.g. ``16/255``."""
-
-    name = "number"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, float):
-            return value
-        text = str(value).strip()
-        try:
-            if "/" in text:
-                num, den = text.split("/", 1)
-                result = float(num) / float(den)
-            else:
-                result = float(text)
-        except (ValueError, ZeroDivisionError):
-            self.fail(f"{value!r} is not a number or a fraction like 16/255", param, ctx)
-        if result < 0:
-            self.fail(f"{value!r} must not be negative", param, ctx)
-        return result
-
-
-FRACTION = Fraction()
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -158,7 +135,8 @@ def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, 
 
     Exit status: 0 when every input was repaired, 1 when some failed (see the report), 2 on usage errors.
     """
-    from engine.folder import RepairConfig, check_folders, repair_folder
+    from engine.folder import RepairConfig, repair_folder
+    from runtime.folder import check_folders, summary_lines
 
     _check_device(device)
     task_list = _parse_tasks(tasks)
@@ -175,20 +153,9 @@ def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, 
         report = repair_folder(pipeline, input_dir, output_dir, config, resize, overwrite, progress=not quiet)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    summary = report["summary"]
-    click.echo(f"repaired {summary['n_repaired']} of {summary['n_inputs']} file(s) in {summary['seconds']:.1f} s "
-               f"({summary['images_per_s'] or 0:.2f} images/s); report: {output_dir / 'report.json'}")
-    for row in report["images"]:
-        if row["status"] == "error":
-            click.echo(f"  error: {row['file']}: {row['error']}", err=True)
-    changed = sum(r.get("pred_before") != r.get("pred_after") for r in report["images"] if r["status"] == "repaired")
-    click.echo(f"prediction changed for {changed} image(s)")
-    if "n_gated_out" in summary:
-        click.echo(f"gate (false-positive rate {gate_fpr}): {summary['n_gated_out']} image(s) passed unchanged")
-    if "accuracy_before" in summary:
-        click.echo(f"accuracy on the {summary['n_labelled']} labelled image(s) (labels.csv): "
-                   f"{100 * summary['accuracy_before']:.1f} % before, {100 * summary['accuracy_after']:.1f} % after")
-    sys.exit(1 if summary["n_error"] else 0)
+    for line, to_stderr in summary_lines(report, output_dir):
+        click.echo(line, err=to_stderr)
+    sys.exit(1 if report["summary"]["n_error"] else 0)
 
 
 @main.command()
@@ -447,7 +414,8 @@ def bench(n: int, backends: str, steps: int, device: str, precision: str, weight
     import json
 
     from bench.throughput import BENCH_BACKENDS, plot, run_bench
-    from engine.weights import WeightsError, write_json
+    from engine.weights import WeightsError
+    from runtime.files import write_json
 
     _check_device(device)
     names = _names(backends, BENCH_BACKENDS, "--backends")

@@ -14,7 +14,6 @@ calibration, the gate's score (mean over the tasks of (L_k − clean median_k) /
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -24,7 +23,8 @@ from engine.calibration import calibration_path, load_calibration
 from engine.evaluate import eval_subset
 from engine.heads import HEAD_TASKS
 from engine.pipeline import DEFAULT_TASKS, load_pipeline
-from engine.weights import WeightsError, write_json
+from engine.weights import WeightsError
+from runtime.files import write_json
 
 
 def auc(negatives: torch.Tensor, positives: torch.Tensor) -> float:

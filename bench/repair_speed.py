@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 import torch
 
-from engine.imageio import read_folder
+from runtime.imageio import read_folder
 from engine.pipeline import DEFAULT_TASKS, load_pipeline
 
 
@@ -33,7 +33,7 @@ def time_repair(pipeline, x: torch.Tensor, steps: int) -> float:
 @click.option("--steps", type=click.IntRange(min=1), default=40, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def main(input_dir: Path, weights: str | None, steps: int, json_path: Path | None) -> None:
-    x = torch.stack([r.image for r in read_folder(input_dir) if r.image is not None])
+    x = torch.stack([torch.from_numpy(r.image) for r in read_folder(input_dir) if r.image is not None])
     full = load_pipeline(weights)
     time_repair(full, x[:2], 1)                                    # warm-up: first-call allocations
     seconds = time_repair(full, x, steps)

@@ -19,9 +19,8 @@ import torch
 
 from engine.backends import BackendUnavailable
 from engine.folder import RepairConfig, repair_batch
-from engine.imageio import read_folder
+from runtime.imageio import read_folder
 from engine.pipeline import Pipeline, load_pipeline
-from engine.repair import image_generators
 from export.parity import TOLERANCES, agreement, compare
 
 BENCH_BACKENDS = ("torch", "onnxruntime", "tensorrt", "torch-compile")
@@ -30,7 +29,7 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "clean"
 
 def bench_images(n: int) -> torch.Tensor:
     """``n`` example images (repeated where n exceeds the examples): the same inputs for every backend."""
-    x = torch.stack([r.image for r in read_folder(EXAMPLES) if r.image is not None])
+    x = torch.stack([torch.from_numpy(r.image) for r in read_folder(EXAMPLES) if r.image is not None])
     return x.repeat((n + len(x) - 1) // len(x), 1, 1, 1)[:n]
 
 
@@ -78,7 +77,7 @@ def graph_throughput(pipeline: Pipeline, x: torch.Tensor, batches: tuple[int, ..
     out = {}
     for batch in batches:
         xb = x.repeat((batch + len(x) - 1) // len(x), 1, 1, 1)[:batch].to(pipeline.device)
-        params = pipeline.objective.sample_params(image_generators(xb, 0), xb)
+        params = pipeline.objective.sample_params(xb, 0)
         out.setdefault("classifier", {})[str(batch)] = batch / timed(lambda: pipeline.backend.logits(xb), 3)
         for task in pipeline.tasks:
             one = {task: params[task]}
@@ -90,7 +89,7 @@ def graph_throughput(pipeline: Pipeline, x: torch.Tensor, batches: tuple[int, ..
 def parity_rows(name: str, reference: Pipeline, candidate: Pipeline, x: torch.Tensor, ref_rows: list[dict],
                 rows: list[dict], precision: str) -> list[dict]:
     x = x.to(candidate.device)
-    params = reference.objective.sample_params(image_generators(x, 0), x)
+    params = reference.objective.sample_params(x, 0)
     tol = TOLERANCES[precision]
     ref_logits, logits = reference.backend.logits(x), candidate.backend.logits(x)
     results = [compare("logits", ref_logits, logits, tol["logits"])]

@@ -13,7 +13,7 @@ from .attacks import PGD, DefenseAwarePGD
 from .data import CLASSES, load_cifar10
 from .imageio import quantize, write_png
 from .pipeline import Pipeline
-from .weights import write_csv, write_json
+from runtime.files import write_csv, write_json
 
 ATTACK_SET_ATTACKS = ("pgd", "aware")
 

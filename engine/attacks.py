@@ -2,13 +2,13 @@
 Inputs are float images in [0, 1]."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .repair import image_generators
+from .repair import Params, at_step
 
 
 def random_start(x: torch.Tensor, eps: float, generator: torch.Generator | None) -> torch.Tensor:
@@ -74,7 +74,7 @@ class DefenseAwarePGD(PGD):
     CE(F(x + δ), y) − λ · L_m(x + δ), where L_m is the multi-task SSL loss the repair minimizes. A large λ makes
     attacked images look clean to the SSL tasks, leaving the repair (and any loss-based gate) nothing to reverse.
 
-    L_m's augmentation parameters come from each image's own generator (engine/repair.py), re-drawn every step.
+    L_m's augmentation parameters are each image's own draws (runtime/draws.py), new ones every step.
     Shapes: x N×3×H×W in [0, 1], y N -> N×3×H×W.
 
     Example::
@@ -87,11 +87,12 @@ class DefenseAwarePGD(PGD):
         super().__init__(model, eps, alpha, steps, generator=torch.Generator().manual_seed(seed))
         self.objective, self.lam, self.seed = objective, lam, seed
 
-    def prepare(self, x: torch.Tensor) -> list[torch.Generator]:
-        return image_generators(x, self.seed)
+    def prepare(self, x: torch.Tensor) -> Iterator[Params]:
+        params = self.objective.draw(x, self.seed, self.steps)
+        return (at_step(params, step) for step in range(self.steps))
 
-    def attack_loss(self, x_adv: torch.Tensor, y: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
-        ssl = self.objective(x_adv, self.objective.sample_params(generators, x_adv))
+    def attack_loss(self, x_adv: torch.Tensor, y: torch.Tensor, steps: Iterator[Params]) -> torch.Tensor:
+        ssl = self.objective(x_adv, next(steps))
         return F.cross_entropy(self.model(x_adv), y, reduction="sum") - self.lam * ssl.sum()
 
 

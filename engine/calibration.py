@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from .data import load_cifar10
-from .weights import DEFAULT_WEIGHTS, WeightsError, write_json
+from .weights import DEFAULT_WEIGHTS, WeightsError
+from runtime.files import write_json
 
 CALIBRATION_FILE = "calibration.json"
 

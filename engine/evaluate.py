@@ -25,7 +25,7 @@ from .heads import base_task
 from .pipeline import DEFAULT_TASKS, Gate, Pipeline, build_objective
 from .repair import RepairResult
 from .repair_spec import parse_repair
-from .weights import write_json
+from runtime.files import write_json
 
 Z95 = 1.959963984540054
 # autoattack: APGD-CE + APGD-T on the classifier (transfer: the repair then runs on its images);

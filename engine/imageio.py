@@ -1,98 +1,17 @@
-"""Image-folder IO with validation: every file under a folder is an input; each one is read into a 3×32×32 float
-tensor in [0, 1] or gets a reason why not. Inputs are never modified; PNGs are written atomically."""
+"""Image IO for the PyTorch engine: runtime/imageio.py's reading, validation and atomic PNG writing, with tensors."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
 
-from .weights import atomic_write
-
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
-# Files this tool writes beside images (cli.py attack, cli.py repair): listed as skipped, not as bad inputs.
-METADATA_FILES = ("labels.csv", "attack.json", "report.json", "report.csv")
-SIZE = 32
-
-
-class ImageError(ValueError):
-    """This file cannot be used as an input; the message says why."""
-
-
-@dataclass
-class ImageRecord:
-    rel: str                                  # path relative to the input folder, with '/'
-    image: torch.Tensor | None = None         # 3×32×32 float32 in [0, 1]
-    error: str | None = None
-    notes: list[str] = field(default_factory=list)
-    skipped: bool = False                     # a metadata file of this tool, not an input
-
-
-def list_files(root: Path) -> list[Path]:
-    """Every regular file under ``root``, recursively, sorted; hidden files and folders (".name") are skipped."""
-    return sorted(p for p in root.rglob("*")
-                  if p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts))
-
-
-def to_rgb8(img: Image.Image, notes: list[str]) -> Image.Image:
-    """8-bit RGB, with a note for each conversion made."""
-    mode = img.mode
-    if mode == "RGB":
-        return img
-    if mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-        values = np.asarray(img, dtype=np.float64)
-        scale = 257.0 if mode.startswith("I;16") or values.max() > 255 else 1.0
-        notes.append(f"{'16-bit' if scale > 1 else mode} greyscale converted to 8-bit RGB")
-        return Image.fromarray(np.clip(np.round(values / scale), 0, 255).astype(np.uint8)).convert("RGB")
-    if mode in ("RGBA", "LA", "PA") or (mode == "P" and "transparency" in img.info):
-        notes.append(f"{mode} converted to RGB (alpha channel dropped)")
-    elif mode == "P":
-        notes.append("palette image converted to RGB")
-    elif mode in ("L", "1"):
-        notes.append("greyscale converted to RGB")
-    else:
-        notes.append(f"{mode} converted to RGB")
-    return img.convert("RGB")
+from runtime import imageio
 
 
 def read_image(path: Path, resize: bool = False) -> tuple[torch.Tensor, list[str]]:
-    """(3×32×32 float32 in [0, 1], notes) or ImageError."""
-    if path.suffix.lower() not in IMAGE_EXTENSIONS:
-        raise ImageError(f"not an image file ({path.suffix or 'no extension'}); "
-                         f"readable types: {', '.join(IMAGE_EXTENSIONS)}")
-    notes: list[str] = []
-    try:
-        with Image.open(path) as img:
-            img.load()
-            rgb = to_rgb8(img, notes)
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"cannot read image: {e}") from None
-    if rgb.size != (SIZE, SIZE):
-        if not resize:
-            raise ImageError(f"image is {rgb.size[0]}×{rgb.size[1]}, the models take {SIZE}×{SIZE} "
-                             "(pass --resize to scale it)")
-        notes.append(f"resized from {rgb.size[0]}×{rgb.size[1]} to {SIZE}×{SIZE}")
-        rgb = rgb.resize((SIZE, SIZE), Image.Resampling.BICUBIC)
-    array = np.asarray(rgb, dtype=np.uint8).copy()
-    return torch.from_numpy(array).permute(2, 0, 1).float().div_(255), notes
-
-
-def read_folder(root: Path, resize: bool = False) -> list[ImageRecord]:
-    records = []
-    for path in list_files(root):
-        record = ImageRecord(path.relative_to(root).as_posix())
-        if path.name in METADATA_FILES:
-            record.skipped, record.notes = True, ["metadata file of mssl-repair, not an image"]
-            records.append(record)
-            continue
-        try:
-            record.image, record.notes = read_image(path, resize)
-        except ImageError as e:
-            record.error = str(e)
-        records.append(record)
-    return records
+    """(3×32×32 float32 tensor in [0, 1], notes) or ImageError."""
+    image, notes = imageio.read_image(path, resize)
+    return torch.from_numpy(image), notes
 
 
 def quantize(x: torch.Tensor) -> torch.Tensor:
@@ -102,5 +21,4 @@ def quantize(x: torch.Tensor) -> torch.Tensor:
 
 def write_png(path: Path, image: torch.Tensor) -> None:
     """Lossless 8-bit PNG of a 3×H×W image in [0, 1], written atomically."""
-    array = (image.detach().cpu().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
-    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+    imageio.write_png(path, image.detach().cpu().float().numpy())

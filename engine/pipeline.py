@@ -20,7 +20,7 @@ from .backends import BACKENDS, BackendUnavailable, ForwardBackend
 from .backends.torch_backend import TorchBackend
 from .calibration import Calibration, calibration_path, load_calibration
 from .heads import HEAD_TASKS, check_backbone
-from .repair import MultiTaskLoss, RepairResult, image_generators, reverse_attack
+from .repair import MultiTaskLoss, RepairResult, reverse_attack
 from .tasks import CLASSIFIER_TASKS, TASKS, VIEW_TASKS
 from .weights import load_model
 
@@ -74,7 +74,7 @@ class Pipeline:
         """Each task's (or each of ``tasks``') per-image loss (forward backend), with parameters drawn from the
         images' own generators (seeded as in the repair, so the same image always gets the same augmentations)."""
         x = self._to_device(x)
-        return self.backend.task_losses(x, self.objective.sample_params(image_generators(x, seed), x, tasks))
+        return self.backend.task_losses(x, self.objective.sample_params(x, seed, tasks))
 
     def ssl_loss(self, x: torch.Tensor, seed: int = 0) -> torch.Tensor:
         """The repair objective L_m(x) (Σ_k α_k L_k, or its clean-level form), per image: Tensor[N]."""

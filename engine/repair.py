@@ -1,26 +1,32 @@
 """The reverse attack: r = argmin_{‖r‖∞ ≤ ε_r} Σ_k α_k L_k(x + r), by projected sign-gradient descent.
 
-Every random choice (the random start, each task's augmentation parameters at each step) comes from a generator of
-the image's own, seeded from the user's seed and the image's content (DESIGN.md, principle 3). So an image gets the
-same repair alone or inside any batch, and the same repair on every run with the same seed.
+Every random choice (the random start, each task's augmentation parameters at each step) comes from numpy
+generators of the image's own, one per (image, task), seeded from the user's seed, the image's content and the
+task's name (runtime/draws.py; DESIGN.md, principle 3). So an image gets the same repair alone or inside any batch,
+with any other tasks beside, and the same repair on every run with the same seed — in PyTorch and in the runtime
+without it.
 """
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from torch import nn
 
+from runtime.draws import batch_draws, start_noise
 
-def image_generators(x: torch.Tensor, seed: int) -> list[torch.Generator]:
-    """One CPU generator per image, seeded from sha256(seed, the image's float32 bytes)."""
-    pixels = x.detach().to("cpu", torch.float32).contiguous().numpy()
-    generators = []
-    for image in pixels:
-        digest = hashlib.sha256(int(seed).to_bytes(8, "little", signed=True) + image.tobytes()).digest()
-        generators.append(torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2 ** 63 - 1)))
-    return generators
+Params = dict[str, dict[str, torch.Tensor]]          # task -> parameter name -> tensor
+
+
+def pixels(x: torch.Tensor) -> np.ndarray:
+    """The images as the draws read them: float32 on the host."""
+    return x.detach().to("cpu", torch.float32).contiguous().numpy()
+
+
+def at_step(params: Params, step: int) -> Params:
+    """One step's parameters out of ``draw``'s steps-first tensors."""
+    return {task: {key: value[step] for key, value in p.items()} for task, p in params.items()}
 
 
 class MultiTaskLoss(nn.Module):
@@ -38,18 +44,17 @@ class MultiTaskLoss(nn.Module):
         self.alpha = {name: float(alpha.get(name, 1.0)) for name in tasks}
         self.levels = levels
 
-    def sample_params(self, generators: list[torch.Generator], like: torch.Tensor,
-                      names: list[str] | None = None) -> dict[str, dict]:
-        """Each task's parameters for a batch (all tasks, or ``names``), image i drawn from generators[i]; on
-        ``like``'s device and dtype."""
-        params = {}
-        for name, task in self.tasks.items():
-            if names is not None and name not in names:
-                continue
-            per_image = [task.sample_params(1, g) for g in generators]
-            params[name] = {key: torch.cat([p[key] for p in per_image]).to(like.device, like.dtype)
-                            for key in per_image[0]}
-        return params
+    def draw(self, x: torch.Tensor, seed: int, steps: int, names: list[str] | None = None) -> Params:
+        """Each task's (or each of ``names``') parameters for ``steps`` steps of a repair of x: steps×B×… tensors on
+        x's device, image i's from its own generators (runtime/draws.py)."""
+        views = {name: getattr(task, "views", None) for name, task in self.tasks.items()
+                 if names is None or name in names}
+        return {task: {key: torch.from_numpy(value).to(x.device, x.dtype) for key, value in p.items()}
+                for task, p in batch_draws(pixels(x), seed, views, steps).items()}
+
+    def sample_params(self, x: torch.Tensor, seed: int, names: list[str] | None = None) -> Params:
+        """One evaluation's parameters (the first step's draws) for each task, or each of ``names``: B×… tensors."""
+        return at_step(self.draw(x, seed, 1, names), 0)
 
     def per_task(self, x: torch.Tensor, params: dict[str, dict]) -> dict[str, torch.Tensor]:
         return {name: task.loss(x, **params[name]) for name, task in self.tasks.items()}
@@ -79,9 +84,9 @@ class RepairResult:
     repaired: torch.Tensor | None = None    # B bool: inputs the gate sent to the repair
 
 
-def uniform_start(generators: list[torch.Generator], like: torch.Tensor) -> torch.Tensor:
-    """U[0, 1) noise shaped like ``like``, image i's from generators[i]: the first draw of every repair."""
-    return torch.cat([torch.rand((1, *like.shape[1:]), generator=g) for g in generators]).to(like.device, like.dtype)
+def uniform_start(x: torch.Tensor, seed: int) -> torch.Tensor:
+    """U[0, 1) noise shaped like x, image i's from its own start stream: where the random start comes from."""
+    return torch.from_numpy(start_noise(pixels(x), seed)).to(x.device, x.dtype)
 
 
 def start_point(x: torch.Tensor, noise: torch.Tensor, eps: float | torch.Tensor) -> torch.Tensor:
@@ -104,12 +109,12 @@ def reverse_attack(objective: MultiTaskLoss, x: torch.Tensor, eps: float = 16 / 
     ``noise`` control that every repair must beat.
     """
     x = x.detach()
-    generators = image_generators(x, seed)
-    x_r = start_point(x, uniform_start(generators, x), eps)
+    x_r = start_point(x, uniform_start(x, seed), eps)
+    params = objective.draw(x, seed, steps)
     trace = []
-    for _ in range(steps):
+    for step in range(steps):
         x_r.requires_grad_(True)
-        loss = objective(x_r, objective.sample_params(generators, x))
+        loss = objective(x_r, at_step(params, step))
         grad, = torch.autograd.grad(loss.sum(), x_r)
         trace.append(loss.detach())
         x_r = sign_step(x_r.detach(), x, grad, eps, step_size)

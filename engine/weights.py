@@ -6,17 +6,15 @@ command, data md5, epochs, seed, wall time, machine), its measured metrics and t
 """
 from __future__ import annotations
 
-import csv
-import hashlib
-import io
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+from runtime.files import atomic_write, sha256sum, write_json
 
 from .models import build_model
 
@@ -25,49 +23,6 @@ DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 
 class WeightsError(RuntimeError):
     """Weights missing, corrupt, or not matching their manifest; the message names the file."""
-
-
-def sha256sum(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)``, then rename onto ``path``: a reader never sees half a file. The file gets the
-    mode a plain ``open`` would give it (mkstemp's own is owner-only)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.chmod(tmp, 0o666 & ~_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_json(path: Path, data: dict) -> None:
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2) + "\n"))
-
-
-def write_csv(path: Path, rows: list[dict], columns: list[str] | tuple[str, ...]) -> None:
-    """``rows`` as CSV with ``columns`` (keys not named are left out), written atomically."""
-    buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="ignore")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, lambda tmp: tmp.write_text(buffer.getvalue()))
 
 
 def save_model(model: nn.Module, name: str, out_dir: str | os.PathLike, manifest: dict,

@@ -17,8 +17,7 @@ from safetensors.torch import save_file
 
 from engine.imageio import read_image
 from engine.pipeline import load_pipeline
-from engine.repair import image_generators
-from engine.weights import atomic_write, write_json
+from runtime.files import atomic_write, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 N_IMAGES = 16
@@ -27,7 +26,7 @@ N_IMAGES = 16
 def golden_inputs(pipeline) -> dict[str, torch.Tensor]:
     paths = sorted((ROOT / "examples" / "clean").glob("*.png"))[:N_IMAGES]
     x = torch.stack([read_image(p)[0] for p in paths])
-    params = pipeline.objective.sample_params(image_generators(x, 0), x)
+    params = pipeline.objective.sample_params(x, 0)
     return {"x": x, **{f"{task}.{key}": value for task, p in params.items() for key, value in p.items()}}
 
 

@@ -29,9 +29,9 @@ import onnx
 import torch
 from torch import nn
 
+from engine.data import CLASSES
 from engine.pipeline import Pipeline
-from engine.repair import image_generators
-from engine.weights import atomic_write, sha256sum, write_json
+from runtime.files import atomic_write, sha256sum, write_json
 
 from .repair_graphs import export_step_graph, write_loop_graph
 
@@ -85,7 +85,7 @@ def graph_specs(pipeline: Pipeline) -> list[GraphSpec]:
     """The graphs of a pipeline, with example inputs drawn the way the repair draws them."""
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(pipeline.device)
     objective = pipeline.objective
-    params = objective.sample_params(image_generators(x, 0), x)
+    params = objective.sample_params(x, 0)
 
     def sources(*names: str) -> dict[str, object]:
         made_of: dict[str, object] = {n: pipeline.manifests[n]["sha256"] for n in names}
@@ -210,7 +210,7 @@ def export_all(pipeline: Pipeline, out_dir: str | os.PathLike, overwrite: bool =
         graphs[spec.name] = {"file": path.name, "sha256": sha256sum(path), "sources": spec.sources,
                              "opset": OPSET, "precision": precision, **describe_io(path)}
     manifest = {"opset": OPSET, "torch": torch.__version__, "onnx": onnx.__version__, "command": command,
-                "max_batch": MAX_BATCH, "weights": weights, "graphs": graphs}
+                "max_batch": MAX_BATCH, "weights": weights, "classes": list(CLASSES), "graphs": graphs}
     write_json(out_dir / MANIFEST, manifest)
     return manifest, notes
 

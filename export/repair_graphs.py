@@ -32,7 +32,7 @@ from onnx import TensorProto, helper
 from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from engine.repair import MultiTaskLoss, image_generators, sign_step
+from engine.repair import MultiTaskLoss, sign_step
 
 from .grad_decompositions import gradient_decompositions
 
@@ -65,7 +65,7 @@ def step_inputs(objective: MultiTaskLoss, batch: int = TRACE_BATCH,
     gen = torch.Generator().manual_seed(0)
     x = torch.rand(batch, 3, 32, 32, generator=gen).to(device)
     x0 = torch.rand(batch, 3, 32, 32, generator=gen).to(device)        # distinct from x: see the docstring
-    params = objective.sample_params(image_generators(x, 0), x)
+    params = objective.sample_params(x, 0)
     layout = [(task, key) for task in objective.tasks for key in params[task]]
     inputs = {"x": x, "x0": x0, "eps": torch.tensor(16 / 255, device=device),
               "step_size": torch.tensor(2 / 255, device=device),

@@ -24,7 +24,7 @@ from typing import Callable
 import onnx
 
 from engine.backends import BackendUnavailable
-from engine.weights import atomic_write, sha256sum, write_json
+from runtime.files import atomic_write, sha256sum, write_json
 
 PROFILE = (1, 64, 512)
 WORKSPACE_BYTES = 1 << 30

@@ -12,7 +12,6 @@ from click.testing import CliRunner
 from cli import main
 from engine.backends.onnxruntime_backend import OnnxRuntimeBackend, choose_providers
 from engine.pipeline import load_pipeline
-from engine.repair import image_generators
 from export.onnx_export import ExportError, export_all
 from export.parity import TOLERANCES, Tolerance, agreement, compare
 from tests.conftest import SHIPPED, needs_shipped
@@ -76,7 +75,7 @@ def test_foreign_files_are_not_overwritten(tiny_pipeline, tmp_path):
 def test_onnxruntime_matches_torch_at_another_batch_size(tiny_pipeline, exported, images):
     backend = OnnxRuntimeBackend(exported[0], tiny_pipeline.tasks)
     x = images[:5]                                   # exported at batch 2: the batch axis is free
-    params = tiny_pipeline.objective.sample_params(image_generators(x, 1), x)
+    params = tiny_pipeline.objective.sample_params(x, 1)
     tol = TOLERANCES["fp32"]
     reference = tiny_pipeline.classifier(x)
     assert compare("logits", reference, backend.logits(x), tol["logits"]).passed
@@ -91,7 +90,7 @@ def test_multitask_graph_weights_the_task_losses(tiny_pipeline, exported, images
     import onnxruntime as ort
 
     x = images[:3]
-    params = tiny_pipeline.objective.sample_params(image_generators(x, 0), x)
+    params = tiny_pipeline.objective.sample_params(x, 0)
     session = ort.InferenceSession(str(exported[0] / "multitask_loss.onnx"), providers=["CPUExecutionProvider"])
     feeds = {"x": x.numpy(), **{f"{t}_{k}": v.numpy() for t, p in params.items() for k, v in p.items()},
              "alpha": torch.tensor([0.5, 2.0, 1.0]).numpy()}
@@ -195,7 +194,7 @@ def test_head_tasks_export_and_match_torch_in_onnxruntime(tiny_weights, images, 
     assert manifest["graphs"]["contrastive-head_loss"]["sources"]["contrastive-head_views"] == 4
     backend = OnnxRuntimeBackend(tmp_path, pipeline.tasks)
     x = images[:3]
-    params = pipeline.objective.sample_params(image_generators(x, 2), x)
+    params = pipeline.objective.sample_params(x, 2)
     ours = backend.task_losses(x, params)
     for task, loss in pipeline.objective.per_task(x, params).items():
         result = compare(f"{task}_loss", loss, ours[task], TOLERANCES["fp32"]["loss"])

@@ -10,7 +10,7 @@ TASK_NAMES = ("contrastive", "inpainting", "rotation")
 @pytest.mark.parametrize("name", TASK_NAMES)
 def test_loss_is_finite_and_per_image(tiny_pipeline, images, name):
     task = tiny_pipeline.objective.tasks[name]
-    params = task.sample_params(len(images), torch.Generator().manual_seed(0))
+    params = tiny_pipeline.objective.sample_params(images, 0)[name]
     loss = task.loss(images, **params)
     assert loss.shape == (len(images),)
     assert torch.isfinite(loss).all() and (loss >= 0).all()
@@ -19,14 +19,14 @@ def test_loss_is_finite_and_per_image(tiny_pipeline, images, name):
 @pytest.mark.parametrize("name", TASK_NAMES)
 def test_loss_is_deterministic_given_params(tiny_pipeline, images, name):
     task = tiny_pipeline.objective.tasks[name]
-    params = task.sample_params(len(images), torch.Generator().manual_seed(5))
+    params = tiny_pipeline.objective.sample_params(images, 5)[name]
     torch.testing.assert_close(task.loss(images, **params), task.loss(images, **params), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("name", TASK_NAMES)
 def test_loss_of_an_image_ignores_its_batch_mates(tiny_pipeline, images, name):
     task = tiny_pipeline.objective.tasks[name]
-    params = task.sample_params(len(images), torch.Generator().manual_seed(2))
+    params = tiny_pipeline.objective.sample_params(images, 2)[name]
     batch = task.loss(images, **params)
     alone = task.loss(images[3:4], **{k: v[3:4] for k, v in params.items()})
     torch.testing.assert_close(alone, batch[3:4], rtol=1e-5, atol=1e-5)

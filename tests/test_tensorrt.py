@@ -167,14 +167,13 @@ def test_unavailable_tensorrt_says_why(tiny_weights, tmp_path):
 def test_tensorrt_engines_match_torch(tiny_pipeline, exported, tmp_path, images):
     from engine.backends.tensorrt_backend import TensorRTBackend
     from engine.pipeline import load_pipeline
-    from engine.repair import image_generators
     from tests.conftest import make_tiny_weights
 
     pipeline = load_pipeline(make_tiny_weights(tmp_path / "w"), device="cuda")
     export_all(pipeline, tmp_path / "onnx", repair_graphs=False)
     backend = TensorRTBackend(tmp_path / "onnx", pipeline.tasks, "cuda", cache_dir=tmp_path / "engines")
     x = images.cuda()
-    params = pipeline.objective.sample_params(image_generators(x, 0), x)
+    params = pipeline.objective.sample_params(x, 0)
     tol = TOLERANCES["fp32"]
     assert compare("logits", pipeline.classifier(x), backend.logits(x), tol["logits"]).passed
     for task, loss in pipeline.objective.per_task(x, params).items():

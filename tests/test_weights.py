@@ -48,7 +48,7 @@ def test_existing_weights_are_not_overwritten(tmp_path):
 def test_written_files_get_the_usual_mode(tmp_path):
     import os
 
-    from engine.weights import write_json
+    from runtime.files import write_json
 
     write_json(tmp_path / "a.json", {"x": 1})
     mask = os.umask(0)

@@ -13,7 +13,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..repair import RepairResult, image_generators, start_point, uniform_start
+from runtime.repair_inputs import repair_inputs
+
+from ..repair import RepairResult, pixels, start_point, uniform_start
 from . import BackendUnavailable
 
 
@@ -72,17 +74,11 @@ class OnnxRuntimeBackend:
                        seed: int) -> RepairResult:
         """engine.repair.reverse_attack in one onnxruntime call: the same draws, in the same order, as inputs."""
         x = x.detach().float()
-        generators = image_generators(x, seed)
-        noise = uniform_start(generators, x)
         if steps == 0:
-            return RepairResult(start_point(x, noise, eps), x.new_zeros(0, len(x)))
-        draws = [objective.sample_params(generators, x) for _ in range(steps)]
-        feeds = {"x0": x, "noise": noise, "eps": x.new_tensor(eps), "step_size": x.new_tensor(step_size)}
-        for task, params in draws[0].items():
-            for key in params:
-                feeds[f"{task}_{key}_all"] = torch.stack([d[task][key] for d in draws])
-        arrays = {name: feeds[name].cpu().numpy() for name in self.input_names["repair"] if name != "steps"}
-        repaired, trace = self.sessions["repair"].run(None, {**arrays, "steps": np.array(steps, dtype=np.int64)})
+            return RepairResult(start_point(x, uniform_start(x, seed), eps), x.new_zeros(0, len(x)))
+        views = {name: getattr(task, "views", None) for name, task in objective.tasks.items()}
+        feeds = repair_inputs(pixels(x), seed, eps, steps, step_size, views)
+        repaired, trace = self.sessions["repair"].run(None, feeds)
         return RepairResult(torch.from_numpy(repaired).to(x.device), torch.from_numpy(trace).to(x.device))
 
     def run(self, graph: str, feeds: dict[str, torch.Tensor]) -> torch.Tensor:

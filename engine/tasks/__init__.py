@@ -1,7 +1,9 @@
 """The self-supervised tasks. Each one is an ``nn.Module`` holding its network, with
 
-- ``sample_params(batch, generator) -> dict[str, Tensor]``: every random choice of the loss, and
-- ``loss(x, **params) -> Tensor[B]``: deterministic, one loss per image, differentiable in x.
+- ``loss(x, **params) -> Tensor[B]``: deterministic, one loss per image, differentiable in x;
+
+and every random choice of the loss an input ``params``, drawn per image by runtime/draws.py (by task name, so the
+runtime without PyTorch draws the same).
 """
 from .consistency import ConsistencyTask
 from .contrastive import ContrastiveTask
@@ -15,7 +17,7 @@ TASKS.update({f"{name}-head": task for name, task in list(TASKS.items())})
 # Tasks that read the classifier itself: no weights of their own, tied to the classifier they are loaded with.
 CLASSIFIER_TASKS = {"consistency": ConsistencyTask, "hedge": HedgeTask}
 TASKS.update(CLASSIFIER_TASKS)
-# Tasks whose sample_params draw augmented views (their loss, and its calibration, depend on the number of views).
+# Tasks whose draws are augmented views (their loss, and its calibration, depend on the number of views).
 VIEW_TASKS = (ContrastiveTask, ConsistencyTask)
 
 __all__ = ["TASKS", "CLASSIFIER_TASKS", "VIEW_TASKS", "ConsistencyTask", "ContrastiveTask", "HedgeTask",

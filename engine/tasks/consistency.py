@@ -20,7 +20,7 @@ def prediction_spread(probs: torch.Tensor) -> torch.Tensor:
 
 
 class ConsistencyTask(nn.Module):
-    """Shapes: x B×3×32×32 in [0, 1], params from ``sample_params(B, generator)`` (the contrastive task's views)
+    """Shapes: x B×3×32×32 in [0, 1], params: V views per image, as the contrastive task's (runtime/draws.py)
     -> loss B. ``net`` is the classifier (logits N×C)."""
 
     name = "consistency"
@@ -31,8 +31,6 @@ class ConsistencyTask(nn.Module):
             raise ValueError("label consistency needs at least 2 views per image")
         self.net, self.views = net, views
 
-    def sample_params(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        return augment.sample_views(batch, self.views, generator)
 
     def loss(self, x: torch.Tensor, **params: torch.Tensor) -> torch.Tensor:
         views = augment.apply_views(x, **params)

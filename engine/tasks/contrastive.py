@@ -39,7 +39,7 @@ def nt_xent_bank(z: torch.Tensor, bank: torch.Tensor, tau: float) -> torch.Tenso
 class ContrastiveTask(nn.Module):
     """Per-image contrastive loss over ``views`` augmented views (default 4, as in Mao et al.).
 
-    Shapes: x B×3×32×32 in [0, 1], params from ``sample_params(B, generator)`` -> loss B.
+    Shapes: x B×3×32×32 in [0, 1], params: V views per image (runtime/draws.py) -> loss B.
     """
 
     name = "contrastive"
@@ -50,8 +50,6 @@ class ContrastiveTask(nn.Module):
             raise ValueError("the contrastive loss needs at least 2 views per image")
         self.net, self.views, self.tau = net, views, tau
 
-    def sample_params(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        return augment.sample_views(batch, self.views, generator)
 
     def loss(self, x: torch.Tensor, **params: torch.Tensor) -> torch.Tensor:
         views = augment.apply_views(x, **params)

@@ -6,7 +6,7 @@ logits apart less than it pulls the wrongly-winning class down, and the true cla
 minimize: L_h(x) = −(1/C) Σ_c CE(F(x), c) = (1/C) Σ_c log softmax(F(x))_c (the 1/C keeps it on a per-class scale).
 
 Training-free and label-free; it reads only the classifier's logits, so it works in front of any classifier. No
-randomness: ``sample_params`` returns nothing. Their setting is 20 steps of 4/255 within 8/255 from a random start.
+randomness: it draws no parameters. Their setting is 20 steps of 4/255 within 8/255 from a random start.
 """
 from __future__ import annotations
 
@@ -24,8 +24,6 @@ class HedgeTask(nn.Module):
         super().__init__()
         self.net = net
 
-    def sample_params(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        return {}
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         return F.log_softmax(self.net(x), dim=1).mean(1)

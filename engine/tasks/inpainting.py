@@ -5,14 +5,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from runtime import draws
 
-def centre_mask(batch: int, size: int = 32, hole: int = 16, device: torch.device | str | None = None,
+
+def centre_mask(batch: int, device: torch.device | str | None = None,
                 dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """B×1×size×size, 1 on the central hole×hole square (dropped), 0 on the context."""
-    mask = torch.zeros(batch, 1, size, size, device=device, dtype=dtype)
-    lo = (size - hole) // 2
-    mask[:, :, lo:lo + hole, lo:lo + hole] = 1
-    return mask
+    """B×1×32×32, 1 on the central 16×16 square (dropped), 0 on the context: runtime/draws.py's mask, batched."""
+    return torch.from_numpy(draws.centre_mask()).to(device, dtype).repeat(batch, 1, 1, 1)
 
 
 class InpaintingTask(nn.Module):
@@ -28,8 +27,6 @@ class InpaintingTask(nn.Module):
         super().__init__()
         self.net = net
 
-    def sample_params(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        return {"mask": centre_mask(batch)}
 
     def loss(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return ((mask * (x - self.net(x, mask))) ** 2).sum((1, 2, 3))

@@ -12,7 +12,7 @@ def rotate_all(x: torch.Tensor) -> torch.Tensor:
 
 
 class RotationTask(nn.Module):
-    """Per-image rotation loss. It has no randomness: ``sample_params`` returns no parameters.
+    """Per-image rotation loss. It has no randomness: it draws no parameters.
 
     Shapes: x B×3×32×32 in [0, 1] -> loss B.
     """
@@ -23,8 +23,6 @@ class RotationTask(nn.Module):
         super().__init__()
         self.net = net
 
-    def sample_params(self, batch: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-        return {}
 
     def loss(self, x: torch.Tensor) -> torch.Tensor:
         log_probs = F.log_softmax(self.net(rotate_all(x)), dim=1).view(4, -1, 4)     # rotation k, image, class

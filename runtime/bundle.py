@@ -1,0 +1,107 @@
+"""An exported folder (``cli.py export``) opened in onnxruntime: the classifier, each task's loss and the whole
+repair (export/repair_graphs.py), with the draws of runtime/draws.py — the PyTorch reference's repair, without it.
+
+Example::
+
+    bundle = Bundle("onnx")                         # python cli.py export --out onnx
+    repaired, trace = bundle.repair(x, seed=0)      # x: float32 N×3×32×32 in [0, 1]
+    labels = bundle.logits(repaired).argmax(1)
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .draws import batch_draws, start_noise
+from .files import sha256sum
+from .folder import image_rows
+from .imageio import quantize
+from .repair_inputs import repair_inputs
+
+
+class BundleError(ValueError):
+    """The folder cannot be used as a bundle; the message says why and what to run."""
+
+
+class Bundle:
+    """The graphs of ``folder`` in onnxruntime sessions (CPU; ``threads``: intra-op threads, None: onnxruntime's
+    default). The repair objective (tasks, α, clean levels, views) is the one the repair graph was exported for."""
+
+    name = "runtime"
+
+    def __init__(self, folder: str | Path, threads: int | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise BundleError(f"onnxruntime is not installed ({e}): pip install -r runtime/requirements.txt") from None
+        folder = Path(folder)
+        manifest_path = folder / "manifest.json"
+        if not manifest_path.exists():
+            raise BundleError(f"{folder} is not an exported bundle (no manifest.json): make one with "
+                              f"`python cli.py export --out {folder}`")
+        self.manifest = json.loads(manifest_path.read_text())
+        graphs = self.manifest.get("graphs", {})
+        if "repair" not in graphs or "classes" not in self.manifest:
+            raise BundleError(f"{folder} holds no repair graph (or predates the runtime): export it again with "
+                              f"`python cli.py export --out {folder} --overwrite`")
+        objective = graphs["repair"]["sources"]["objective"]
+        self.tasks: list[str] = objective["tasks"]
+        self.alpha = dict(zip(self.tasks, objective["alpha"]))
+        self.levels = None if objective["levels"] is None else dict(zip(self.tasks, objective["levels"]))
+        self.views = {task: objective["views"].get(task) for task in self.tasks}
+        self.classes: list[str] = self.manifest["classes"]
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.sessions = {}
+        for graph in ["classifier", *(f"{t}_loss" for t in self.tasks), "repair"]:
+            entry = graphs.get(graph)
+            if entry is None:
+                raise BundleError(f"{folder} has no {graph} graph: export it again with `python cli.py export`")
+            path = folder / entry["file"]
+            if not path.exists() or sha256sum(path) != entry["sha256"]:
+                raise BundleError(f"{path} is missing or does not match its manifest sha256: export it again")
+            self.sessions[graph] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        names = [i.name for i in self.sessions[graph].get_inputs()]
+        return self.sessions[graph].run(None, {name: feeds[name] for name in names})
+
+    def logits(self, x: np.ndarray) -> np.ndarray:
+        return self._run("classifier", {"x": np.ascontiguousarray(x, dtype=np.float32)})[0]
+
+    def draws(self, x: np.ndarray, seed: int) -> dict[str, dict[str, np.ndarray]]:
+        """One evaluation's task parameters (the first step's draws), as the reference's ``sample_params``."""
+        return {task: {key: value[0] for key, value in p.items()}
+                for task, p in batch_draws(x, seed, self.views, 1).items()}
+
+    def task_losses(self, x: np.ndarray, params: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return {task: self._run(f"{task}_loss", {"x": x, **params[task]})[0] for task in self.tasks}
+
+    def combine(self, losses: dict[str, np.ndarray]) -> np.ndarray:
+        """The objective from per-task losses: Σ α_k L_k, or with clean levels Σ α_k max(0, L_k − level_k)."""
+        if self.levels is None:
+            return sum(self.alpha[t] * losses[t] for t in self.tasks)
+        return sum(self.alpha[t] * np.maximum(losses[t] - self.levels[t], 0) for t in self.tasks)
+
+    def repair(self, x: np.ndarray, seed: int = 0, eps: float = 16 / 255, steps: int = 40,
+               step_size: float = 2 / 255) -> tuple[np.ndarray, np.ndarray]:
+        """(repaired images N×3×32×32, trace steps×N: the objective at the start of each step)."""
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        if steps == 0:                     # the random start alone: the noise control
+            return np.clip(x + (2 * start_noise(x, seed) - 1) * np.float32(eps), 0, 1), np.zeros((0, len(x)))
+        repaired, trace = self._run("repair", repair_inputs(x, seed, eps, steps, step_size, self.views))
+        return repaired, trace
+
+    def repair_batch(self, x: np.ndarray, seed: int, eps: float, steps: int, step_size: float) -> list[dict]:
+        """runtime/folder.py's rows for one batch: the 8-bit repaired image and the report fields, losses before and
+        after with the same draws (as engine/folder.py's ``repair_batch``)."""
+        params = self.draws(x, seed)
+        before = self.task_losses(x, params)
+        repaired = quantize(self.repair(x, seed, eps, steps, step_size)[0])
+        after = self.task_losses(repaired, params)
+        return image_rows(repaired, x, self.logits(x).argmax(1).tolist(), self.logits(repaired).argmax(1).tolist(),
+                          before, after, self.combine(before), self.combine(after), self.classes)

@@ -1,0 +1,84 @@
+"""``python -m runtime repair --bundle DIR --input DIR --output DIR``: the repair without PyTorch.
+
+Same outputs, report and exit status as ``cli.py repair``: 0 when every input was repaired, 1 when some failed (see
+the report; the rest are repaired), 2 on usage errors. The repair objective is the one the bundle was exported for.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+
+class Fraction(click.ParamType):
+    """A float that may be written as a fraction, e.g. ``16/255``."""
+
+    name = "number"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, float):
+            return value
+        text = str(value).strip()
+        try:
+            if "/" in text:
+                num, den = text.split("/", 1)
+                result = float(num) / float(den)
+            else:
+                result = float(text)
+        except (ValueError, ZeroDivisionError):
+            self.fail(f"{value!r} is not a number or a fraction like 16/255", param, ctx)
+        if result < 0:
+            self.fail(f"{value!r} must not be negative", param, ctx)
+        return result
+
+
+FRACTION = Fraction()
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """Repair adversarially attacked images with an exported bundle (numpy + onnxruntime, no PyTorch)."""
+
+
+@main.command()
+@click.option("--bundle", "bundle_dir", type=click.Path(path_type=Path), required=True,
+              help="Folder written by `python cli.py export` (graphs and manifest.json).")
+@click.option("--input", "input_dir", type=click.Path(path_type=Path), required=True,
+              help="Folder of images (searched recursively).")
+@click.option("--output", "output_dir", type=click.Path(path_type=Path), required=True,
+              help="Folder for the repaired PNGs and report.json/report.csv (outside --input).")
+@click.option("--eps", type=FRACTION, default="16/255", show_default=True, help="L∞ bound of the repair.")
+@click.option("--steps", type=click.IntRange(min=0), default=40, show_default=True,
+              help="Sign-gradient steps (0: random start only, the noise control).")
+@click.option("--step-size", type=FRACTION, default="2/255", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="onnxruntime intra-op threads (default: onnxruntime's choice, all cores).")
+@click.option("--resize", is_flag=True, help="Scale images that are not 32×32 instead of reporting an error.")
+@click.option("--overwrite", is_flag=True, help="Replace existing outputs and reports.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def repair(bundle_dir: Path, input_dir: Path, output_dir: Path, eps: float, steps: int, step_size: float, seed: int,
+           batch_size: int, threads: int | None, resize: bool, overwrite: bool, quiet: bool) -> None:
+    """Repair every image under INPUT into OUTPUT (same relative paths, lossless PNG) with a report."""
+    from .bundle import Bundle
+    from .folder import check_folders, repair_folder, summary_lines
+
+    try:
+        check_folders(input_dir, output_dir, overwrite)
+        bundle = Bundle(bundle_dir, threads)
+    except ValueError as e:                # BundleError too
+        raise click.UsageError(str(e)) from None
+    config = {"eps": eps, "steps": steps, "step_size": step_size, "seed": seed, "batch_size": batch_size,
+              "backend": bundle.name, "tasks": bundle.tasks, "alpha": [bundle.alpha[t] for t in bundle.tasks],
+              "device": "cpu", "objective": "plain" if bundle.levels is None else "clean", "levels": bundle.levels,
+              "gate": None, "weights": bundle.manifest["weights"], "threads": threads}
+    try:
+        report = repair_folder(lambda x: bundle.repair_batch(x, seed, eps, steps, step_size), input_dir, output_dir,
+                               config, batch_size, resize, overwrite, progress=not quiet)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    for line, to_stderr in summary_lines(report, output_dir):
+        click.echo(line, err=to_stderr)
+    sys.exit(1 if report["summary"]["n_error"] else 0)

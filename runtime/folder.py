@@ -1,0 +1,166 @@
+"""Repair a folder of images: ``OUTPUT/<same relative path>.png`` per readable input, plus ``report.json`` and
+``report.csv`` listing every input with its status (DESIGN.md, "Contracts" and principle 7).
+
+One contract for every engine: ``repair_folder`` takes the engine's batch repair as a callable, so the PyTorch
+reference (engine/folder.py) and the runtime without PyTorch (runtime/bundle.py) read, refuse, write and report alike.
+"""
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+from tqdm import tqdm
+
+from .files import write_csv, write_json
+from .imageio import ImageRecord, read_folder, write_png
+
+REPORT_FILES = ("report.json", "report.csv")
+CSV_COLUMNS = ("file", "status", "error", "notes", "output", "true_label", "pred_before", "pred_after",
+               "label_before", "label_after", "ssl_loss_before", "ssl_loss_after", "linf", "gate_score", "gated_out")
+# images N×3×32×32 float32 -> per image: "image" (the 8-bit repaired image, 3×32×32) and its report fields
+BatchRepair = Callable[[np.ndarray], list[dict]]
+
+
+def check_folders(input_dir: Path, output_dir: Path, overwrite: bool) -> None:
+    """ValueError with a clear message where the folders cannot be used as given."""
+    if not input_dir.exists():
+        raise ValueError(f"input folder {input_dir} does not exist")
+    if not input_dir.is_dir():
+        raise ValueError(f"input {input_dir} is not a folder")
+    src, dst = input_dir.resolve(), output_dir.resolve()
+    if dst == src or src in dst.parents:
+        raise ValueError(f"output {output_dir} is inside the input folder {input_dir}: choose a folder outside it")
+    if dst in src.parents:
+        raise ValueError(f"input {input_dir} is inside the output folder {output_dir}: choose a folder outside it")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output {output_dir} exists and is not a folder")
+    existing = [name for name in REPORT_FILES if (output_dir / name).exists()]
+    if existing and not overwrite:
+        raise ValueError(f"{output_dir} already holds {', '.join(existing)} from an earlier run: "
+                         "choose another --output, or pass --overwrite")
+
+
+def assign_outputs(records: list[ImageRecord], output_dir: Path, overwrite: bool) -> dict[str, Path]:
+    """Output path per readable input; a name taken twice or an existing file (without ``overwrite``) is an error."""
+    outputs, taken = {}, {}
+    for rec in records:
+        if rec.error or rec.skipped:
+            continue
+        out_rel = Path(rec.rel).with_suffix(".png").as_posix()
+        if out_rel in taken:
+            rec.error = f"output {out_rel} is already written for {taken[out_rel]}; rename one of them"
+        elif (output_dir / out_rel).exists() and not overwrite:
+            rec.error = f"output {out_rel} already exists (pass --overwrite to replace it)"
+        else:
+            taken[out_rel] = rec.rel
+            outputs[rec.rel] = output_dir / out_rel
+    return outputs
+
+
+def repair_folder(repair_batch: BatchRepair, input_dir: Path, output_dir: Path, config: dict, batch_size: int,
+                  resize: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+    """Repair every readable image under ``input_dir`` with ``repair_batch``, ``batch_size`` images at a time;
+    returns the report (also written to ``output_dir``), whose "config" is ``config``."""
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    check_folders(input_dir, output_dir, overwrite)
+    records = read_folder(input_dir, resize)
+    if not records:
+        raise ValueError(f"no files under {input_dir} (looked recursively for images)")
+    start = time.time()
+    outputs = assign_outputs(records, output_dir, overwrite)
+    rows = {rec.rel: {"file": rec.rel, "status": "skipped" if rec.skipped else "error", "error": rec.error,
+                      "notes": rec.notes} for rec in records}
+    labels = read_labels(input_dir / "labels.csv")
+    for rel, row in rows.items():
+        if rel in labels:
+            row["true_label"] = labels[rel]
+    todo = [rec for rec in records if rec.rel in outputs]
+    with tqdm(total=len(todo), unit="img", desc="repair", disable=not progress) as bar:
+        for i in range(0, len(todo), batch_size):
+            batch = todo[i:i + batch_size]
+            for rec, row in zip(batch, repair_batch(np.stack([r.image for r in batch]))):
+                write_png(outputs[rec.rel], row.pop("image"))
+                rows[rec.rel].update(row, status="repaired", output=outputs[rec.rel].relative_to(output_dir).as_posix())
+            bar.update(len(batch))
+    seconds = time.time() - start
+    images = [rows[rec.rel] for rec in records]
+    n_repaired = sum(r["status"] == "repaired" for r in images)
+    n_error = sum(r["status"] == "error" for r in images)
+    gated = [r["gated_out"] for r in images if "gated_out" in r]
+    report = {
+        "config": config,
+        "images": images,
+        "summary": {"n_inputs": len(images), "n_repaired": n_repaired, "n_error": n_error,
+                    "n_skipped": len(images) - n_repaired - n_error, "seconds": round(seconds, 3),
+                    "images_per_s": round(n_repaired / seconds, 3) if seconds else None, **accuracy(images),
+                    **({"n_gated_out": sum(gated)} if config.get("gate") else {})},
+    }
+    write_report(report, output_dir)
+    return report
+
+
+def image_rows(repaired: np.ndarray, x: np.ndarray, pred_before: list[int], pred_after: list[int],
+               before: dict[str, np.ndarray], after: dict[str, np.ndarray], total_before: np.ndarray,
+               total_after: np.ndarray, classes: list[str], gate: dict[str, list] | None = None) -> list[dict]:
+    """The report fields of a repaired batch (8-bit ``repaired`` and inputs ``x``, N×3×32×32), per image."""
+    linf = np.abs(repaired - x).max(axis=(1, 2, 3))
+    return [{
+        "image": repaired[i],
+        "pred_before": int(pred_before[i]), "pred_after": int(pred_after[i]),
+        "label_before": classes[pred_before[i]], "label_after": classes[pred_after[i]],
+        "ssl_loss_before": round(float(total_before[i]), 6), "ssl_loss_after": round(float(total_after[i]), 6),
+        "task_losses_before": {t: round(float(v[i]), 6) for t, v in before.items()},
+        "task_losses_after": {t: round(float(v[i]), 6) for t, v in after.items()},
+        "linf": round(float(linf[i]), 6),
+        **{k: v[i] for k, v in (gate or {}).items()},
+    } for i in range(len(x))]
+
+
+def read_labels(path: Path) -> dict[str, int]:
+    """file -> true class from a labels.csv (columns ``file`` and ``label``, as `cli.py attack` writes); {} if
+    there is none or it cannot be read (labels are optional: they only add accuracy to the report)."""
+    if not path.exists():
+        return {}
+    try:
+        with open(path, newline="") as f:
+            return {row["file"]: int(row["label"]) for row in csv.DictReader(f)}
+    except (KeyError, ValueError, csv.Error):
+        return {}
+
+
+def accuracy(images: list[dict]) -> dict:
+    labelled = [r for r in images if r["status"] == "repaired" and "true_label" in r]
+    if not labelled:
+        return {}
+    n = len(labelled)
+    return {"n_labelled": n,
+            "accuracy_before": round(sum(r["pred_before"] == r["true_label"] for r in labelled) / n, 4),
+            "accuracy_after": round(sum(r["pred_after"] == r["true_label"] for r in labelled) / n, 4)}
+
+
+def write_report(report: dict, output_dir: Path) -> None:
+    write_json(output_dir / "report.json", report)
+    rows = [{**{c: row.get(c) for c in CSV_COLUMNS}, "notes": "; ".join(row.get("notes", []))}
+            for row in report["images"]]
+    write_csv(output_dir / "report.csv", rows, CSV_COLUMNS)
+
+
+def summary_lines(report: dict, output_dir: Path) -> list[tuple[str, bool]]:
+    """What a command prints after a folder repair: (line, whether it goes to stderr)."""
+    summary = report["summary"]
+    lines = [(f"repaired {summary['n_repaired']} of {summary['n_inputs']} file(s) in {summary['seconds']:.1f} s "
+              f"({summary['images_per_s'] or 0:.2f} images/s); report: {output_dir / 'report.json'}", False)]
+    lines += [(f"  error: {row['file']}: {row['error']}", True) for row in report["images"] if row["status"] == "error"]
+    changed = sum(r.get("pred_before") != r.get("pred_after") for r in report["images"] if r["status"] == "repaired")
+    lines.append((f"prediction changed for {changed} image(s)", False))
+    if "n_gated_out" in summary:
+        lines.append((f"gate (false-positive rate {report['config']['gate']['fpr']}): {summary['n_gated_out']} "
+                      "image(s) passed unchanged", False))
+    if "accuracy_before" in summary:
+        lines.append((f"accuracy on the {summary['n_labelled']} labelled image(s) (labels.csv): "
+                      f"{100 * summary['accuracy_before']:.1f} % before, {100 * summary['accuracy_after']:.1f} % after",
+                      False))
+    return lines

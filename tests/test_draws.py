@@ -1,0 +1,68 @@
+"""The repair's draws (runtime/draws.py): per (image, task) streams, so an image's draws ignore its batch-mates, the
+other tasks and the number of steps; seeded; and the module runs where torch cannot be imported."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from runtime import draws
+
+TASKS = {"contrastive-head": 4, "consistency": 2, "inpainting-head": None, "rotation-head": None, "hedge": None}
+
+
+@pytest.fixture
+def batch():
+    return np.random.default_rng(0).random((5, 3, 32, 32), dtype=np.float32)
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for task in a:
+        assert a[task].keys() == b[task].keys()
+        for key in a[task]:
+            np.testing.assert_array_equal(a[task][key], b[task][key])
+
+
+def test_an_image_draws_the_same_alone_as_in_a_batch(batch):
+    together = draws.batch_draws(batch, 7, TASKS, steps=3)
+    alone = draws.batch_draws(batch[2:3], 7, TASKS, steps=3)
+    assert_same(alone, {t: {k: v[:, 2:3] for k, v in p.items()} for t, p in together.items()})
+    np.testing.assert_array_equal(draws.start_noise(batch, 7)[2:3], draws.start_noise(batch[2:3], 7))
+
+
+def test_a_tasks_draws_ignore_the_other_tasks_and_the_number_of_steps(batch):
+    full = draws.batch_draws(batch, 0, TASKS, steps=5)
+    just = draws.batch_draws(batch, 0, {"consistency": 2}, steps=3)
+    assert_same(just, {"consistency": {k: v[:3] for k, v in full["consistency"].items()}})
+
+
+def test_draws_are_seeded_and_shaped(batch):
+    a, b = draws.batch_draws(batch, 1, TASKS, 2), draws.batch_draws(batch, 1, TASKS, 2)
+    assert_same(a, b)
+    other = draws.batch_draws(batch, 2, TASKS, 2)
+    assert not np.array_equal(a["consistency"]["crop_y"], other["consistency"]["crop_y"])
+    assert a["contrastive-head"]["crop_y"].shape == (2, 5, 4, 32, 32)
+    assert a["contrastive-head"]["color"].shape == (2, 5, 4, 3, 3)
+    assert a["inpainting-head"]["mask"].shape == (2, 5, 1, 32, 32) and a["inpainting-head"]["mask"].sum() == 2 * 5 * 256
+    assert a["rotation-head"] == {} and a["hedge"] == {}
+    assert all(v.dtype == np.float32 for p in a.values() for v in p.values())
+    # rows of the crop matrices are convex weights; views differ between steps
+    np.testing.assert_allclose(a["consistency"]["crop_y"].sum(-1), 1, atol=1e-6)
+    assert not np.array_equal(a["consistency"]["crop_y"][0], a["consistency"]["crop_y"][1])
+
+
+def test_an_unknown_task_is_named():
+    with pytest.raises(ValueError, match="segmentation"):
+        draws.task_draws("segmentation", np.random.default_rng(0), 1)
+
+
+def test_draws_run_where_torch_cannot_be_imported():
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import numpy as np; from runtime import draws\n"
+            "x = np.zeros((1, 3, 32, 32), np.float32)\n"
+            "print(draws.batch_draws(x, 0, {'contrastive': 4}, 1)['contrastive']['crop_y'].shape)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parent.parent)
+    assert out.stdout.strip() == "(1, 1, 4, 32, 32)"

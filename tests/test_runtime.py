@@ -1,0 +1,92 @@
+"""The runtime without PyTorch (runtime/): run where ``import torch`` fails, it repairs a folder with an exported
+bundle like the PyTorch reference (same draws: same predictions, same statuses, same report), and refuses what it
+cannot use with a message."""
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from cli import main
+from engine.pipeline import load_pipeline
+from export.onnx_export import export_all
+
+ROOT = Path(__file__).resolve().parent.parent
+TASKS = ["contrastive", "inpainting", "rotation"]      # views, a mask and no draws: every kind of parameter
+REPAIR = ["--steps", "3", "--seed", "1", "--batch-size", "4", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_weights, tmp_path_factory):
+    # the plain objective: the tiny random networks' clean-loss IQRs are ~1e-5, so the clean-level objective's α
+    # (1/IQR) would blow float32 rounding differences up to sign flips; the shipped models' are well conditioned
+    pipeline = load_pipeline(tiny_weights, tasks=TASKS, objective="plain")
+    out = tmp_path_factory.mktemp("bundle")
+    export_all(pipeline, out)
+    return out
+
+
+def run_without_torch(*args: str) -> subprocess.CompletedProcess:
+    """``python -m runtime ARGS`` in a process where importing torch raises ImportError."""
+    code = ("import sys; sys.modules['torch'] = None\n"
+            f"sys.argv = ['runtime', *{list(args)!r}]\n"
+            "from runtime.cli import main; main()")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+
+
+@pytest.fixture
+def inputs(tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for path in sorted((ROOT / "examples" / "attacked").glob("*.png"))[:6]:
+        shutil.copy(path, folder / path.name)
+    shutil.copy(ROOT / "examples" / "attacked" / "labels.csv", folder / "labels.csv")
+    (folder / "notes.png").write_text("not an image")
+    return folder
+
+
+def test_runtime_repairs_like_the_torch_reference_with_torch_unimportable(bundle, tiny_weights, inputs, tmp_path):
+    reference = CliRunner().invoke(main, ["repair", "--input", str(inputs), "--output", str(tmp_path / "ref"),
+                                          "--weights", str(tiny_weights), "--tasks", ",".join(TASKS), "--objective", "plain",
+                                          "--backend", "torch", *REPAIR])
+    assert reference.exit_code == 1, reference.output            # the bad file: exit 1, the rest repaired
+    result = run_without_torch("repair", "--bundle", str(bundle), "--input", str(inputs), "--output",
+                               str(tmp_path / "rt"), "--threads", "1", *REPAIR)
+    assert result.returncode == 1, result.stderr
+    assert "notes.png" in result.stderr and "repaired 6 of 8" in result.stdout
+    ref, got = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("ref", "rt"))
+    assert ref["config"]["weights"] == got["config"]["weights"] and got["config"]["objective"] == "plain"
+    for a, b in zip(ref["images"], got["images"]):
+        assert (a["file"], a["status"], a["error"]) == (b["file"], b["status"], b["error"])
+        if a["status"] != "repaired":
+            continue
+        assert (a["pred_before"], a["pred_after"], a["label_after"]) == (b["pred_before"], b["pred_after"],
+                                                                         b["label_after"])
+        for task in TASKS:                        # the same draws: the same losses before and after
+            assert b["task_losses_before"][task] == pytest.approx(a["task_losses_before"][task], rel=1e-4, abs=1e-5)
+            assert b["task_losses_after"][task] == pytest.approx(a["task_losses_after"][task], rel=1e-3, abs=1e-4)
+        pixels = [np.asarray(Image.open(tmp_path / d / a["output"]), dtype=np.int16) for d in ("ref", "rt")]
+        # sign steps flip only where a gradient is ~0: almost every pixel is the same 8-bit value
+        assert (pixels[0] != pixels[1]).mean() <= 1e-3
+    assert got["summary"]["accuracy_after"] == ref["summary"]["accuracy_after"]
+
+
+def test_runtime_refuses_what_it_cannot_use(bundle, inputs, tmp_path):
+    not_a_bundle = run_without_torch("repair", "--bundle", str(tmp_path), "--input", str(inputs), "--output",
+                                     str(tmp_path / "out"))
+    assert not_a_bundle.returncode == 2 and "cli.py export" in not_a_bundle.stderr
+    inside = run_without_torch("repair", "--bundle", str(bundle), "--input", str(inputs), "--output",
+                               str(inputs / "out"))
+    assert inside.returncode == 2 and "inside the input folder" in inside.stderr
+    assert not (tmp_path / "out").exists() and not (inputs / "out").exists()
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken)
+    (broken / "classifier.onnx").write_bytes(b"corrupt")
+    corrupt = run_without_torch("repair", "--bundle", str(broken), "--input", str(inputs), "--output",
+                                str(tmp_path / "out"))
+    assert corrupt.returncode == 2 and "sha256" in corrupt.stderr
