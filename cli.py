@@ -441,11 +441,11 @@ def bench(n: int, backends: str, steps: int, device: str, precision: str, weight
 def _load(**kwargs):
     """load_pipeline, with every user-fixable failure turned into a usage error (exit 2)."""
     from engine.backends import BackendUnavailable
-    from engine.pipeline import load_pipeline
     from engine.weights import WeightsError
+    from export.onnx_export import load_exported_pipeline
 
     try:
-        return load_pipeline(**kwargs)
+        return load_exported_pipeline(**kwargs)
     except (ValueError, WeightsError, BackendUnavailable) as e:
         raise click.UsageError(str(e)) from None
 

@@ -16,8 +16,8 @@ from pathlib import Path
 import click
 import torch
 
-from runtime.imageio import read_folder
 from engine.pipeline import DEFAULT_TASKS, load_pipeline
+from runtime.imageio import read_folder
 
 
 def time_repair(pipeline, x: torch.Tensor, steps: int) -> float:

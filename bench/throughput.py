@@ -19,9 +19,10 @@ import torch
 
 from engine.backends import BackendUnavailable
 from engine.folder import RepairConfig, repair_batch
-from runtime.imageio import read_folder
 from engine.pipeline import Pipeline, load_pipeline
+from export.onnx_export import load_exported_pipeline
 from export.parity import TOLERANCES, agreement, compare
+from runtime.imageio import read_folder
 
 BENCH_BACKENDS = ("torch", "onnxruntime", "tensorrt", "torch-compile")
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "clean"
@@ -56,7 +57,8 @@ def make_pipeline(name: str, weights, device: str, onnx_dir, threads: int | None
         pipeline = load_pipeline(weights, device, views=views)
         pipeline.objective = torch.compile(pipeline.objective)
     else:
-        pipeline = load_pipeline(weights, device, views=views, backend=name, onnx_dir=onnx_dir, threads=threads)
+        pipeline = load_exported_pipeline(weights=weights, device=device, views=views, backend=name,
+                                          onnx_dir=onnx_dir, threads=threads)
     return pipeline, time.perf_counter() - start
 
 

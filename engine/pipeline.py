@@ -142,8 +142,9 @@ def load_pipeline(weights: str | os.PathLike | None = None, device: str | torch.
     which are also loaded whenever that path is given.
 
     ``backend`` runs the forward-only passes ("torch", "onnxruntime", "tensorrt" at ``precision``, or "auto": the
-    fastest present). With "onnxruntime", the whole repair runs in the exported Loop graph where it was exported for
-    this objective, else the gradient loop is PyTorch's; ``threads`` sets onnxruntime's intra-op threads (torch's
+    fastest present) from the graphs exported to ``onnx_dir`` (``export.onnx_export.load_exported_pipeline``
+    exports them into a cache first). With "onnxruntime", the whole repair runs in the exported Loop graph where it
+    was exported for this objective, else the gradient loop is PyTorch's; ``threads`` sets onnxruntime's intra-op threads (torch's
     are the process's: ``torch.set_num_threads``). Raises ``engine.weights.WeightsError``
     (a clear message) where a file is missing or does not match its manifest, and ``BackendUnavailable`` where the
     backend cannot run here.
@@ -154,7 +155,7 @@ def load_pipeline(weights: str | os.PathLike | None = None, device: str | torch.
     device = torch.device(device)
     backend = resolve_backend(backend, device)
     if backend == "tensorrt":                  # fail before any export work where it cannot run
-        from export.tensorrt import import_tensorrt
+        from .backends.tensorrt_engines import import_tensorrt
 
         import_tensorrt()
     classifier, manifest = load_model("classifier", weights, device)
@@ -178,9 +179,10 @@ def load_pipeline(weights: str | os.PathLike | None = None, device: str | torch.
     if gate_fpr is not None:
         pipeline.gate = Gate(stats, list(tasks), gate_fpr)
     if backend in ("onnxruntime", "tensorrt"):
-        from export.onnx_export import ensure_exported
-
-        onnx_dir = ensure_exported(pipeline, onnx_dir)
+        if onnx_dir is None:               # the engine reads exported graphs; exporting them is export/'s job
+            raise BackendUnavailable(f"the {backend} backend runs exported graphs: pass onnx_dir (a folder written "
+                                     "by `python cli.py export --out DIR`), or load with "
+                                     "export.onnx_export.load_exported_pipeline(), which exports into a cache")
         if backend == "onnxruntime":
             from .backends.onnxruntime_backend import OnnxRuntimeBackend
 

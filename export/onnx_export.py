@@ -30,7 +30,8 @@ import torch
 from torch import nn
 
 from engine.data import CLASSES
-from engine.pipeline import Pipeline
+from engine.backends.tensorrt_engines import import_tensorrt
+from engine.pipeline import Pipeline, load_pipeline, resolve_backend
 from runtime.files import atomic_write, sha256sum, write_json
 
 from .repair_graphs import export_step_graph, write_loop_graph
@@ -174,7 +175,7 @@ def export_all(pipeline: Pipeline, out_dir: str | os.PathLike, overwrite: bool =
                command: str | None = None, precision: str = "fp32",
                repair_graphs: bool = True) -> tuple[dict, list[str]]:
     """Export every graph of ``pipeline`` into ``out_dir``; returns (manifest, notes). ``precision`` "fp16" converts
-    each graph to FP16 with FP32 inputs and outputs kept (export/tensorrt.py, ``fp16_graph``); the repair graphs
+    each graph to FP16 with FP32 inputs and outputs kept (engine/backends/tensorrt_engines.py, ``fp16_graph``); the repair graphs
     (export/repair_graphs.py, about a minute to trace) are FP32 only, and left out with ``repair_graphs=False``."""
     if precision not in ("fp32", "fp16"):
         raise ExportError(f"precision must be fp32 or fp16, not {precision!r}")
@@ -204,7 +205,7 @@ def export_all(pipeline: Pipeline, out_dir: str | os.PathLike, overwrite: bool =
         else:
             export_graph(spec, path)
         if precision == "fp16":
-            from .tensorrt import fp16_graph
+            from engine.backends.tensorrt_engines import fp16_graph
 
             fp16_graph(path, path)
         graphs[spec.name] = {"file": path.name, "sha256": sha256sum(path), "sources": spec.sources,
@@ -217,6 +218,18 @@ def export_all(pipeline: Pipeline, out_dir: str | os.PathLike, overwrite: bool =
 
 def default_cache_dir() -> Path:
     return Path(os.environ.get("MSSL_REPAIR_CACHE", Path.home() / ".cache" / "mssl-repair"))
+
+
+def load_exported_pipeline(**kwargs) -> Pipeline:
+    """``engine.pipeline.load_pipeline(**kwargs)`` for any backend: where the backend runs exported graphs, this
+    pipeline's graphs are brought up to date first (``ensure_exported``: in ``onnx_dir``, or a cache folder)."""
+    backend = resolve_backend(kwargs.get("backend", "torch"), torch.device(kwargs.get("device", "cpu")))
+    if backend in ("onnxruntime", "tensorrt"):
+        if backend == "tensorrt":           # say so before a minute of export work
+            import_tensorrt()
+        reference = load_pipeline(**{**kwargs, "backend": "torch"})
+        kwargs["onnx_dir"] = ensure_exported(reference, kwargs.get("onnx_dir"))
+    return load_pipeline(**kwargs)
 
 
 def ensure_exported(pipeline: Pipeline, onnx_dir: str | os.PathLike | None = None) -> Path:

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 from cli import main
 from engine.backends import BackendUnavailable
-from export import tensorrt as trt_export
+from engine.backends import tensorrt_engines as trt_export
 from export.onnx_export import export_all
 from export.parity import TOLERANCES, compare
 

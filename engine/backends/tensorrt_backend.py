@@ -1,4 +1,4 @@
-"""TensorRT backend: engines built from the exported graphs (export/tensorrt.py), run on torch CUDA tensors.
+"""TensorRT backend: engines built from the exported graphs (tensorrt_engines.py), run on torch CUDA tensors.
 
 Inputs and outputs are torch tensors' memory (``set_tensor_address`` with ``data_ptr()``), work goes on torch's
 current stream (``execute_async_v3``): no pycuda, no host copies. Batches above the profile's maximum run in slices.
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from export.tensorrt import PROFILE, import_tensorrt, load_engine
+from .tensorrt_engines import PROFILE, import_tensorrt, load_engine
 
 
 class TensorRTBackend:
@@ -22,7 +22,7 @@ class TensorRTBackend:
         self.trt = import_tensorrt()
         self.device = torch.device(device)
         if self.device.type != "cuda":
-            from export.tensorrt import TensorRTUnavailable
+            from .tensorrt_engines import TensorRTUnavailable
 
             raise TensorRTUnavailable("the tensorrt backend runs on CUDA: pass --device cuda")
         onnx_dir = Path(onnx_dir)

@@ -23,7 +23,7 @@ from typing import Callable
 
 import onnx
 
-from engine.backends import BackendUnavailable
+from . import BackendUnavailable
 from runtime.files import atomic_write, sha256sum, write_json
 
 PROFILE = (1, 64, 512)
