@@ -171,6 +171,19 @@ def graph_status(out_dir: Path, spec: GraphSpec, manifest: dict) -> str:
     return "current"
 
 
+def gate_statistics(pipeline: Pipeline) -> dict | None:
+    """What the gate needs beside the loss graphs (engine/calibration.py): score = Σ_k w_k (L_k − median_k) over the
+    pipeline's tasks, and the clean calibration images' scores, whose (1 − fpr) quantile is the threshold for any
+    false-positive rate. None where the pipeline was loaded without clean statistics."""
+    stats = pipeline.calibration
+    if stats is None:
+        return None
+    tasks = pipeline.tasks
+    clean = stats.score({t: stats.losses[t].double() for t in tasks})
+    return {"tasks": tasks, "weights": stats.score_weights(tasks), "median": {t: stats.level(t) for t in tasks},
+            "clean_scores": sorted(clean.tolist()), "views": stats.views}
+
+
 def export_all(pipeline: Pipeline, out_dir: str | os.PathLike, overwrite: bool = False,
                command: str | None = None, precision: str = "fp32",
                repair_graphs: bool = True) -> tuple[dict, list[str]]:
@@ -211,7 +224,8 @@ def export_all(pipeline: Pipeline, out_dir: str | os.PathLike, overwrite: bool =
         graphs[spec.name] = {"file": path.name, "sha256": sha256sum(path), "sources": spec.sources,
                              "opset": OPSET, "precision": precision, **describe_io(path)}
     manifest = {"opset": OPSET, "torch": torch.__version__, "onnx": onnx.__version__, "command": command,
-                "max_batch": MAX_BATCH, "weights": weights, "classes": list(CLASSES), "graphs": graphs}
+                "max_batch": MAX_BATCH, "weights": weights, "classes": list(CLASSES), "graphs": graphs,
+                "gate": gate_statistics(pipeline)}
     write_json(out_dir / MANIFEST, manifest)
     return manifest, notes
 

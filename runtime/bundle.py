@@ -96,12 +96,38 @@ class Bundle:
         repaired, trace = self._run("repair", repair_inputs(x, seed, eps, steps, step_size, self.views))
         return repaired, trace
 
-    def repair_batch(self, x: np.ndarray, seed: int, eps: float, steps: int, step_size: float) -> list[dict]:
+    def gate_threshold(self, fpr: float) -> float:
+        """The gate's threshold: the score above which a fraction ``fpr`` of the clean calibration images lies
+        (engine/calibration.py's rule, from the clean scores the export stored)."""
+        gate = self.manifest.get("gate")
+        if gate is None:
+            raise BundleError("this bundle has no gate statistics: export it from a pipeline with a calibration "
+                              "(`python cli.py export --objective clean`, the default)")
+        if not 0 < fpr < 1:
+            raise BundleError(f"the gate's false-positive rate must be between 0 and 1, not {fpr}")
+        return float(np.quantile(np.array(gate["clean_scores"]), 1 - fpr))
+
+    def gate_score(self, losses: dict[str, np.ndarray]) -> np.ndarray:
+        """Per image: Σ_k w_k (L_k − clean median_k), w_k = 1 / (K · clean IQR_k)."""
+        gate = self.manifest["gate"]
+        return sum(gate["weights"][t] * (losses[t] - gate["median"][t]) for t in gate["tasks"])
+
+    def repair_batch(self, x: np.ndarray, seed: int, eps: float, steps: int, step_size: float,
+                     gate_fpr: float | None = None) -> list[dict]:
         """runtime/folder.py's rows for one batch: the 8-bit repaired image and the report fields, losses before and
-        after with the same draws (as engine/folder.py's ``repair_batch``)."""
+        after with the same draws (as engine/folder.py's ``repair_batch``). With ``gate_fpr``, only inputs whose gate
+        score exceeds the threshold are repaired; the rest come back unchanged."""
         params = self.draws(x, seed)
         before = self.task_losses(x, params)
-        repaired = quantize(self.repair(x, seed, eps, steps, step_size)[0])
+        repaired, gate = x.copy(), None
+        flagged = np.ones(len(x), dtype=bool)
+        if gate_fpr is not None:
+            score = self.gate_score(before)
+            flagged = score > self.gate_threshold(gate_fpr)
+            gate = {"gate_score": [round(float(v), 6) for v in score], "gated_out": (~flagged).tolist()}
+        if flagged.any():                  # an image's repair is its own: repairing a subset changes nothing
+            repaired[flagged] = self.repair(x[flagged], seed, eps, steps, step_size)[0]
+        repaired = quantize(repaired)
         after = self.task_losses(repaired, params)
         return image_rows(repaired, x, self.logits(x).argmax(1).tolist(), self.logits(repaired).argmax(1).tolist(),
-                          before, after, self.combine(before), self.combine(after), self.classes)
+                          before, after, self.combine(before), self.combine(after), self.classes, gate)

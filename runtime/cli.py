@@ -54,13 +54,17 @@ def main() -> None:
 @click.option("--step-size", type=FRACTION, default="2/255", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--gate", "gate_fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+              help="Repair only inputs whose SSL losses exceed what this fraction of clean images exceeds "
+                   "(e.g. 0.05); the rest are written unchanged. Needs a bundle exported with a calibration.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="onnxruntime intra-op threads (default: onnxruntime's choice, all cores).")
 @click.option("--resize", is_flag=True, help="Scale images that are not 32×32 instead of reporting an error.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs and reports.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def repair(bundle_dir: Path, input_dir: Path, output_dir: Path, eps: float, steps: int, step_size: float, seed: int,
-           batch_size: int, threads: int | None, resize: bool, overwrite: bool, quiet: bool) -> None:
+           batch_size: int, gate_fpr: float | None, threads: int | None, resize: bool, overwrite: bool,
+           quiet: bool) -> None:
     """Repair every image under INPUT into OUTPUT (same relative paths, lossless PNG) with a report."""
     from .bundle import Bundle
     from .folder import check_folders, repair_folder, summary_lines
@@ -68,15 +72,17 @@ def repair(bundle_dir: Path, input_dir: Path, output_dir: Path, eps: float, step
     try:
         check_folders(input_dir, output_dir, overwrite)
         bundle = Bundle(bundle_dir, threads)
+        gate = None if gate_fpr is None else {"fpr": gate_fpr, "tasks": bundle.tasks,
+                                              "threshold": bundle.gate_threshold(gate_fpr)}
     except ValueError as e:                # BundleError too
         raise click.UsageError(str(e)) from None
     config = {"eps": eps, "steps": steps, "step_size": step_size, "seed": seed, "batch_size": batch_size,
               "backend": bundle.name, "tasks": bundle.tasks, "alpha": [bundle.alpha[t] for t in bundle.tasks],
               "device": "cpu", "objective": "plain" if bundle.levels is None else "clean", "levels": bundle.levels,
-              "gate": None, "weights": bundle.manifest["weights"], "threads": threads}
+              "gate": gate, "weights": bundle.manifest["weights"], "threads": threads}
     try:
-        report = repair_folder(lambda x: bundle.repair_batch(x, seed, eps, steps, step_size), input_dir, output_dir,
-                               config, batch_size, resize, overwrite, progress=not quiet)
+        report = repair_folder(lambda x: bundle.repair_batch(x, seed, eps, steps, step_size, gate_fpr), input_dir,
+                               output_dir, config, batch_size, resize, overwrite, progress=not quiet)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     for line, to_stderr in summary_lines(report, output_dir):

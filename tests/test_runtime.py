@@ -25,7 +25,8 @@ REPAIR = ["--steps", "3", "--seed", "1", "--batch-size", "4", "--quiet"]
 def bundle(tiny_weights, tmp_path_factory):
     # the plain objective: the tiny random networks' clean-loss IQRs are ~1e-5, so the clean-level objective's α
     # (1/IQR) would blow float32 rounding differences up to sign flips; the shipped models' are well conditioned
-    pipeline = load_pipeline(tiny_weights, tasks=TASKS, objective="plain")
+    pipeline = load_pipeline(tiny_weights, tasks=TASKS, objective="plain",
+                             calibration=tiny_weights / "calibration.json")      # the gate's statistics too
     out = tmp_path_factory.mktemp("bundle")
     export_all(pipeline, out)
     return out
@@ -74,6 +75,28 @@ def test_runtime_repairs_like_the_torch_reference_with_torch_unimportable(bundle
         # sign steps flip only where a gradient is ~0: almost every pixel is the same 8-bit value
         assert (pixels[0] != pixels[1]).mean() <= 1e-3
     assert got["summary"]["accuracy_after"] == ref["summary"]["accuracy_after"]
+
+
+def test_runtime_gate_passes_the_same_inputs_as_the_reference(bundle, tiny_weights, inputs, tmp_path):
+    gate = ["--gate", "0.5", "--steps", "1", "--quiet"]
+    reference = CliRunner().invoke(main, ["repair", "--input", str(inputs), "--output", str(tmp_path / "ref"),
+                                          "--weights", str(tiny_weights), "--tasks", ",".join(TASKS), "--objective",
+                                          "plain", "--backend", "torch", *gate])
+    assert reference.exit_code == 1, reference.output
+    result = run_without_torch("repair", "--bundle", str(bundle), "--input", str(inputs), "--output",
+                               str(tmp_path / "rt"), *gate)
+    assert result.returncode == 1, result.stderr
+    ref, got = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("ref", "rt"))
+    assert got["config"]["gate"]["threshold"] == pytest.approx(ref["config"]["gate"]["threshold"], rel=1e-9)
+    rows = [(a, b) for a, b in zip(ref["images"], got["images"]) if a["status"] == "repaired"]
+    assert [a["gated_out"] for a, _ in rows] == [b["gated_out"] for _, b in rows]
+    assert 0 < got["summary"]["n_gated_out"] < len(rows)         # the test says something: some in, some out
+    # the score is Σ w_k (L_k − median_k) with w_k = 1/(K·IQR_k): the losses agree to ~1e-6 relative (float32, two
+    # engines), so the scores agree to Σ w_k·1e-6·|L_k| — large on the tiny nets, whose IQRs are ~1e-5
+    stats = json.loads((bundle / "manifest.json").read_text())["gate"]
+    for a, b in rows:
+        tol = sum(w * 2e-6 * (1 + abs(a["task_losses_before"][t])) for t, w in stats["weights"].items())
+        assert abs(b["gate_score"] - a["gate_score"]) <= tol
 
 
 def test_runtime_refuses_what_it_cannot_use(bundle, inputs, tmp_path):
