@@ -27,6 +27,9 @@ from engine.weights import WeightsError
 from runtime.files import write_json
 
 
+GATE_FPR = 0.05      # the gate's stated false-positive rate on clean training images
+
+
 def auc(negatives: torch.Tensor, positives: torch.Tensor) -> float:
     """P(positive > negative) + ½ P(tie): the Mann–Whitney form of the ROC AUC."""
     greater = (positives[:, None] > negatives[None, :]).double().mean()
@@ -73,6 +76,11 @@ def measure(n: int, seed: int, eps_r: float, weights: Path | None = None, tasks:
             "shift_noise_in_clean_iqr": (noisy - clean).mean().item() / iqr,
             "fraction_raised_by_pgd": (pgd > clean).double().mean().item(),
             "auc_clean_vs_pgd": auc(clean, pgd), "auc_clean_vs_noise": auc(clean, noisy)}
+    if calibration is not None:            # the gate as it runs: threshold from the clean *training* images
+        threshold = calibration.threshold(tasks, GATE_FPR)
+        result["gate"] = {"fpr": GATE_FPR, "threshold": threshold,
+                          **{f"flagged_{s}": (scores["gate score"][s] > threshold).double().mean().item()
+                             for s in per_set}}
     return result
 
 
@@ -91,6 +99,10 @@ def main() -> None:
     for name, row in result["tasks"].items():
         print(f"{name:>18}: AUC clean vs PGD {row['auc_clean_vs_pgd']:.3f} (noise {row['auc_clean_vs_noise']:.3f}), "
               f"shift {row['shift_pgd_in_clean_iqr']:+.3f} clean IQR, raised for {row['fraction_raised_by_pgd']:.1%}")
+    if "gate" in result:
+        gate = result["gate"]
+        print(f"gate at {gate['fpr']:.0%} false positives on clean training images: flags {gate['flagged_pgd']:.1%} "
+              f"of PGD, {gate['flagged_noise']:.1%} of noise, {gate['flagged_clean']:.1%} of clean test images")
     if result["note"]:
         print(result["note"])
     if args.json:
