@@ -45,9 +45,7 @@ def repair_batch(pipeline: Pipeline, x: torch.Tensor, config: RepairConfig) -> l
     objective = pipeline.objective
     params = objective.sample_params(x, config.seed)
     before = pipeline.backend.task_losses(x, params)
-    with torch.enable_grad():
-        result = pipeline.repair_with_trace(x, config.eps, config.steps, config.step_size, config.seed,
-                                            losses=before)
+    result = pipeline.repair_with_trace(x, config.eps, config.steps, config.step_size, config.seed, losses=before)
     repaired = quantize(result.images)
     after = pipeline.backend.task_losses(repaired, params)
     gate = {} if result.score is None else {"gate_score": [round(v, 6) for v in result.score.tolist()],

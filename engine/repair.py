@@ -106,9 +106,16 @@ def reverse_attack(objective: MultiTaskLoss, x: torch.Tensor, eps: float = 16 / 
     """Minimize ``objective`` over r with ‖r‖∞ ≤ eps, from a uniform random start; x + r is kept in [0, 1].
 
     Mao et al.'s reference settings are the defaults. With ``steps`` = 0 it returns x + (random start): the
-    ``noise`` control that every repair must beat.
+    ``noise`` control that every repair must beat. Works when called under ``torch.no_grad()`` or
+    ``torch.inference_mode()`` (as attack libraries and most serving code call a model): it turns autograd on for
+    its own loop.
     """
-    x = x.detach()
+    with torch.inference_mode(False), torch.enable_grad():
+        return _descend(objective, x.detach().clone(), eps, steps, step_size, seed)
+
+
+def _descend(objective: MultiTaskLoss, x: torch.Tensor, eps: float, steps: int, step_size: float,
+             seed: int) -> RepairResult:
     x_r = start_point(x, uniform_start(x, seed), eps)
     params = objective.draw(x, seed, steps)
     trace = []

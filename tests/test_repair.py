@@ -59,3 +59,13 @@ def test_any_subset_of_tasks_repairs(tiny_weights, images, tasks):
     p = load_pipeline(tiny_weights, tasks=tasks, alpha={tasks[0]: 2.0})
     assert p.tasks == list(tasks) and p.objective.alpha[tasks[0]] == 2.0
     assert p.repair(images[:2], steps=1).shape == (2, 3, 32, 32)
+
+
+def test_repair_works_under_no_grad_and_inference_mode(tiny_pipeline, images):
+    expected = tiny_pipeline.repair(images[:2], steps=2, seed=4)
+    with torch.no_grad():
+        under_no_grad = tiny_pipeline.repair(images[:2], steps=2, seed=4)
+    with torch.inference_mode():
+        under_inference = tiny_pipeline.repair(images[:2], steps=2, seed=4)
+    torch.testing.assert_close(under_no_grad, expected, rtol=0, atol=0)
+    torch.testing.assert_close(under_inference, expected, rtol=0, atol=0)
