@@ -64,6 +64,12 @@ class Pipeline:
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected images N×3×H×W, got shape {tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise ValueError(f"expected float images in [0, 1], got {x.dtype}: pass x.float() / 255")
+        low, high = (x.aminmax() if x.numel() else (x.new_zeros(()), x.new_zeros(())))
+        if low < 0 or high > 1:
+            hint = ": divide 0–255 images by 255" if high > 1.5 else ""
+            raise ValueError(f"expected images in [0, 1], got values from {low.item():.3g} to {high.item():.3g}{hint}")
         return x.to(self.device, torch.float32)
 
     def predict(self, x: torch.Tensor) -> torch.Tensor:

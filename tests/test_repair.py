@@ -1,4 +1,6 @@
 """The reverse attack: bounded, seeded, independent of batch-mates, and it lowers the SSL loss."""
+import re
+
 import pytest
 import torch
 
@@ -69,3 +71,12 @@ def test_repair_works_under_no_grad_and_inference_mode(tiny_pipeline, images):
         under_inference = tiny_pipeline.repair(images[:2], steps=2, seed=4)
     torch.testing.assert_close(under_no_grad, expected, rtol=0, atol=0)
     torch.testing.assert_close(under_inference, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad, message", [(lambda x: (x * 255).to(torch.uint8), "x.float() / 255"),
+                                          (lambda x: x * 255, "divide 0–255 images by 255"),
+                                          (lambda x: x - 0.5, "from -0.5")])
+def test_the_api_refuses_images_that_are_not_floats_in_the_unit_range(tiny_pipeline, images, bad, message):
+    for call in (tiny_pipeline.repair, tiny_pipeline.predict, tiny_pipeline.ssl_loss):
+        with pytest.raises(ValueError, match=re.escape(message)):
+            call(bad(images[:2]))
