@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from runtime.cli import FRACTION
+from runtime.cli import FRACTION, checked_eps
 
 MODELS = ("classifier", "contrastive", "inpainting", "rotation", "contrastive-head", "inpainting-head",
           "rotation-head")
@@ -124,19 +124,25 @@ def _parse_alpha(text: str | None, tasks: list[str]) -> dict[str, float]:
               help="Exported graphs for --backend onnxruntime/tensorrt (default: exported on first use into a cache).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Precision of TensorRT engines.")
+@click.option("--allow-large-eps", is_flag=True, help="Accept --eps above 64/255.")
 @click.option("--resize", is_flag=True, help="Scale images that are not 32×32 instead of reporting an error.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs and reports.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, alpha: str | None, eps: float,
            steps: int, step_size: float, views: int, objective: str, level: float, gate_fpr: float | None,
            calibration: Path | None, seed: int, batch_size: int, device: str, backend: str,
-           onnx_dir: Path | None, precision: str, resize: bool, overwrite: bool, quiet: bool) -> None:
+           onnx_dir: Path | None, precision: str, allow_large_eps: bool, resize: bool, overwrite: bool,
+           quiet: bool) -> None:
     """Repair every image under INPUT into OUTPUT (same relative paths, lossless PNG) with a report.
 
     Exit status: 0 when every input was repaired, 1 when some failed (see the report), 2 on usage errors.
     """
     from engine.folder import RepairConfig, repair_folder
     from runtime.folder import check_folders, summary_lines
+
+    steps, note = checked_eps(eps, steps, allow_large_eps)
+    if note:
+        click.echo(note, err=True)
 
     _check_device(device)
     task_list = _parse_tasks(tasks)

@@ -34,6 +34,18 @@ class Fraction(click.ParamType):
 
 
 FRACTION = Fraction()
+MAX_EPS = 64 / 255          # beyond this an L∞ "repair" repaints the image (measured: --eps 2 turned it to noise)
+
+
+def checked_eps(eps: float, steps: int, allow_large: bool) -> tuple[int, str | None]:
+    """(steps to run, a note to print) for a repair bound ``eps``, or a usage error where it wrecks images."""
+    if eps > MAX_EPS and not allow_large:
+        raise click.BadParameter(f"{eps:.4g} (= {eps * 255:.3g}/255) is beyond 64/255, where the repair repaints "
+                                 "images instead of nudging them; pass --allow-large-eps if you mean it",
+                                 param_hint="--eps")
+    if eps == 0:
+        return 0, "--eps 0: no repair (the images are written unchanged, with their predictions)"
+    return steps, None
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -59,16 +71,20 @@ def main() -> None:
                    "(e.g. 0.05); the rest are written unchanged. Needs a bundle exported with a calibration.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="onnxruntime intra-op threads (default: onnxruntime's choice, all cores).")
+@click.option("--allow-large-eps", is_flag=True, help="Accept --eps above 64/255.")
 @click.option("--resize", is_flag=True, help="Scale images that are not 32×32 instead of reporting an error.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs and reports.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def repair(bundle_dir: Path, input_dir: Path, output_dir: Path, eps: float, steps: int, step_size: float, seed: int,
-           batch_size: int, gate_fpr: float | None, threads: int | None, resize: bool, overwrite: bool,
-           quiet: bool) -> None:
+           batch_size: int, gate_fpr: float | None, threads: int | None, allow_large_eps: bool, resize: bool,
+           overwrite: bool, quiet: bool) -> None:
     """Repair every image under INPUT into OUTPUT (same relative paths, lossless PNG) with a report."""
     from .bundle import Bundle
     from .folder import check_folders, repair_folder, summary_lines
 
+    steps, note = checked_eps(eps, steps, allow_large_eps)
+    if note:
+        click.echo(note, err=True)
     try:
         check_folders(input_dir, output_dir, overwrite)
         bundle = Bundle(bundle_dir, threads)

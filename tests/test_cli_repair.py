@@ -165,3 +165,17 @@ def test_bad_options_exit_2(tiny_weights, input_dir, tmp_path, args, expect):
 def test_missing_weights_exit_2(input_dir, tmp_path):
     result = run("--input", input_dir, "--output", tmp_path / "out", "--weights", tmp_path / "none", *FAST)
     assert result.exit_code == 2 and "cli.py train classifier" in result.output
+
+
+def test_repair_refuses_a_bound_that_repaints_images_and_skips_the_loop_at_zero(tiny_weights, tmp_path):
+    from tests.conftest import EXAMPLES
+
+    common = ["repair", "--input", str(EXAMPLES), "--weights", str(tiny_weights), "--objective", "plain", "--quiet"]
+    large = CliRunner().invoke(main, [*common, "--output", str(tmp_path / "large"), "--eps", "2"])
+    assert large.exit_code == 2 and "--allow-large-eps" in large.output and not (tmp_path / "large").exists()
+    zero = CliRunner().invoke(main, [*common, "--output", str(tmp_path / "zero"), "--eps", "0"])
+    assert zero.exit_code == 0 and "no repair" in zero.output
+    report = json.loads((tmp_path / "zero" / "report.json").read_text())
+    assert report["config"]["steps"] == 0
+    repaired = [r for r in report["images"] if r["status"] == "repaired"]
+    assert repaired and all(r["linf"] == 0 and r["pred_before"] == r["pred_after"] for r in repaired)
