@@ -73,7 +73,7 @@ def measure(pipeline, x: torch.Tensor, seed: int = 0, batch: int = 250) -> Calib
     for i in range(0, len(x), batch):
         for task, loss in pipeline.task_losses(x[i:i + batch], seed).items():
             chunks[task].append(loss.double().cpu())
-    views = {task.views for task in pipeline.objective.tasks.values() if hasattr(task, "views")}
+    views = {v for v in pipeline.objective.views().values() if v is not None}
     return Calibration({t: torch.cat(c) for t, c in chunks.items()}, views.pop() if views else None,
                        {t: pipeline.manifests[t]["sha256"] for t in pipeline.tasks})
 

@@ -49,35 +49,30 @@ HEADS = {"contrastive-head": ("ContrastiveNet", dict(proj_dim=64, bank_size=4096
          "rotation-head": ("RotationHead", dict()), "inpainting-head": ("InpaintingHead", dict(width=64))}
 SSL_TASKS = ("rotation", "contrastive", "inpainting", "consistency")
 
+# Sized so that a recipe trains in about an hour on one thread of the 2-core machine.
+# SSL on a quarter of the batch: measured 3.5 s/step (11 min/epoch) robust at 1 thread, against 6.1 s with half
+# the batch; the SSL heads see 64 images a step, 12,500 an epoch. ssl_weight 0.25 per task: the four SSL terms
+# together weigh as much as the CE.
+CPU_PROFILE: dict[str, dict] = {
+    # Two PGD steps of ε/2 from a random start (Andriushchenko & Flammarion 2020), not FGSM: the first run, FGSM
+    # at step 1.25 ε and lr 0.05, overfitted catastrophically in its third epoch (training CE 1.42 → 0.94,
+    # PGD-20 1.25 %). lr 0.03: a fine-tune of an already robust backbone. SSL scales frozen after 50 steps: a
+    # running scale let label consistency fall to 1e-4 and so weigh ×250 (its floor), pushing the classifier to
+    # saturated, gradient-masking outputs.
+    "joint-robust": dict(attack_steps=2, attack_step=4 / 255, epochs=4, batch=256, lr=0.03, weight_decay=5e-4,
+                         eps=8 / 255, ssl_weight=0.25, ssl_fraction=0.25, tau=0.2, noise_std=0.0, scale_warmup=50),
+    # SOAP trains with Gaussian noise; σ 0.05 (≈ 13/255) is about the scale of the repair's own ε_r = 16/255
+    # perturbations, so the classifier stays calm under the repair's moves without learning to ignore attacks.
+    # Running SSL scales (scale_warmup None), lr 0.05: the recipe the shipped joint-standard was trained with.
+    "joint-standard": dict(attack_steps=0, attack_step=0.0, epochs=5, batch=256, lr=0.05, weight_decay=5e-4,
+                           eps=8 / 255, ssl_weight=0.25, ssl_fraction=0.25, tau=0.2, noise_std=0.05,
+                           scale_warmup=None),
+}
+# The same recipes at a GPU's scale: longer, larger batches, SSL on the whole batch.
 JOINT_PROFILES: dict[str, dict[str, dict]] = {
-    # Sized so that a recipe trains in about an hour on one thread of the 2-core machine.
-    # SSL on a quarter of the batch: measured 3.5 s/step (11 min/epoch) robust at 1 thread, against 6.1 s with half
-    # the batch; the SSL heads see 64 images a step, 12,500 an epoch. ssl_weight 0.25 per task: the four SSL terms
-    # together weigh as much as the CE.
-    "cpu": {
-        # Two PGD steps of ε/2 from a random start (Andriushchenko & Flammarion 2020), not FGSM: the first run, FGSM
-        # at step 1.25 ε and lr 0.05, overfitted catastrophically in its third epoch (training CE 1.42 → 0.94,
-        # PGD-20 1.25 %). lr 0.03: a fine-tune of an already robust backbone. SSL scales frozen after 50 steps: a
-        # running scale let label consistency fall to 1e-4 and so weigh ×250 (its floor), pushing the classifier to
-        # saturated, gradient-masking outputs.
-        "joint-robust": dict(attack_steps=2, attack_step=4 / 255, epochs=4, batch=256, lr=0.03, weight_decay=5e-4,
-                             eps=8 / 255, ssl_weight=0.25, ssl_fraction=0.25, tau=0.2, noise_std=0.0,
-                             scale_warmup=50),
-        # SOAP trains with Gaussian noise; σ 0.05 (≈ 13/255) is about the scale of the repair's own ε_r = 16/255
-        # perturbations, so the classifier stays calm under the repair's moves without learning to ignore attacks.
-        # Running SSL scales (scale_warmup None), lr 0.05: the recipe the shipped joint-standard was trained with.
-        "joint-standard": dict(attack_steps=0, attack_step=0.0, epochs=5, batch=256, lr=0.05, weight_decay=5e-4,
-                               eps=8 / 255, ssl_weight=0.25, ssl_fraction=0.25, tau=0.2, noise_std=0.05,
-                               scale_warmup=None),
-    },
-    "gpu": {
-        "joint-robust": dict(attack_steps=2, attack_step=4 / 255, epochs=30, batch=512, lr=0.1, weight_decay=5e-4,
-                             eps=8 / 255, ssl_weight=0.25, ssl_fraction=1.0, tau=0.2, noise_std=0.0,
-                             scale_warmup=50),
-        "joint-standard": dict(attack_steps=0, attack_step=0.0, epochs=30, batch=512, lr=0.1, weight_decay=5e-4,
-                               eps=8 / 255, ssl_weight=0.25, ssl_fraction=1.0, tau=0.2, noise_std=0.05,
-                               scale_warmup=None),
-    },
+    "cpu": CPU_PROFILE,
+    "gpu": {name: {**cfg, "epochs": 30, "batch": 512, "lr": 0.1, "ssl_fraction": 1.0}
+            for name, cfg in CPU_PROFILE.items()},
 }
 
 

@@ -150,8 +150,8 @@ def load_pipeline(weights: str | os.PathLike | None = None, device: str | torch.
     ``backend`` runs the forward-only passes ("torch", "onnxruntime", "tensorrt" at ``precision``, or "auto": the
     fastest present) from the graphs exported to ``onnx_dir`` (``export.onnx_export.load_exported_pipeline``
     exports them into a cache first). With "onnxruntime", the whole repair runs in the exported Loop graph where it
-    was exported for this objective, else the gradient loop is PyTorch's; ``threads`` sets onnxruntime's intra-op threads (torch's
-    are the process's: ``torch.set_num_threads``). Raises ``engine.weights.WeightsError``
+    was exported for this objective, else the gradient loop is PyTorch's; ``threads`` sets onnxruntime's intra-op
+    threads (torch's are the process's: ``torch.set_num_threads``). Raises ``engine.weights.WeightsError``
     (a clear message) where a file is missing or does not match its manifest, and ``BackendUnavailable`` where the
     backend cannot run here.
     """
@@ -189,15 +189,22 @@ def load_pipeline(weights: str | os.PathLike | None = None, device: str | torch.
             raise BackendUnavailable(f"the {backend} backend runs exported graphs: pass onnx_dir (a folder written "
                                      "by `python cli.py export --out DIR`), or load with "
                                      "export.onnx_export.load_exported_pipeline(), which exports into a cache")
-        if backend == "onnxruntime":
-            from .backends.onnxruntime_backend import OnnxRuntimeBackend
-
-            pipeline.backend = OnnxRuntimeBackend(onnx_dir, list(tasks), device, threads)
-        else:
-            from .backends.tensorrt_backend import TensorRTBackend
-
-            pipeline.backend = TensorRTBackend(onnx_dir, list(tasks), device, precision)
+        attach_backend(pipeline, backend, onnx_dir, threads, precision)
     return pipeline
+
+
+def attach_backend(pipeline: Pipeline, backend: str, onnx_dir: str | os.PathLike, threads: int | None = None,
+                   precision: str = "fp32") -> None:
+    """Run ``pipeline``'s forward passes (and, with onnxruntime, its repair loop where exported for its objective)
+    in ``backend`` ("onnxruntime" or "tensorrt") from the graphs in ``onnx_dir``."""
+    if backend == "onnxruntime":
+        from .backends.onnxruntime_backend import OnnxRuntimeBackend
+
+        pipeline.backend = OnnxRuntimeBackend(onnx_dir, pipeline.tasks, pipeline.device, threads)
+    else:
+        from .backends.tensorrt_backend import TensorRTBackend
+
+        pipeline.backend = TensorRTBackend(onnx_dir, pipeline.tasks, pipeline.device, precision)
 
 
 def resolve_backend(name: str, device: torch.device) -> str:

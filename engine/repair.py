@@ -44,11 +44,14 @@ class MultiTaskLoss(nn.Module):
         self.alpha = {name: float(alpha.get(name, 1.0)) for name in tasks}
         self.levels = levels
 
+    def views(self) -> dict[str, int | None]:
+        """Each task's number of augmented views (None where it draws none), in task order."""
+        return {name: getattr(task, "views", None) for name, task in self.tasks.items()}
+
     def draw(self, x: torch.Tensor, seed: int, steps: int, names: list[str] | None = None) -> Params:
         """Each task's (or each of ``names``') parameters for ``steps`` steps of a repair of x: steps×B×… tensors on
         x's device, image i's from its own generators (runtime/draws.py)."""
-        views = {name: getattr(task, "views", None) for name, task in self.tasks.items()
-                 if names is None or name in names}
+        views = {name: v for name, v in self.views().items() if names is None or name in names}
         return {task: {key: torch.from_numpy(value).to(x.device, x.dtype) for key, value in p.items()}
                 for task, p in batch_draws(pixels(x), seed, views, steps).items()}
 
@@ -70,7 +73,7 @@ class MultiTaskLoss(nn.Module):
 
     def signature(self) -> dict:
         """What fixes the objective beyond the networks: an exported repair graph is valid for this one only."""
-        views = {name: task.views for name, task in self.tasks.items() if hasattr(task, "views")}
+        views = {name: v for name, v in self.views().items() if v is not None}
         return {"tasks": list(self.tasks), "alpha": [round(self.alpha[t], 8) for t in self.tasks],
                 "levels": None if self.levels is None else [round(self.levels[t], 8) for t in self.tasks],
                 "views": views}

@@ -31,7 +31,7 @@ from torch import nn
 
 from engine.data import CLASSES
 from engine.backends.tensorrt_engines import import_tensorrt
-from engine.pipeline import Pipeline, load_pipeline, resolve_backend
+from engine.pipeline import Pipeline, attach_backend, load_pipeline, resolve_backend
 from runtime.files import atomic_write, sha256sum, write_json
 
 from .repair_graphs import export_step_graph, write_loop_graph
@@ -238,12 +238,14 @@ def load_exported_pipeline(**kwargs) -> Pipeline:
     """``engine.pipeline.load_pipeline(**kwargs)`` for any backend: where the backend runs exported graphs, this
     pipeline's graphs are brought up to date first (``ensure_exported``: in ``onnx_dir``, or a cache folder)."""
     backend = resolve_backend(kwargs.get("backend", "torch"), torch.device(kwargs.get("device", "cpu")))
-    if backend in ("onnxruntime", "tensorrt"):
-        if backend == "tensorrt":           # say so before a minute of export work
-            import_tensorrt()
-        reference = load_pipeline(**{**kwargs, "backend": "torch"})
-        kwargs["onnx_dir"] = ensure_exported(reference, kwargs.get("onnx_dir"))
-    return load_pipeline(**kwargs)
+    if backend not in ("onnxruntime", "tensorrt"):
+        return load_pipeline(**kwargs)
+    if backend == "tensorrt":               # say so before a minute of export work
+        import_tensorrt()
+    pipeline = load_pipeline(**{**kwargs, "backend": "torch", "onnx_dir": None})
+    attach_backend(pipeline, backend, ensure_exported(pipeline, kwargs.get("onnx_dir")), kwargs.get("threads"),
+                   kwargs.get("precision", "fp32"))
+    return pipeline
 
 
 def ensure_exported(pipeline: Pipeline, onnx_dir: str | os.PathLike | None = None) -> Path:
@@ -251,7 +253,7 @@ def ensure_exported(pipeline: Pipeline, onnx_dir: str | os.PathLike | None = Non
     weights' sha256 (exported there on first use, about a minute on 2 cores)."""
     if onnx_dir is None:
         key = "-".join(m["sha256"][:8] for _, m in sorted(pipeline.manifests.items()))
-        views = {task.views for task in pipeline.objective.tasks.values() if hasattr(task, "views")}
+        views = {v for v in pipeline.objective.views().values() if v is not None}
         key += "".join(f"-v{v}" for v in sorted(views))
         # the repair graphs hold the objective (α, clean levels): another objective gets a folder of its own
         key += "-" + hashlib.sha256(json.dumps(pipeline.objective.signature()).encode()).hexdigest()[:8]

@@ -55,7 +55,7 @@ class Bundle:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        self.sessions = {}
+        self.sessions, self.input_names = {}, {}
         for graph in ["classifier", *(f"{t}_loss" for t in self.tasks), "repair"]:
             entry = graphs.get(graph)
             if entry is None:
@@ -64,10 +64,10 @@ class Bundle:
             if not path.exists() or sha256sum(path) != entry["sha256"]:
                 raise BundleError(f"{path} is missing or does not match its manifest sha256: export it again")
             self.sessions[graph] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.input_names[graph] = [i.name for i in self.sessions[graph].get_inputs()]
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
-        names = [i.name for i in self.sessions[graph].get_inputs()]
-        return self.sessions[graph].run(None, {name: feeds[name] for name in names})
+        return self.sessions[graph].run(None, {name: feeds[name] for name in self.input_names[graph]})
 
     def logits(self, x: np.ndarray) -> np.ndarray:
         return self._run("classifier", {"x": np.ascontiguousarray(x, dtype=np.float32)})[0]

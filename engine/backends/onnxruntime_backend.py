@@ -76,8 +76,7 @@ class OnnxRuntimeBackend:
         x = x.detach().float()
         if steps == 0:
             return RepairResult(start_point(x, uniform_start(x, seed), eps), x.new_zeros(0, len(x)))
-        views = {name: getattr(task, "views", None) for name, task in objective.tasks.items()}
-        feeds = repair_inputs(pixels(x), seed, eps, steps, step_size, views)
+        feeds = repair_inputs(pixels(x), seed, eps, steps, step_size, objective.views())
         repaired, trace = self.sessions["repair"].run(None, feeds)
         return RepairResult(torch.from_numpy(repaired).to(x.device), torch.from_numpy(trace).to(x.device))
 
