@@ -104,7 +104,8 @@ def _parse_alpha(text: str | None, tasks: list[str]) -> dict[str, float]:
               help="Augmented views per image for the contrastive loss.")
 @click.option("--objective", type=click.Choice(["plain", "clean"]), default="clean", show_default=True,
               help="clean: each task hinged at its clean-image level, α from clean statistics (the measured best: "
-                   "same PGD accuracy as plain, smaller clean cost; README, issue 6); plain: Σ α_k L_k.")
+                   "same PGD accuracy as plain, smaller clean cost; docs/measurements.md, issue 6); "
+                   "plain: Σ α_k L_k.")
 @click.option("--level", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5, show_default=True,
               help="--objective clean: the quantile of clean-image losses each task is aimed at.")
 @click.option("--gate", "gate_fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
