@@ -96,3 +96,22 @@ def test_attacked_batch_stays_within_eps_and_raises_the_loss(steps):
     noisy = joint.attacked_batch(clf, x, y, {**cfg, "attack_steps": 0, "noise_std": 0.05},
                                  torch.Generator().manual_seed(0))
     assert 0.03 < (noisy - x).std() < 0.07
+
+
+def test_the_standard_recipe_noises_the_ssl_inputs_but_not_the_inpainting_hole(tiny_weights):
+    nets, _ = joint.load_base(tiny_weights)
+    seen = []
+    maps = nets.classifier.backbone.maps
+    nets.classifier.backbone.maps = lambda t: seen.append(t.detach()) or maps(t)
+    x, y = torch.rand(8, 3, 32, 32) * 0.6 + 0.2, torch.randint(0, 10, (8,))
+    cfg = {**joint.CPU_PROFILE["joint-standard"], "ssl_fraction": 0.5}
+    for ssl_noise in (False, True):            # same seed: the same draws up to the SSL inputs' noise
+        joint.joint_step(nets, {**cfg, "ssl_noise": ssl_noise}, x, y, torch.Generator().manual_seed(0),
+                         joint.LossScale())
+    clean, noisy = seen
+    n = len(x)
+    assert torch.equal(clean[:n], noisy[:n])                   # the classification batch: noised alike in both
+    diff = noisy[n:] - clean[n:]
+    hole = diff[-4:, :, 8:24, 8:24]                             # the inpainting inputs' mean-colour fill
+    assert hole.abs().max() == 0
+    assert 0.07 < diff[:-4].std() < 0.11                        # σ 0.1, a little less where [0, 1] clips it
