@@ -117,10 +117,17 @@ def _parse_alpha(text: str | None, tasks: list[str]) -> dict[str, float]:
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
+@click.option("--early-exit/--no-early-exit", default=True, show_default=True,
+              help="An image leaves the loop once its objective is zero (every task at its clean level): the same "
+                   "accuracy in a fraction of the steps (docs/repair-graphs.md). No effect with --objective plain.")
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
               show_default=True,
-              help="Engine for the forward-only passes (auto: the fastest present); the repair's gradient loop "
-                   "is always PyTorch's.")
+              help="Engine (auto: the fastest present). onnxruntime runs the whole repair in its exported graphs "
+                   "where they were exported for this objective; tensorrt runs the forward-only passes, the "
+                   "gradient loop staying in PyTorch.")
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch and onnxruntime intra-op threads (default: torch's). On a shared 2-core machine 1 can "
+                   "be many times faster than 2.")
 @click.option("--onnx-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Exported graphs for --backend onnxruntime/tensorrt (default: exported on first use into a cache).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
@@ -131,9 +138,9 @@ def _parse_alpha(text: str | None, tasks: list[str]) -> dict[str, float]:
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, alpha: str | None, eps: float,
            steps: int, step_size: float, views: int, objective: str, level: float, gate_fpr: float | None,
-           calibration: Path | None, seed: int, batch_size: int, device: str, backend: str,
-           onnx_dir: Path | None, precision: str, allow_large_eps: bool, resize: bool, overwrite: bool,
-           quiet: bool) -> None:
+           calibration: Path | None, seed: int, batch_size: int, device: str, early_exit: bool, backend: str,
+           threads: int | None, onnx_dir: Path | None, precision: str, allow_large_eps: bool, resize: bool,
+           overwrite: bool, quiet: bool) -> None:
     """Repair every image under INPUT into OUTPUT (same relative paths, lossless PNG) with a report.
 
     Exit status: 0 when every input was repaired, 1 when some failed (see the report), 2 on usage errors.
@@ -152,10 +159,15 @@ def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, 
         check_folders(input_dir, output_dir, overwrite)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     pipeline = _load(weights=weights, device=device, tasks=task_list, alpha=alphas, views=views, backend=backend,
                      onnx_dir=onnx_dir, precision=precision, objective=objective, level=level, gate_fpr=gate_fpr,
-                     calibration=calibration)
-    config = RepairConfig(eps=eps, steps=steps, step_size=step_size, seed=seed, batch_size=batch_size)
+                     calibration=calibration, threads=threads)
+    config = RepairConfig(eps=eps, steps=steps, step_size=step_size, seed=seed, batch_size=batch_size,
+                          early_exit=early_exit)
     try:
         report = repair_folder(pipeline, input_dir, output_dir, config, resize, overwrite, progress=not quiet)
     except ValueError as e:
@@ -409,26 +421,29 @@ def export_command(weights: Path | None, out_dir: Path, tasks: str, views: int, 
               help="Augmented views per image of the contrastive loss.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch and onnxruntime intra-op threads (default: torch's). Measure 1 and 2 on a shared machine.")
+@click.option("--objective", type=click.Choice(["plain", "clean"]), default="clean", show_default=True,
+              help="The repair's objective (clean: cli.py repair's default).")
 @click.option("--latency-images", type=click.IntRange(min=0), default=8, show_default=True,
               help="Images repaired one at a time for the p50/p95 single-image latency (0: skip).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def bench(n: int, backends: str, steps: int, device: str, precision: str, weights: Path | None,
-          onnx_dir: Path | None, views: int, threads: int | None, latency_images: int, json_path: Path | None,
-          plot_path: Path | None) -> None:
+          onnx_dir: Path | None, views: int, threads: int | None, objective: str, latency_images: int,
+          json_path: Path | None, plot_path: Path | None) -> None:
     """Full-repair throughput, single-image latency and per-graph forward throughput of each backend, with parity
-    against torch."""
+    against torch. A backend named with +exit (e.g. onnxruntime+exit) repairs with the early exit; speed-ups are
+    against torch without it."""
     import json
 
-    from bench.throughput import BENCH_BACKENDS, plot, run_bench
+    from bench.throughput import BENCH_BACKENDS, EXIT, plot, run_bench
     from engine.weights import WeightsError
     from runtime.files import write_json
 
     _check_device(device)
-    names = _names(backends, BENCH_BACKENDS, "--backends")
+    names = _names(backends, [*BENCH_BACKENDS, *(b + EXIT for b in BENCH_BACKENDS)], "--backends")
     try:
         result = run_bench(n, names, device, steps, weights, onnx_dir, precision, threads=threads,
-                           latency_images=latency_images, views=views)
+                           latency_images=latency_images, views=views, objective=objective)
     except WeightsError as e:
         raise click.UsageError(str(e)) from None
     if json_path:

@@ -6,7 +6,10 @@ Backends:
 - ``onnxruntime``: the whole repair in one exported Loop graph (export/repair_graphs.py) and the forward passes;
 - ``tensorrt``: TensorRT engines do the forward-only passes, the gradient loop stays in autograd;
 - ``torch-compile``: eager forwards, the repair's gradient step through ``torch.compile``.
-A backend that cannot run here is listed with its reason, never dropped.
+Each name may carry ``+exit``: the same engine with the early exit (engine.repair.reverse_attack; in onnxruntime the
+step graph called once per step on the images left). Speed-ups are against the first row, torch without the exit
+(the reference); parity of an engine is against torch with the same exit setting. A backend that cannot run here is
+listed with its reason, never dropped.
 """
 from __future__ import annotations
 
@@ -25,6 +28,14 @@ from export.parity import TOLERANCES, agreement, compare
 from runtime.imageio import read_folder
 
 BENCH_BACKENDS = ("torch", "onnxruntime", "tensorrt", "torch-compile")
+EXIT = "+exit"
+
+
+def bench_names(names: list[str]) -> list[str]:
+    """The rows to run: the reference first, torch+exit wherever an engine is asked for with the exit (its parity
+    reference), then the rest in the order given."""
+    wanted = ["torch", *(["torch" + EXIT] if any(n.endswith(EXIT) for n in names) else []), *names]
+    return list(dict.fromkeys(wanted))
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "clean"
 
 
@@ -49,17 +60,24 @@ def timed(fn, repeat: int = 1) -> float:
     return best
 
 
-def make_pipeline(name: str, weights, device: str, onnx_dir, threads: int | None,
-                  views: int = 4) -> tuple[Pipeline, float]:
+def make_pipeline(name: str, weights, device: str, onnx_dir, threads: int | None, views: int = 4,
+                  objective: str = "clean") -> tuple[Pipeline, float]:
     """(pipeline, seconds it took to make: export, engine build or compilation included)."""
     start = time.perf_counter()
     if name == "torch-compile":
-        pipeline = load_pipeline(weights, device, views=views)
+        pipeline = load_pipeline(weights, device, views=views, objective=objective)
         pipeline.objective = torch.compile(pipeline.objective)
     else:
         pipeline = load_exported_pipeline(weights=weights, device=device, views=views, backend=name,
-                                          onnx_dir=onnx_dir, threads=threads)
+                                          onnx_dir=onnx_dir, threads=threads, objective=objective)
     return pipeline, time.perf_counter() - start
+
+
+def steps_run(pipeline: Pipeline, x: torch.Tensor, config: RepairConfig) -> float:
+    """The fraction of the steps × images a repair with ``config`` runs (below 1 where images leave early)."""
+    trace = pipeline.repair_with_trace(x.to(pipeline.device), config.eps, config.steps, config.step_size,
+                                       config.seed, early_exit=config.early_exit).trace
+    return round(trace.isfinite().float().mean().item(), 4) if trace.numel() else 0.0
 
 
 def latency_ms(pipeline: Pipeline, x: torch.Tensor, config: RepairConfig) -> dict:
@@ -107,28 +125,34 @@ def parity_rows(name: str, reference: Pipeline, candidate: Pipeline, x: torch.Te
 
 def run_bench(n: int = 64, backends: list[str] = list(BENCH_BACKENDS), device: str = "cpu", steps: int = 40,
               weights=None, onnx_dir=None, precision: str = "fp32", batches: tuple[int, ...] = (64, 256),
-              threads: int | None = None, latency_images: int = 8, views: int = 4, log=print) -> dict:
+              threads: int | None = None, latency_images: int = 8, views: int = 4, objective: str = "clean",
+              log=print) -> dict:
     """``threads``: torch's and onnxruntime's intra-op threads (default: torch's current setting). On a shared
-    machine, 2 threads can run many times slower than 1 when anything else is busy: always say which."""
+    machine, 2 threads can run many times slower than 1 when anything else is busy: always say which.
+    ``objective``: the repair's (clean, the CLI's default, is the one an early exit can shorten)."""
     if threads:
         torch.set_num_threads(threads)
     x = bench_images(n)
-    config = RepairConfig(steps=steps, batch_size=n)
-    reference = load_pipeline(weights, device, views=views)
+    reference = load_pipeline(weights, device, views=views, objective=objective)
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-              "n": n, "steps": steps, "views": views, "precision": precision, "torch": torch.__version__,
-              "threads": torch.get_num_threads(), "backends": [], "parity": []}
-    ref_rows = None
-    for name in ["torch", *(b for b in backends if b != "torch")]:
+              "n": n, "steps": steps, "views": views, "objective": objective, "precision": precision,
+              "torch": torch.__version__, "threads": torch.get_num_threads(), "backends": [], "parity": []}
+    ref_rows: dict[bool, list[dict]] = {}
+    pipelines: dict[str, Pipeline] = {"torch": reference}
+    for name in bench_names(backends):
+        engine, early_exit = name.removesuffix(EXIT), name.endswith(EXIT)
+        config = RepairConfig(steps=steps, batch_size=n, early_exit=early_exit)
         entry = {"name": name, "available": False, "reason": None, "images_per_s": None}
         try:
-            pipeline, setup = (reference, 0.0) if name == "torch" else make_pipeline(name, weights, device, onnx_dir,
-                                                                                       threads, views)
+            if engine not in pipelines:
+                pipelines[engine], setup = make_pipeline(engine, weights, device, onnx_dir, threads, views, objective)
+                entry["setup_seconds"] = round(setup, 1)
         except BackendUnavailable as e:
             entry["reason"] = str(e)
             result["backends"].append(entry)
             log(f"{name}: not available ({e})")
             continue
+        pipeline = pipelines[engine]
         last: dict[str, list[dict]] = {}
 
         def full_repair() -> None:
@@ -136,16 +160,18 @@ def run_bench(n: int = 64, backends: list[str] = list(BENCH_BACKENDS), device: s
 
         seconds = timed(full_repair)
         rows = last["rows"]
-        entry.update(available=True, setup_seconds=round(setup, 1), repair_seconds=round(seconds, 2),
+        entry.update(available=True, early_exit=early_exit, repair_seconds=round(seconds, 2),
                      images_per_s=round(n / seconds, 3), graphs=graph_throughput(pipeline, x, batches),
                      whole_repair_graph=bool(getattr(pipeline.backend, "can_repair", lambda o: False)(
                          pipeline.objective)),
                      latency_ms=latency_ms(pipeline, x[:latency_images], config) if latency_images else None)
+        if engine == "torch":
+            entry["steps_run"] = steps_run(pipeline, x, config)
         log(f"{name}: {entry['images_per_s']} images/s (full repair, {steps} steps)")
-        if name == "torch":
-            ref_rows = copy.deepcopy(rows)
+        if engine == "torch":
+            ref_rows[early_exit] = copy.deepcopy(rows)
         else:
-            result["parity"] += parity_rows(name, reference, pipeline, x, ref_rows, rows, precision)
+            result["parity"] += parity_rows(name, reference, pipeline, x, ref_rows[early_exit], rows, precision)
         result["backends"].append(entry)
     torch_speed = result["backends"][0]["images_per_s"]
     for entry in result["backends"]:

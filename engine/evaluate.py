@@ -140,7 +140,8 @@ class Evaluator:
             return RepairResult(x, x.new_zeros(0, len(x)))
         steps = 0 if not spec.optimize else (self.cfg.repair_steps if steps is None else steps)
         return self.p.repair_with_trace(x, self.cfg.eps_r, steps, self.cfg.repair_step_size, seed,
-                                        self.objectives.get(name), self.gate if spec.gated else None)
+                                        self.objectives.get(name), self.gate if spec.gated else None,
+                                        early_exit=spec.early_exit)
 
     def aware_objective(self) -> torch.nn.Module:
         """What the defense-aware attacker keeps low: the gate's score where the defense is gated (so that the

@@ -21,6 +21,7 @@ class RepairConfig:
     step_size: float = 2 / 255
     seed: int = 0
     batch_size: int = 64
+    early_exit: bool = True        # engine.repair.reverse_attack: an image leaves once its objective is zero
 
 
 def repair_folder(pipeline: Pipeline, input_dir: Path, output_dir: Path, config: RepairConfig,
@@ -45,7 +46,8 @@ def repair_batch(pipeline: Pipeline, x: torch.Tensor, config: RepairConfig) -> l
     objective = pipeline.objective
     params = objective.sample_params(x, config.seed)
     before = pipeline.backend.task_losses(x, params)
-    result = pipeline.repair_with_trace(x, config.eps, config.steps, config.step_size, config.seed, losses=before)
+    result = pipeline.repair_with_trace(x, config.eps, config.steps, config.step_size, config.seed, losses=before,
+                                        early_exit=config.early_exit)
     repaired = quantize(result.images)
     after = pipeline.backend.task_losses(repaired, params)
     gate = {} if result.score is None else {"gate_score": [round(v, 6) for v in result.score.tolist()],

@@ -88,13 +88,15 @@ class Pipeline:
 
     def repair_with_trace(self, x: torch.Tensor, eps: float = 16 / 255, steps: int = 40,
                           step_size: float = 2 / 255, seed: int = 0, objective: MultiTaskLoss | None = None,
-                          gate: Gate | None = None, losses: dict[str, torch.Tensor] | None = None) -> RepairResult:
+                          gate: Gate | None = None, losses: dict[str, torch.Tensor] | None = None,
+                          early_exit: bool = True) -> RepairResult:
         """The repair (of ``objective``, default the pipeline's) with its trace; with a gate (default the
         pipeline's), only inputs scoring above its threshold are repaired and the rest come back unchanged.
-        ``losses``: x's task losses at this ``seed`` where the caller has them already (the gate reuses them)."""
+        ``losses``: x's task losses at this ``seed`` where the caller has them already (the gate reuses them).
+        ``early_exit``: an image leaves the loop once its objective is zero (engine.repair.reverse_attack)."""
         x, objective, gate = self._to_device(x), objective or self.objective, gate or self.gate
         if gate is None:
-            return self._reverse_attack(objective, x, eps, steps, step_size, seed)
+            return self._reverse_attack(objective, x, eps, steps, step_size, seed, early_exit)
         if losses is None:
             with torch.no_grad():          # the score is forward only: the fast backends' job
                 losses = self.task_losses(x, seed, gate.tasks)
@@ -102,7 +104,7 @@ class Pipeline:
         flagged = score > gate.threshold
         images, trace = x.clone(), x.new_full((steps, len(x)), float("nan"))
         if flagged.any():                  # each image's repair is its own (principle 3): a subset changes nothing
-            result = self._reverse_attack(objective, x[flagged], eps, steps, step_size, seed)
+            result = self._reverse_attack(objective, x[flagged], eps, steps, step_size, seed, early_exit)
             images[flagged], trace[:, flagged] = result.images, result.trace
         return RepairResult(images, trace, score, flagged)
 
@@ -115,9 +117,9 @@ class Pipeline:
         return reverse_attack(objective, *args)
 
     def repair(self, x: torch.Tensor, eps: float = 16 / 255, steps: int = 40, step_size: float = 2 / 255,
-               seed: int = 0) -> torch.Tensor:
+               seed: int = 0, early_exit: bool = True) -> torch.Tensor:
         """x + r with ‖r‖∞ ≤ eps minimizing the multi-task SSL loss: N×3×H×W in [0, 1]."""
-        return self.repair_with_trace(x, eps, steps, step_size, seed).images
+        return self.repair_with_trace(x, eps, steps, step_size, seed, early_exit=early_exit).images
 
 
 def build_objective(nets: dict[str, nn.Module], alpha: dict[str, float] | None = None, views: int = 4,

@@ -4,7 +4,7 @@ repair (export/repair_graphs.py), with the draws of runtime/draws.py — the PyT
 Example::
 
     bundle = Bundle("onnx")                         # python cli.py export --out onnx
-    repaired, trace = bundle.repair(x, seed=0)      # x: float32 N×3×32×32 in [0, 1]
+    repaired, trace = bundle.repair(x, seed=0)      # x: float32 N×3×32×32 in [0, 1]; early_exit=True by default
     labels = bundle.logits(repaired).argmax(1)
 """
 from __future__ import annotations
@@ -14,11 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .draws import batch_draws, start_noise
+from .draws import batch_draws
 from .files import sha256sum
 from .folder import image_rows
 from .imageio import quantize
 from .repair_inputs import repair_inputs
+from .step_loop import repair_by_steps, start_point
 
 
 class BundleError(ValueError):
@@ -56,7 +57,7 @@ class Bundle:
         if threads:
             options.intra_op_num_threads = threads
         self.sessions, self.input_names = {}, {}
-        for graph in ["classifier", *(f"{t}_loss" for t in self.tasks), "repair"]:
+        for graph in ["classifier", *(f"{t}_loss" for t in self.tasks), "repair", "repair_step"]:
             entry = graphs.get(graph)
             if entry is None:
                 raise BundleError(f"{folder} has no {graph} graph: export it again with `python cli.py export`")
@@ -88,11 +89,16 @@ class Bundle:
         return sum(self.alpha[t] * np.maximum(losses[t] - self.levels[t], 0) for t in self.tasks)
 
     def repair(self, x: np.ndarray, seed: int = 0, eps: float = 16 / 255, steps: int = 40,
-               step_size: float = 2 / 255) -> tuple[np.ndarray, np.ndarray]:
-        """(repaired images N×3×32×32, trace steps×N: the objective at the start of each step)."""
+               step_size: float = 2 / 255, early_exit: bool = True) -> tuple[np.ndarray, np.ndarray]:
+        """(repaired images N×3×32×32, trace steps×N: the objective at the start of each step). With
+        ``early_exit`` an image leaves at the first step where its objective is zero (runtime/step_loop.py; NaN in
+        the trace from then on), run step by step; without, all steps run for every image in the Loop graph."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if steps == 0:                     # the random start alone: the noise control
-            return np.clip(x + (2 * start_noise(x, seed) - 1) * np.float32(eps), 0, 1), np.zeros((0, len(x)))
+            return start_point(x, seed, eps), np.zeros((0, len(x)))
+        if early_exit:
+            step = lambda feeds: tuple(self._run("repair_step", feeds))
+            return repair_by_steps(step, x, seed, eps, steps, step_size, self.views)
         repaired, trace = self._run("repair", repair_inputs(x, seed, eps, steps, step_size, self.views))
         return repaired, trace
 
@@ -113,7 +119,7 @@ class Bundle:
         return sum(gate["weights"][t] * (losses[t] - gate["median"][t]) for t in gate["tasks"])
 
     def repair_batch(self, x: np.ndarray, seed: int, eps: float, steps: int, step_size: float,
-                     gate_fpr: float | None = None) -> list[dict]:
+                     gate_fpr: float | None = None, early_exit: bool = True) -> list[dict]:
         """runtime/folder.py's rows for one batch: the 8-bit repaired image and the report fields, losses before and
         after with the same draws (as engine/folder.py's ``repair_batch``). With ``gate_fpr``, only inputs whose gate
         score exceeds the threshold are repaired; the rest come back unchanged."""
@@ -126,7 +132,7 @@ class Bundle:
             flagged = score > self.gate_threshold(gate_fpr)
             gate = {"gate_score": [round(float(v), 6) for v in score], "gated_out": (~flagged).tolist()}
         if flagged.any():                  # an image's repair is its own: repairing a subset changes nothing
-            repaired[flagged] = self.repair(x[flagged], seed, eps, steps, step_size)[0]
+            repaired[flagged] = self.repair(x[flagged], seed, eps, steps, step_size, early_exit)[0]
         repaired = quantize(repaired)
         after = self.task_losses(repaired, params)
         return image_rows(repaired, x, self.logits(x).argmax(1).tolist(), self.logits(repaired).argmax(1).tolist(),

@@ -69,6 +69,9 @@ def main() -> None:
 @click.option("--gate", "gate_fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Repair only inputs whose SSL losses exceed what this fraction of clean images exceeds "
                    "(e.g. 0.05); the rest are written unchanged. Needs a bundle exported with a calibration.")
+@click.option("--early-exit/--no-early-exit", default=True, show_default=True,
+              help="An image leaves the loop once its objective is zero (every task at its clean level): same "
+                   "accuracy, a fraction of the steps (docs/repair-graphs.md). No effect on a plain objective.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="onnxruntime intra-op threads (default: onnxruntime's choice, all cores).")
 @click.option("--allow-large-eps", is_flag=True, help="Accept --eps above 64/255.")
@@ -76,7 +79,8 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs and reports.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def repair(bundle_dir: Path, input_dir: Path, output_dir: Path, eps: float, steps: int, step_size: float, seed: int,
-           batch_size: int, gate_fpr: float | None, threads: int | None, allow_large_eps: bool, resize: bool,
+           batch_size: int, gate_fpr: float | None, early_exit: bool, threads: int | None, allow_large_eps: bool,
+           resize: bool,
            overwrite: bool, quiet: bool) -> None:
     """Repair every image under INPUT into OUTPUT (same relative paths, lossless PNG) with a report."""
     from .bundle import Bundle
@@ -93,11 +97,11 @@ def repair(bundle_dir: Path, input_dir: Path, output_dir: Path, eps: float, step
     except ValueError as e:                # BundleError too
         raise click.UsageError(str(e)) from None
     config = {"eps": eps, "steps": steps, "step_size": step_size, "seed": seed, "batch_size": batch_size,
-              "backend": bundle.name, "tasks": bundle.tasks, "alpha": [bundle.alpha[t] for t in bundle.tasks],
+              "early_exit": early_exit, "backend": bundle.name, "tasks": bundle.tasks, "alpha": [bundle.alpha[t] for t in bundle.tasks],
               "device": "cpu", "objective": "plain" if bundle.levels is None else "clean", "levels": bundle.levels,
               "gate": gate, "weights": bundle.manifest["weights"], "threads": threads}
     try:
-        report = repair_folder(lambda x: bundle.repair_batch(x, seed, eps, steps, step_size, gate_fpr), input_dir,
+        report = repair_folder(lambda x: bundle.repair_batch(x, seed, eps, steps, step_size, gate_fpr, early_exit), input_dir,
                                output_dir, config, batch_size, resize, overwrite, progress=not quiet)
     except ValueError as e:
         raise click.UsageError(str(e)) from None

@@ -135,21 +135,36 @@ STEP_DRAWS = {
 }
 
 
-def task_draws(task: str, rng: np.random.Generator, steps: int, views: int | None = None) -> dict[str, np.ndarray]:
-    """``steps`` steps' parameters of one image for ``task``, each with a leading steps axis."""
-    draw = STEP_DRAWS.get(task.removesuffix("-head"))
-    if draw is None:
-        raise ValueError(f"no draws known for task {task!r}; known: {', '.join(STEP_DRAWS)}")
-    per_step = [draw(rng, views) for _ in range(steps)]
-    return {key: np.stack([p[key] for p in per_step]) for key in (per_step[0] if per_step else {})}
+class StepDraws:
+    """A batch's draws one step at a time, for the images still in a repair: ``next(rows)`` draws the coming step's
+    parameters of the images at ``rows`` (all by default) from their own generators. An image's step-k draws are the
+    same whichever images were drawn beside it, so a loop whose images leave early (engine/repair.py's early exit)
+    draws nothing for them and the rest get exactly the numbers of ``batch_draws``."""
+
+    def __init__(self, images: np.ndarray, seed: int, tasks: dict[str, int | None]) -> None:
+        for task in tasks:
+            if task.removesuffix("-head") not in STEP_DRAWS:
+                raise ValueError(f"no draws known for task {task!r}; known: {', '.join(STEP_DRAWS)}")
+        self.tasks = dict(tasks)
+        self.rngs = {task: [image_rng(seed, image, task) for image in images] for task in tasks}
+        self.size = len(images)
+
+    def next(self, rows: np.ndarray | list[int] | None = None) -> dict[str, dict[str, np.ndarray]]:
+        """task -> key -> len(rows)×… : one step's parameters of the images at ``rows``."""
+        rows = range(self.size) if rows is None else rows
+        out: dict[str, dict[str, np.ndarray]] = {}
+        for task, views in self.tasks.items():
+            draw = STEP_DRAWS[task.removesuffix("-head")]
+            per_image = [draw(self.rngs[task][i], views) for i in rows]
+            out[task] = {key: np.stack([p[key] for p in per_image]) for key in per_image[0]} if per_image else {}
+        return out
 
 
 def batch_draws(images: np.ndarray, seed: int, tasks: dict[str, int | None],
                 steps: int) -> dict[str, dict[str, np.ndarray]]:
     """Every task's parameters for ``steps`` steps of a batch B×3×H×W: task -> key -> steps×B×…; ``tasks`` maps each
     task to its number of views (None where it draws none)."""
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for task, views in tasks.items():
-        per_image = [task_draws(task, image_rng(seed, image, task), steps, views) for image in images]
-        out[task] = {key: np.stack([p[key] for p in per_image], axis=1) for key in per_image[0]} if per_image else {}
-    return out
+    draws = StepDraws(images, seed, tasks)
+    per_step = [draws.next() for _ in range(steps)]
+    return {task: {key: np.stack([p[task][key] for p in per_step]) for key in (per_step[0][task] if per_step else {})}
+            for task in tasks}

@@ -11,22 +11,28 @@ from cli import main
 
 def test_bench_lists_every_backend_with_parity(tiny_weights, tmp_path):
     out = tmp_path / "bench.json"
-    result = CliRunner().invoke(main, ["bench", "--n", "4", "--steps", "1", "--backends", "torch,onnxruntime,tensorrt",
+    result = CliRunner().invoke(main, ["bench", "--n", "4", "--steps", "2", "--backends",
+                                       "torch,onnxruntime,onnxruntime+exit,tensorrt", "--latency-images", "2",
                                        "--weights", str(tiny_weights), "--onnx-dir", str(tmp_path / "onnx"),
                                        "--json", str(out), "--plot", str(tmp_path / "bench.png")])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     names = [b["name"] for b in report["backends"]]
-    assert names == ["torch", "onnxruntime", "tensorrt"]
+    # torch+exit joins as the parity reference of onnxruntime+exit
+    assert names == ["torch", "torch+exit", "onnxruntime", "onnxruntime+exit", "tensorrt"]
+    assert report["objective"] == "clean"
     by_name = {b["name"]: b for b in report["backends"]}
     assert by_name["torch"]["available"] and by_name["torch"]["images_per_s"] > 0
     assert set(by_name["onnxruntime"]["graphs"]) == {"classifier", "contrastive_loss", "inpainting_loss",
                                                      "rotation_loss"}
     if not by_name["tensorrt"]["available"]:
         assert by_name["tensorrt"]["reason"] and by_name["tensorrt"]["images_per_s"] is None
-    ort_parity = [p for p in report["parity"] if p["backend"] == "onnxruntime"]
-    assert {p["output"] for p in ort_parity} >= {"logits", "rotation_loss", "repaired prediction"}
-    assert all(p["passed"] is not False for p in ort_parity)
+    for name in ("onnxruntime", "onnxruntime+exit"):
+        ort_parity = [p for p in report["parity"] if p["backend"] == name]
+        assert {p["output"] for p in ort_parity} >= {"logits", "rotation_loss", "repaired prediction"}
+        assert all(p["passed"] is not False for p in ort_parity)
+    assert by_name["torch"]["steps_run"] == 1 and 0 < by_name["torch+exit"]["steps_run"] <= 1
+    assert by_name["onnxruntime+exit"]["early_exit"] and not by_name["onnxruntime"]["early_exit"]
     assert (tmp_path / "bench.png").stat().st_size > 1000
 
 

@@ -38,6 +38,13 @@ def test_a_tasks_draws_ignore_the_other_tasks_and_the_number_of_steps(batch):
     assert_same(just, {"consistency": {k: v[:3] for k, v in full["consistency"].items()}})
 
 
+def test_step_draws_for_the_images_left_are_the_batch_draws_of_those_images(batch):
+    full = draws.batch_draws(batch, 3, TASKS, steps=3)
+    stepper = draws.StepDraws(batch, 3, TASKS)
+    for step, rows in enumerate([[0, 1, 2, 3, 4], [1, 3, 4], [3]]):        # images leave as a repair's do
+        assert_same(stepper.next(rows), {t: {k: v[step, rows] for k, v in p.items()} for t, p in full.items()})
+
+
 def test_draws_are_seeded_and_shaped(batch):
     a, b = draws.batch_draws(batch, 1, TASKS, 2), draws.batch_draws(batch, 1, TASKS, 2)
     assert_same(a, b)
@@ -55,7 +62,7 @@ def test_draws_are_seeded_and_shaped(batch):
 
 def test_an_unknown_task_is_named():
     with pytest.raises(ValueError, match="segmentation"):
-        draws.task_draws("segmentation", np.random.default_rng(0), 1)
+        draws.batch_draws(np.zeros((1, 3, 32, 32), np.float32), 0, {"segmentation": None}, 1)
 
 
 def test_draws_run_where_torch_cannot_be_imported():

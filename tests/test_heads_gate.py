@@ -61,9 +61,13 @@ def test_clean_objective_hinges_at_the_clean_level_with_alpha_from_the_iqr(tiny_
     assert torch.allclose(p.ssl_loss(images), expected)
     # an image already below every level has nothing to gain: zero objective, zero gradient, no step taken
     p.objective.levels = {t: 1e9 for t in per_task}
-    result = p.repair_with_trace(images[:2], steps=3, seed=0)
     noise_only = p.repair_with_trace(images[:2], steps=0, seed=0)
-    assert torch.equal(result.images, noise_only.images) and (result.trace == 0).all()
+    stays = p.repair_with_trace(images[:2], steps=3, seed=0, early_exit=False)
+    assert torch.equal(stays.images, noise_only.images) and (stays.trace == 0).all()
+    # with the early exit it leaves after its first step, where it stood: NaN in the trace for the steps not run
+    leaves = p.repair_with_trace(images[:2], steps=3, seed=0)
+    assert torch.equal(leaves.images, noise_only.images)
+    assert (leaves.trace[0] == 0).all() and leaves.trace[1:].isnan().all()
 
 
 def test_gate_threshold_flags_the_stated_fraction_of_calibration_images():

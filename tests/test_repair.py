@@ -80,3 +80,21 @@ def test_the_api_refuses_images_that_are_not_floats_in_the_unit_range(tiny_pipel
     for call in (tiny_pipeline.repair, tiny_pipeline.predict, tiny_pipeline.ssl_loss):
         with pytest.raises(ValueError, match=re.escape(message)):
             call(bad(images[:2]))
+
+
+def test_early_exit_stops_each_image_where_its_objective_reaches_zero(tiny_weights, images):
+    from engine.pipeline import load_pipeline
+
+    # float64, as above: the rounding of a batch of 8 and of 1 must not tell the two runs apart
+    objective = load_pipeline(tiny_weights, tasks=["inpainting", "rotation"], objective="clean").objective.double()
+    images, steps = images.double(), 6
+    exits = reverse_attack(objective, images, EPS, steps, STEP, seed=3, early_exit=True)
+    ran = exits.trace.isfinite()
+    assert (~ran).any() and ran[:, ran.all(0)].numel()           # some images leave early, some run every step
+    for i in range(len(images)):
+        k = int(ran[:, i].sum())                                  # steps it ran; it left after its zero at step k-1
+        assert (ran[:k, i]).all() and exits.trace[k - 1, i] == 0 or k == steps
+        # it stands where a k-step repair without the exit leaves it: a zero objective is a step that does not move
+        alone = reverse_attack(objective, images[i:i + 1], EPS, k, STEP, seed=3)
+        assert torch.equal(alone.images[0], exits.images[i])
+        torch.testing.assert_close(alone.trace[:, 0], exits.trace[:k, i], rtol=1e-12, atol=1e-12)

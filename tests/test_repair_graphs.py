@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from engine.backends.onnxruntime_backend import OnnxRuntimeBackend
 from engine.pipeline import load_pipeline
 from engine.repair import reverse_attack
-from export.grad_decompositions import (_convolution_backward, _max_pool2d_backward,
+from export.grad_decompositions import (_convolution_backward, _max_pool2d_backward, _max_pool2d_with_indices,
                                         _upsample_bilinear2d_backward)
 from export.onnx_export import export_all
 
@@ -36,22 +36,38 @@ def test_convolution_backward_rewrite_matches_autograd(transposed):
     torch.testing.assert_close(ours, input_gradient(fn, x, g), rtol=1e-5, atol=1e-5)
 
 
-def test_max_pool_and_bilinear_backward_rewrites_match_autograd():
+@pytest.mark.parametrize("kernel", [2, 3])         # 2×2: the corner masks; 3×3 stride 2: the scatter at the indices
+def test_max_pool_rewrites_match_autograd_ties_included(kernel):
     torch.manual_seed(0)
     x = torch.randn(2, 3, 8, 8)
-    out, indices = F.max_pool2d(x, 2, return_indices=True)
+    x[:, :, :4, :4] = 0.5                          # a flat region: ties, where autograd picks the first maximum
+    pool = lambda t: F.max_pool2d(t, kernel, 2)
+    out, indices = F.max_pool2d(x, kernel, 2, return_indices=True)
+    values = _max_pool2d_with_indices(x, [kernel] * 2, [2, 2], [0, 0], [1, 1], False)
+    assert values is NotImplemented if kernel == 3 else torch.equal(values[0], out)
     g = torch.randn_like(out)
-    ours = _max_pool2d_backward(g, x, [2, 2], [2, 2], [0, 0], [1, 1], False, indices)
-    torch.testing.assert_close(ours, input_gradient(lambda t: F.max_pool2d(t, 2), x, g), rtol=0, atol=0)
+    ours = _max_pool2d_backward(g, x, [kernel] * 2, [2, 2], [0, 0], [1, 1], False, indices)
+    torch.testing.assert_close(ours, input_gradient(pool, x, g), rtol=0, atol=0)
+
+
+def test_bilinear_backward_rewrite_matches_autograd():
+    x = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
     up = lambda t: F.interpolate(t, scale_factor=2, mode="bilinear", align_corners=False)
     g = torch.randn(2, 3, 16, 16)
     ours = _upsample_bilinear2d_backward(g, [16, 16], [2, 3, 8, 8], False)
     torch.testing.assert_close(ours, input_gradient(up, x, g), rtol=1e-5, atol=1e-5)
 
 
+def clean_pipeline(weights, **kwargs):
+    """The clean-level objective (the CLI's default, the one whose images can leave the loop early). The tiny
+    rotation net's clean losses hardly spread (IQR ≈ 2e-5), so its 1/IQR weight would multiply float rounding by
+    60,000: α 1e-4 brings that weight to ≈ 6."""
+    return load_pipeline(weights, tasks=TASKS, objective="clean", alpha={"rotation": 1e-4}, **kwargs)
+
+
 @pytest.fixture(scope="module")
 def exported_repair(tiny_weights, tmp_path_factory):
-    pipeline = load_pipeline(tiny_weights, tasks=TASKS)
+    pipeline = clean_pipeline(tiny_weights)
     out = tmp_path_factory.mktemp("repair_onnx")
     manifest, _ = export_all(pipeline, out)
     return pipeline, out, manifest
@@ -87,11 +103,28 @@ def test_onnxruntime_repair_matches_the_torch_reference(exported_repair, images,
                                                                  2 / 255, seed=3).images)
 
 
+def test_onnxruntime_early_exit_matches_the_torch_reference(exported_repair, images):
+    pipeline, out, _ = exported_repair
+    backend = OnnxRuntimeBackend(out, pipeline.tasks)
+    ref = reverse_attack(pipeline.objective, images, 16 / 255, 6, 2 / 255, seed=3, early_exit=True)
+    left = ref.trace.isnan()
+    assert left.any() and not left[:, ~left.any(0)].any()            # some images leave, some stay to the end
+    got = backend.reverse_attack(pipeline.objective, images, 16 / 255, 6, 2 / 255, seed=3, early_exit=True)
+    assert torch.equal(got.trace.isnan(), left)                         # the same images leave at the same steps
+    torch.testing.assert_close(got.trace, ref.trace, rtol=1e-4, atol=1e-5, equal_nan=True)
+    stayed = ~left.any(0)
+    # the images that stay run the Loop graph's steps exactly (same draws, same graph), those that leave stop where
+    # PyTorch's do (the pixel rule above: a sign may flip where a gradient is ~0, as the Loop graph's can)
+    loop = backend.reverse_attack(pipeline.objective, images, 16 / 255, 6, 2 / 255, seed=3)
+    assert torch.equal(got.images[stayed], loop.images[stayed])
+    assert (got.images[~stayed] != ref.images[~stayed]).float().mean() <= 1e-3
+
+
 def test_the_pipeline_uses_the_graph_only_for_the_objective_it_was_exported_for(exported_repair, tiny_weights,
                                                                               images):
     pipeline, out, _ = exported_repair
-    accelerated = load_pipeline(tiny_weights, tasks=TASKS, backend="onnxruntime", onnx_dir=out)
+    accelerated = clean_pipeline(tiny_weights, backend="onnxruntime", onnx_dir=out)
     assert accelerated.backend.can_repair(accelerated.objective)
     torch.testing.assert_close(accelerated.repair(images[:2], steps=2), pipeline.repair(images[:2], steps=2))
-    other = load_pipeline(tiny_weights, tasks=TASKS, alpha={"inpainting": 2.0})
+    other = load_pipeline(tiny_weights, tasks=TASKS, objective="clean")
     assert not accelerated.backend.can_repair(other.objective)      # α differs: the loop stays in PyTorch

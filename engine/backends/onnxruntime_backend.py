@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from runtime.repair_inputs import repair_inputs
+from runtime.step_loop import repair_by_steps
 
 from ..repair import RepairResult, pixels, start_point, uniform_start
 from . import BackendUnavailable
@@ -58,6 +59,7 @@ class OnnxRuntimeBackend:
         self.repair_objective = repair["sources"].get("objective") if repair else None
         if repair:
             self._open("repair", onnx_dir / repair["file"])
+            self._open("repair_step", onnx_dir / manifest["graphs"]["repair_step"]["file"])
 
     def _open(self, graph: str, path: Path) -> None:
         import onnxruntime as ort
@@ -71,13 +73,18 @@ class OnnxRuntimeBackend:
         return self.repair_objective is not None and self.repair_objective == objective.signature()
 
     def reverse_attack(self, objective, x: torch.Tensor, eps: float, steps: int, step_size: float,
-                       seed: int) -> RepairResult:
-        """engine.repair.reverse_attack in one onnxruntime call: the same draws, in the same order, as inputs."""
+                       seed: int, early_exit: bool = False) -> RepairResult:
+        """engine.repair.reverse_attack in onnxruntime, with the same draws: in one call of the Loop graph, or with
+        ``early_exit`` one call of the step graph per step on the images still in the loop."""
         x = x.detach().float()
         if steps == 0:
             return RepairResult(start_point(x, uniform_start(x, seed), eps), x.new_zeros(0, len(x)))
-        feeds = repair_inputs(pixels(x), seed, eps, steps, step_size, objective.views())
-        repaired, trace = self.sessions["repair"].run(None, feeds)
+        if early_exit:
+            step = lambda feeds: tuple(self.sessions["repair_step"].run(None, feeds))
+            repaired, trace = repair_by_steps(step, pixels(x), seed, eps, steps, step_size, objective.views())
+        else:
+            feeds = repair_inputs(pixels(x), seed, eps, steps, step_size, objective.views())
+            repaired, trace = self.sessions["repair"].run(None, feeds)
         return RepairResult(torch.from_numpy(repaired).to(x.device), torch.from_numpy(trace).to(x.device))
 
     def run(self, graph: str, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
