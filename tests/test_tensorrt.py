@@ -178,3 +178,27 @@ def test_tensorrt_engines_match_torch(tiny_pipeline, exported, tmp_path, images)
     assert compare("logits", pipeline.classifier(x), backend.logits(x), tol["logits"]).passed
     for task, loss in pipeline.objective.per_task(x, params).items():
         assert compare(task, loss, backend.task_losses(x, params)[task], tol["loss"]).passed
+
+
+def test_profiles_of_the_step_and_loop_graphs_cover_batch_steps_and_the_trip_count(tmp_path):
+    from onnx import TensorProto, helper
+
+    from export.repair_graphs import loop_graph
+
+    image = ["batch", 3, 32, 32]
+    f = lambda name, shape: helper.make_tensor_value_info(name, TensorProto.FLOAT, shape)
+    # a stand-in step graph with the exported one's interface: x, x0, eps, step_size, one task parameter
+    step = helper.make_model(helper.make_graph(
+        [helper.make_node("Identity", ["x"], ["x_next"]),
+         helper.make_node("ReduceSum", ["view_p"], ["loss"], keepdims=0, axes=[1])],
+        "step", [f("x", image), f("x0", image), f("eps", []), f("step_size", []), f("view_p", ["batch", 4])],
+        [f("x_next", image), f("loss", ["batch"])]), opset_imports=[helper.make_opsetid("", 13)])
+    onnx.save(step, str(tmp_path / "repair_step.onnx"))
+    onnx.save(loop_graph(step), str(tmp_path / "repair.onnx"))
+    step_profiles = trt_export.input_profiles(tmp_path / "repair_step.onnx", (1, 8, 16))
+    assert step_profiles["x"] == ((1, 3, 32, 32), (8, 3, 32, 32), (16, 3, 32, 32))
+    assert step_profiles["view_p"] == ((1, 4), (8, 4), (16, 4)) and "eps" not in step_profiles
+    loop = trt_export.input_profiles(tmp_path / "repair.onnx", (1, 8, 16), steps=(1, 20, 40))
+    assert loop["steps"] == ((1,), (20,), (40,))                       # the trip count, a shape input
+    assert loop["view_p_all"] == ((1, 1, 4), (20, 8, 4), (40, 16, 4))   # steps × batch × …
+    assert loop["noise"] == loop["x0"] == step_profiles["x"]

@@ -3,7 +3,10 @@
 - FP32 engines build from the FP32 graph. FP16 engines build from an FP16 copy of the graph made by
   onnxconverter-common with FP32 inputs and outputs kept: TensorRT 11 has no FP16 builder flag (networks are strongly
   typed: the graph's types are the engine's), and the same route works on TensorRT 10.
-- One optimization profile on the batch axis (min 1 / opt 64 / max 512 by default).
+- One optimization profile: on the batch axis (min 1 / opt 64 / max 512 by default), and for the whole-repair
+  graphs of export/repair_graphs.py on the steps axis of their stacked parameters and on the ``steps`` trip count
+  (a shape input; 1 / 40 / 80 by default). Their ONNX ``Loop`` carries a fixed shape (the batch of images), which
+  TensorRT's loops require. Never built here: no machine this project ran on had TensorRT.
 - A timing cache beside the engines makes rebuilds fast.
 - The cache key is sha256 over the ONNX file's sha256, the TensorRT version, the GPU name and compute capability,
   the precision and the profile; an entry whose engine bytes do not match its record, or that fails to
@@ -27,6 +30,7 @@ from . import BackendUnavailable
 from runtime.files import atomic_write, sha256sum, write_json
 
 PROFILE = (1, 64, 512)
+STEPS_PROFILE = (1, 40, 80)
 WORKSPACE_BYTES = 1 << 30
 
 
@@ -132,6 +136,27 @@ def parser_errors(parser) -> str:
     return "\n".join(lines)
 
 
+def input_profiles(onnx_path: Path, profile: tuple[int, int, int] = PROFILE,
+                   steps: tuple[int, int, int] = STEPS_PROFILE) -> dict[str, tuple[tuple[int, ...], ...]]:
+    """(min, opt, max) of each graph input that is not fixed: a shape per input with a dynamic axis, named by the
+    exporter's ``batch`` / ``steps`` axes (any other name is taken as a batch); for the 0-D int64 ``steps`` input of
+    the Loop graph, its value (a TensorRT shape input)."""
+    sizes = {"steps": steps}
+    out = {}
+    for graph_input in onnx.load(str(onnx_path), load_external_data=False).graph.input:
+        tensor = graph_input.type.tensor_type
+        dims = list(tensor.shape.dim)
+        if not dims and graph_input.name == "steps" and tensor.elem_type == onnx.TensorProto.INT64:
+            out[graph_input.name] = tuple((v,) for v in steps)
+            continue
+        if not any(d.dim_param or not d.HasField("dim_value") for d in dims):
+            continue
+        out[graph_input.name] = tuple(
+            tuple(d.dim_value if d.HasField("dim_value") else sizes.get(d.dim_param, profile)[i] for d in dims)
+            for i in range(3))
+    return out
+
+
 def build_engine(trt, onnx_path: Path, profile: tuple[int, int, int], timing_cache_path: Path) -> bytes:
     """Serialized engine for ``onnx_path`` (its types decide the precision: a strongly typed network)."""
     logger = trt.Logger(trt.Logger.WARNING)
@@ -147,11 +172,15 @@ def build_engine(trt, onnx_path: Path, profile: tuple[int, int, int], timing_cac
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
     opt_profile = builder.create_optimization_profile()
+    shapes = input_profiles(onnx_path, profile)
     for i in range(network.num_inputs):
         tensor = network.get_input(i)
-        rest = tuple(tensor.shape)[1:]
-        if tuple(tensor.shape)[0] == -1:           # the dynamic batch axis
-            opt_profile.set_shape(tensor.name, (profile[0], *rest), (profile[1], *rest), (profile[2], *rest))
+        if tensor.name not in shapes:
+            continue
+        if tensor.is_shape_tensor:                 # the Loop's trip count: a range of values, not of shapes
+            opt_profile.set_shape_input(tensor.name, *shapes[tensor.name])
+        else:
+            opt_profile.set_shape(tensor.name, *shapes[tensor.name])
     config.add_optimization_profile(opt_profile)
     cache_bytes = timing_cache_path.read_bytes() if timing_cache_path.exists() else b""
     timing_cache = config.create_timing_cache(cache_bytes)
