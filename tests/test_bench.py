@@ -1,6 +1,7 @@
 """`cli.py bench` on tiny models: every backend listed (an absent one with its reason), parity next to speed."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -74,3 +75,35 @@ def test_sweep_runs_each_point_once_against_its_own_noise_control(tiny_weights, 
     assert "| 8/255 | 1 | 2 |" in table and "| 16/255 | 1 | 2 |" in table
     with pytest.raises(ValueError, match="none to vary"):
         sw.sweep(4, "noise", [8 / 255], [1], [2], tmp_path, str(tiny_weights))
+
+
+def test_compare_reports_counts_agreement_accuracy_and_differing_pixels(tmp_path):
+    from PIL import Image
+
+    from bench.compare_reports import main as compare_main
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    for name, preds, touched in (("a", [3, 5, 1], 0), ("b", [3, 4, 1], 8)):
+        out = tmp_path / name
+        out.mkdir()
+        rows = []
+        for i, pred in enumerate(preds):
+            pixels = image.copy()
+            pixels[:touched, 0] ^= 1 if i == 0 else 0          # b's first image differs in 8 pixels (of 1024)
+            Image.fromarray(pixels).save(out / f"{i}.png")
+            rows.append({"file": f"{i}.png", "status": "repaired", "pred_after": pred})
+        rows.append({"file": "bad.png", "status": "error", "pred_after": None})
+        (out / "report.json").write_text(json.dumps({"images": rows}))
+    (tmp_path / "labels.csv").write_text("file,label\n0.png,3\n1.png,4\n2.png,2\n")
+    result = CliRunner().invoke(compare_main, [str(tmp_path / "a"), str(tmp_path / "b"), "--labels",
+                                               str(tmp_path / "labels.csv")])
+    assert result.exit_code == 0, result.output
+    got = json.loads(result.output)
+    assert got["n"] == 3 and got["prediction_agreement"] == pytest.approx(2 / 3)
+    assert got["accuracy_a"] == pytest.approx(1 / 3) and got["accuracy_b"] == pytest.approx(2 / 3)
+    assert got["mcnemar"] == {"a_only": 0, "b_only": 1, "p": 1.0}
+    assert got["pixels_differing"]["images_identical"] == 2
+    assert got["pixels_differing"]["max"] == pytest.approx(8 / 1024)
+    missing = CliRunner().invoke(compare_main, [str(tmp_path / "a"), str(tmp_path)])
+    assert missing.exit_code == 2 and "report.json" in missing.output
