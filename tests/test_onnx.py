@@ -136,11 +136,15 @@ def test_repair_with_the_onnxruntime_backend_predicts_like_torch(tiny_weights, e
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (IO binding on CUDA tensors)")
 def test_onnxruntime_io_binding_on_cuda(tiny_weights, tmp_path, images):
-    pipeline = load_pipeline(tiny_weights, device="cuda")
-    export_all(pipeline, tmp_path, repair_graphs=False)
+    pipeline = load_pipeline(tiny_weights, device="cuda", tasks=["inpainting", "rotation"])
+    export_all(pipeline, tmp_path)
     backend = OnnxRuntimeBackend(tmp_path, pipeline.tasks, "cuda")
     x = images.cuda()
     assert compare("logits", pipeline.classifier(x), backend.logits(x), TOLERANCES["fp32"]["logits"]).passed
+    # the Loop graph with its outputs bound to CUDA tensors, against the PyTorch reference on the same GPU
+    got = backend.reverse_attack(pipeline.objective, x, 16 / 255, 3, 2 / 255, seed=1)
+    ref = pipeline.repair_with_trace(x, steps=3, seed=1, early_exit=False)
+    assert got.images.is_cuda and (got.images != ref.images).float().mean() <= 1e-3
 
 
 # --- golden outputs of the shipped weights -----------------------------------------------------------------------

@@ -82,10 +82,27 @@ class OnnxRuntimeBackend:
         if early_exit:
             step = lambda feeds: tuple(self.sessions["repair_step"].run(None, feeds))
             repaired, trace = repair_by_steps(step, pixels(x), seed, eps, steps, step_size, objective.views())
+        elif self.device.type == "cuda":
+            return self._repair_on_cuda(objective, x, eps, steps, step_size, seed)
         else:
             feeds = repair_inputs(pixels(x), seed, eps, steps, step_size, objective.views())
             repaired, trace = self.sessions["repair"].run(None, feeds)
         return RepairResult(torch.from_numpy(repaired).to(x.device), torch.from_numpy(trace).to(x.device))
+
+    def _repair_on_cuda(self, objective, x: torch.Tensor, eps: float, steps: int, step_size: float,
+                        seed: int) -> RepairResult:
+        """The Loop graph with its outputs bound to CUDA tensors: the draws are numpy arrays, copied in once; the
+        repaired images and the trace stay on the GPU. Never executed here (no GPU on this project's machines)."""
+        session, index = self.sessions["repair"], self.device.index or 0
+        binding = session.io_binding()
+        for name, value in repair_inputs(pixels(x), seed, eps, steps, step_size, objective.views()).items():
+            binding.bind_cpu_input(name, value)
+        repaired = torch.empty(x.shape, device=self.device, dtype=torch.float32)
+        trace = torch.empty((steps, len(x)), device=self.device, dtype=torch.float32)
+        for name, out in (("repaired", repaired), ("trace", trace)):
+            binding.bind_output(name, "cuda", index, np.float32, list(out.shape), out.data_ptr())
+        session.run_with_iobinding(binding)
+        return RepairResult(repaired, trace)
 
     def run(self, graph: str, feeds: dict[str, torch.Tensor]) -> torch.Tensor:
         """The graph's single output for ``feeds`` (input name -> tensor), on the feeds' device."""
