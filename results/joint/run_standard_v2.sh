@@ -14,3 +14,9 @@ run python -m bench.attack_signal --n 1000 --weights $W --tasks $T --json result
 common="--weights $W --calibration $W/calibration_views2.json --views 2 --repair-steps 20 --gate-tasks $T --quiet"
 run python cli.py eval --n 500 --attacks none,pgd --repairs none,noise,hedge,mtl-joint,mtl-joint:clean:exit \
     $common --json results/joint/headline_standard.json --markdown results/joint/headline_standard.md
+# joint-robust's per-task ablation (the first run's script left it out for CPU time), each task alone with the
+# clean-level objective and the early exit (the default repair form; 5–8× cheaper), with and without the gate
+W=weights/joint-robust
+run python cli.py eval --n 500 --attacks none,pgd --repairs none,noise,contrastive-head:clean:exit,inpainting-head:clean:exit,rotation-head:clean:exit,consistency:clean:exit,hedge:clean:exit,mtl-joint:clean:exit,noise:gate,mtl-joint:clean:exit:gate \
+    --weights $W --calibration $W/calibration_views2.json --views 2 --repair-steps 20 --gate-tasks $T --quiet \
+    --json results/joint/ablation_robust.json --markdown results/joint/ablation_robust.md
