@@ -35,13 +35,17 @@ def compare(out_a: Path, out_b: Path, labels: Path | None = None) -> dict:
         raise click.UsageError(f"{out_a} and {out_b} have no repaired file in common")
     result = {"a": str(out_a), "b": str(out_b), "n": len(files), "only_one": len(set(a) ^ set(b)),
               "prediction_agreement": float(np.mean([a[f]["pred_after"] == b[f]["pred_after"] for f in files]))}
-    differing = [np.mean(read_image(out_a / f)[0] != read_image(out_b / f)[0]) for f in files]
+    # the written PNG's path: the input's, with .png (and renamed where two inputs would clash)
+    differing = [np.mean(read_image(out_a / a[f]["output"])[0] != read_image(out_b / b[f]["output"])[0])
+                 for f in files]
     result["pixels_differing"] = {"mean": float(np.mean(differing)), "max": float(np.max(differing)),
                                   "images_identical": int(sum(d == 0 for d in differing))}
     if labels is not None:
         with labels.open() as fh:
             truth = {row["file"]: int(row["label"]) for row in csv.DictReader(fh)}
         files = [f for f in files if f in truth]
+        if not files:
+            raise click.UsageError(f"{labels} labels none of the repaired files")
         right_a = [a[f]["pred_after"] == truth[f] for f in files]
         right_b = [b[f]["pred_after"] == truth[f] for f in files]
         for name, right in (("a", right_a), ("b", right_b)):

@@ -29,6 +29,7 @@ from runtime.imageio import read_folder
 
 BENCH_BACKENDS = ("torch", "onnxruntime", "tensorrt", "torch-compile")
 EXIT = "+exit"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "clean"
 
 
 def bench_names(names: list[str]) -> list[str]:
@@ -36,7 +37,6 @@ def bench_names(names: list[str]) -> list[str]:
     reference), then the rest in the order given."""
     wanted = ["torch", *(["torch" + EXIT] if any(n.endswith(EXIT) for n in names) else []), *names]
     return list(dict.fromkeys(wanted))
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "clean"
 
 
 def bench_images(n: int) -> torch.Tensor:
@@ -165,8 +165,8 @@ def run_bench(n: int = 64, backends: list[str] = list(BENCH_BACKENDS), device: s
                      whole_repair_graph=bool(getattr(pipeline.backend, "can_repair", lambda o: False)(
                          pipeline.objective)),
                      latency_ms=latency_ms(pipeline, x[:latency_images], config) if latency_images else None)
-        if engine == "torch":
-            entry["steps_run"] = steps_run(pipeline, x, config)
+        if engine == "torch":             # without the exit every image runs every step
+            entry["steps_run"] = steps_run(pipeline, x, config) if early_exit else 1.0
         log(f"{name}: {entry['images_per_s']} images/s (full repair, {steps} steps)")
         if engine == "torch":
             ref_rows[early_exit] = copy.deepcopy(rows)

@@ -96,7 +96,7 @@ class Bundle:
         x = np.ascontiguousarray(x, dtype=np.float32)
         if steps == 0:                     # the random start alone: the noise control
             return start_point(x, seed, eps), np.zeros((0, len(x)))
-        if early_exit:
+        if early_exit and self.levels is not None:         # a plain objective never reaches zero: no exit
             step = lambda feeds: tuple(self._run("repair_step", feeds))
             return repair_by_steps(step, x, seed, eps, steps, step_size, self.views)
         repaired, trace = self._run("repair", repair_inputs(x, seed, eps, steps, step_size, self.views))

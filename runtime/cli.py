@@ -79,9 +79,8 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs and reports.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def repair(bundle_dir: Path, input_dir: Path, output_dir: Path, eps: float, steps: int, step_size: float, seed: int,
-           batch_size: int, gate_fpr: float | None, early_exit: bool, threads: int | None, allow_large_eps: bool,
-           resize: bool,
-           overwrite: bool, quiet: bool) -> None:
+           batch_size: int, gate_fpr: float | None, early_exit: bool, threads: int | None,
+           allow_large_eps: bool, resize: bool, overwrite: bool, quiet: bool) -> None:
     """Repair every image under INPUT into OUTPUT (same relative paths, lossless PNG) with a report."""
     from .bundle import Bundle
     from .folder import check_folders, repair_folder, summary_lines
@@ -97,12 +96,12 @@ def repair(bundle_dir: Path, input_dir: Path, output_dir: Path, eps: float, step
     except ValueError as e:                # BundleError too
         raise click.UsageError(str(e)) from None
     config = {"eps": eps, "steps": steps, "step_size": step_size, "seed": seed, "batch_size": batch_size,
-              "early_exit": early_exit, "backend": bundle.name, "tasks": bundle.tasks, "alpha": [bundle.alpha[t] for t in bundle.tasks],
-              "device": "cpu", "objective": "plain" if bundle.levels is None else "clean", "levels": bundle.levels,
+              "early_exit": early_exit, "backend": bundle.name, "tasks": bundle.tasks,
+              "alpha": [bundle.alpha[t] for t in bundle.tasks], "device": "cpu", "objective": "plain" if bundle.levels is None else "clean", "levels": bundle.levels,
               "gate": gate, "weights": bundle.manifest["weights"], "threads": threads}
     try:
-        report = repair_folder(lambda x: bundle.repair_batch(x, seed, eps, steps, step_size, gate_fpr, early_exit), input_dir,
-                               output_dir, config, batch_size, resize, overwrite, progress=not quiet)
+        report = repair_folder(lambda x: bundle.repair_batch(x, seed, eps, steps, step_size, gate_fpr, early_exit),
+                               input_dir, output_dir, config, batch_size, resize, overwrite, progress=not quiet)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     for line, to_stderr in summary_lines(report, output_dir):

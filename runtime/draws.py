@@ -166,5 +166,5 @@ def batch_draws(images: np.ndarray, seed: int, tasks: dict[str, int | None],
     task to its number of views (None where it draws none)."""
     draws = StepDraws(images, seed, tasks)
     per_step = [draws.next() for _ in range(steps)]
-    return {task: {key: np.stack([p[task][key] for p in per_step]) for key in (per_step[0][task] if per_step else {})}
-            for task in tasks}
+    keys = {task: per_step[0][task] if per_step else {} for task in tasks}
+    return {task: {key: np.stack([p[task][key] for p in per_step]) for key in keys[task]} for task in tasks}

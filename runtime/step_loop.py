@@ -26,11 +26,11 @@ def start_point(x0: np.ndarray, seed: int, eps: float) -> np.ndarray:
 
 
 def repair_by_steps(run_step: RunStep, x0: np.ndarray, seed: int, eps: float, steps: int, step_size: float,
-                    views: dict[str, int | None], early_exit: bool = True) -> tuple[np.ndarray, np.ndarray]:
+                    views: dict[str, int | None]) -> tuple[np.ndarray, np.ndarray]:
     """(repaired images B×3×32×32, trace steps×B: the objective at the start of each step, NaN after an image left).
 
     ``views`` maps each task of the step graph's objective, in its order, to its number of views (None where it
-    draws none). With ``early_exit``, an image leaves at the first step where its objective is exactly zero."""
+    draws none). An image leaves at the first step where its objective is exactly zero."""
     x0 = np.ascontiguousarray(x0, dtype=np.float32)
     x = start_point(x0, seed, eps)
     draws = StepDraws(x0, seed, views)
@@ -46,6 +46,5 @@ def repair_by_steps(run_step: RunStep, x0: np.ndarray, seed: int, eps: float, st
         x_next, loss = run_step(feeds)
         trace[step, active] = loss
         x[active] = x_next
-        if early_exit:
-            active = active[loss != 0]
+        active = active[loss != 0]
     return x, trace

@@ -91,11 +91,11 @@ def test_compare_reports_counts_agreement_accuracy_and_differing_pixels(tmp_path
         for i, pred in enumerate(preds):
             pixels = image.copy()
             pixels[:touched, 0] ^= 1 if i == 0 else 0          # b's first image differs in 8 pixels (of 1024)
-            Image.fromarray(pixels).save(out / f"{i}.png")
-            rows.append({"file": f"{i}.png", "status": "repaired", "pred_after": pred})
+            Image.fromarray(pixels).save(out / f"{i}.png")           # the input was a JPEG: its output a PNG
+            rows.append({"file": f"{i}.jpg", "status": "repaired", "pred_after": pred, "output": f"{i}.png"})
         rows.append({"file": "bad.png", "status": "error", "pred_after": None})
         (out / "report.json").write_text(json.dumps({"images": rows}))
-    (tmp_path / "labels.csv").write_text("file,label\n0.png,3\n1.png,4\n2.png,2\n")
+    (tmp_path / "labels.csv").write_text("file,label\n0.jpg,3\n1.jpg,4\n2.jpg,2\n")
     result = CliRunner().invoke(compare_main, [str(tmp_path / "a"), str(tmp_path / "b"), "--labels",
                                                str(tmp_path / "labels.csv")])
     assert result.exit_code == 0, result.output

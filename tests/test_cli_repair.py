@@ -45,6 +45,7 @@ def test_repairs_a_folder_with_reports(tiny_weights, input_dir, tmp_path):
     assert set(report) == {"config", "images", "summary"}
     assert report["config"]["tasks"] == ["contrastive", "inpainting", "rotation"]
     assert report["config"]["objective"] == "clean" and report["config"]["gate"] is None      # the defaults
+    assert report["config"]["early_exit"] is True
     assert report["config"]["eps"] == pytest.approx(16 / 255) and report["config"]["steps"] == 2
     assert set(report["config"]["weights"]) == {"classifier", "contrastive", "inpainting", "rotation"}
     assert report["summary"]["n_repaired"] == 3 and report["summary"]["n_error"] == 0
@@ -179,3 +180,14 @@ def test_repair_refuses_a_bound_that_repaints_images_and_skips_the_loop_at_zero(
     assert report["config"]["steps"] == 0
     repaired = [r for r in report["images"] if r["status"] == "repaired"]
     assert repaired and all(r["linf"] == 0 and r["pred_before"] == r["pred_after"] for r in repaired)
+
+
+def test_no_early_exit_runs_every_step_and_says_so(tiny_weights, input_dir, tmp_path):
+    outs = {}
+    for flag in ("--early-exit", "--no-early-exit"):
+        out = tmp_path / flag
+        assert run("--input", input_dir, "--output", out, "--weights", tiny_weights, "--steps", "3", flag,
+                   "--quiet").exit_code == 0
+        outs[flag] = json.loads((out / "report.json").read_text())
+    assert outs["--early-exit"]["config"]["early_exit"] and not outs["--no-early-exit"]["config"]["early_exit"]
+    assert [r["status"] for r in outs["--no-early-exit"]["images"]] == ["repaired"] * 3

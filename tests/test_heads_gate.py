@@ -118,16 +118,19 @@ def test_calibration_must_match_the_weights_and_views(tiny_weights, tmp_path):
     ("mtl", ("contrastive", "inpainting", "rotation"), True, "plain", False),
     ("mtl-head:clean:gate", HEAD_TASKS, True, "clean", True),
     ("contrastive-head+rotation", ("contrastive-head", "rotation"), True, "plain", False),
+    ("mtl:clean:exit", ("contrastive", "inpainting", "rotation"), True, "clean", False),
 ])
 def test_repair_names(name, tasks, optimize, objective, gated):
     spec = parse_repair(name)
     assert (spec.tasks, spec.optimize, spec.objective, spec.gated) == (tasks, optimize, objective, gated)
+    assert spec.early_exit == name.endswith(":exit")
 
 
 @pytest.mark.parametrize("name, message", [("mtl:fast", "unknown or repeated modifier"),
                                            ("mtl:gate:gate", "unknown or repeated modifier"),
                                            ("none:gate", "none has no objective"), ("noise:clean", "no objective"),
-                                           ("rotation+jigsaw", "jigsaw"), ("rotation+rotation", "repeated task")])
+                                           ("rotation+jigsaw", "jigsaw"), ("rotation+rotation", "repeated task"),
+                                           ("mtl:exit", ":exit needs :clean"), ("noise:exit", "no objective")])
 def test_bad_repair_names_are_refused(name, message):
     with pytest.raises(ValueError, match=message):
         parse_repair(name)

@@ -90,10 +90,11 @@ def test_early_exit_stops_each_image_where_its_objective_reaches_zero(tiny_weigh
     images, steps = images.double(), 6
     exits = reverse_attack(objective, images, EPS, steps, STEP, seed=3, early_exit=True)
     ran = exits.trace.isfinite()
-    assert (~ran).any() and ran[:, ran.all(0)].numel()           # some images leave early, some run every step
+    assert (~ran).any() and ran.all(0).any()                     # some images leave early, some run every step
     for i in range(len(images)):
         k = int(ran[:, i].sum())                                  # steps it ran; it left after its zero at step k-1
-        assert (ran[:k, i]).all() and exits.trace[k - 1, i] == 0 or k == steps
+        assert ran[:k, i].all() and (exits.trace[:k - 1, i] != 0).all()       # it left at its first zero
+        assert exits.trace[k - 1, i] == 0 or k == steps
         # it stands where a k-step repair without the exit leaves it: a zero objective is a step that does not move
         alone = reverse_attack(objective, images[i:i + 1], EPS, k, STEP, seed=3)
         assert torch.equal(alone.images[0], exits.images[i])

@@ -1,5 +1,6 @@
 """The whole repair in ONNX Runtime (export/repair_graphs.py): the backward-op rewrites against autograd, and the
 Loop graph's repair against the PyTorch reference with the same draws (tiny models)."""
+import numpy as np
 import onnx
 import pytest
 import torch
@@ -108,7 +109,7 @@ def test_onnxruntime_early_exit_matches_the_torch_reference(exported_repair, ima
     backend = OnnxRuntimeBackend(out, pipeline.tasks)
     ref = reverse_attack(pipeline.objective, images, 16 / 255, 6, 2 / 255, seed=3, early_exit=True)
     left = ref.trace.isnan()
-    assert left.any() and not left[:, ~left.any(0)].any()            # some images leave, some stay to the end
+    assert left.any() and (~left.any(0)).any()                       # some images leave, some stay to the end
     got = backend.reverse_attack(pipeline.objective, images, 16 / 255, 6, 2 / 255, seed=3, early_exit=True)
     assert torch.equal(got.trace.isnan(), left)                         # the same images leave at the same steps
     torch.testing.assert_close(got.trace, ref.trace, rtol=1e-4, atol=1e-5, equal_nan=True)
@@ -128,3 +129,15 @@ def test_the_pipeline_uses_the_graph_only_for_the_objective_it_was_exported_for(
     torch.testing.assert_close(accelerated.repair(images[:2], steps=2), pipeline.repair(images[:2], steps=2))
     other = load_pipeline(tiny_weights, tasks=TASKS, objective="clean")
     assert not accelerated.backend.can_repair(other.objective)      # α differs: the loop stays in PyTorch
+
+
+def test_the_runtime_bundle_leaves_the_loop_as_the_engine_does(exported_repair, images):
+    from runtime.bundle import Bundle
+
+    pipeline, out, _ = exported_repair
+    engine = OnnxRuntimeBackend(out, pipeline.tasks).reverse_attack(pipeline.objective, images, 16 / 255, 6,
+                                                                     2 / 255, seed=3, early_exit=True)
+    repaired, trace = Bundle(out).repair(images.numpy(), seed=3, steps=6)          # early_exit by default
+    assert np.isnan(trace).any()
+    np.testing.assert_array_equal(repaired, engine.images.numpy())
+    np.testing.assert_array_equal(np.isnan(trace), engine.trace.isnan().numpy())

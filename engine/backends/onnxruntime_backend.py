@@ -79,10 +79,10 @@ class OnnxRuntimeBackend:
         x = x.detach().float()
         if steps == 0:
             return RepairResult(start_point(x, uniform_start(x, seed), eps), x.new_zeros(0, len(x)))
-        if early_exit:
+        if early_exit and objective.levels is not None:      # a plain objective never reaches zero: no exit
             step = lambda feeds: tuple(self.sessions["repair_step"].run(None, feeds))
             repaired, trace = repair_by_steps(step, pixels(x), seed, eps, steps, step_size, objective.views())
-        elif self.device.type == "cuda":
+        elif x.is_cuda and "CUDAExecutionProvider" in self.sessions["repair"].get_providers():
             return self._repair_on_cuda(objective, x, eps, steps, step_size, seed)
         else:
             feeds = repair_inputs(pixels(x), seed, eps, steps, step_size, objective.views())
@@ -92,13 +92,13 @@ class OnnxRuntimeBackend:
     def _repair_on_cuda(self, objective, x: torch.Tensor, eps: float, steps: int, step_size: float,
                         seed: int) -> RepairResult:
         """The Loop graph with its outputs bound to CUDA tensors: the draws are numpy arrays, copied in once; the
-        repaired images and the trace stay on the GPU. Never executed here (no GPU on this project's machines)."""
-        session, index = self.sessions["repair"], self.device.index or 0
+        repaired images and the trace stay on the GPU. Not run on this project's machines (they have no GPU)."""
+        session, index = self.sessions["repair"], x.device.index or 0
         binding = session.io_binding()
         for name, value in repair_inputs(pixels(x), seed, eps, steps, step_size, objective.views()).items():
             binding.bind_cpu_input(name, value)
-        repaired = torch.empty(x.shape, device=self.device, dtype=torch.float32)
-        trace = torch.empty((steps, len(x)), device=self.device, dtype=torch.float32)
+        repaired = torch.empty(x.shape, device=x.device, dtype=torch.float32)
+        trace = torch.empty((steps, len(x)), device=x.device, dtype=torch.float32)
         for name, out in (("repaired", repaired), ("trace", trace)):
             binding.bind_output(name, "cuda", index, np.float32, list(out.shape), out.data_ptr())
         session.run_with_iobinding(binding)

@@ -60,6 +60,7 @@ class EngineKey:
     compute_capability: str
     precision: str
     profile: tuple[int, int, int]
+    steps_profile: tuple[int, int, int] = STEPS_PROFILE      # the repair graphs' steps axis and trip count
 
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:24]
