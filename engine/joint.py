@@ -65,9 +65,9 @@ CPU_PROFILE: dict[str, dict] = {
     # first run noised only the classification batch (σ 0.05, running SSL scales): its SSL losses then flagged
     # uniform noise of 16/255 as readily as PGD (AUC 0.89 vs 0.73), and a repair that removes *any* perturbation
     # cannot tell the attack's apart. So here every SSL input is noised as well (the inpainting target stays the
-    # clean image), and the classification batch with it, at σ 0.1 (from 0.05) (≈ 25/255, std ×2.8 the repair's own uniform 16/255 moves): noise the losses have
-    # learned to ignore, leaving what still moves them to the structured perturbations. Scales frozen after 50
-    # steps, as in the robust recipe.
+    # clean image), and the classification batch with it, at σ 0.1 instead of 0.05 (≈ 25/255, std ×2.8 the
+    # repair's own uniform 16/255 moves): noise the losses have learned to ignore, leaving what still moves them to
+    # the structured perturbations. Scales frozen after 50 steps, as in the robust recipe.
     "joint-standard": dict(attack_steps=0, epochs=5, batch=256, lr=0.05, weight_decay=5e-4,
                            eps=8 / 255, ssl_weight=0.25, ssl_fraction=0.25, tau=0.2, noise_std=0.1,
                            ssl_noise=True, scale_warmup=50),

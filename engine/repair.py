@@ -121,9 +121,10 @@ def reverse_attack(objective: MultiTaskLoss, x: torch.Tensor, eps: float = 16 / 
     ``noise`` control that every repair must beat. With ``early_exit``, an image leaves the loop at the first step
     where its objective is exactly zero — which only the clean-level objective reaches, when every task is at or
     below its clean level: there the step does not move it (the gradient is zero, but for a task exactly at its
-    level, a measure-zero case); the exit spares it the later steps, whose fresh draws might have pulled it again (measured equal in accuracy: docs/repair-graphs.md). Its
-    trace is NaN from then on. Works when called under ``torch.no_grad()`` or ``torch.inference_mode()`` (as attack
-    libraries and most serving code call a model): it turns autograd on for its own loop.
+    level, a measure-zero case); the exit spares it the later steps, whose fresh draws might have pulled it again
+    (measured equal in accuracy: docs/repair-graphs.md). Its trace is NaN from then on. Works when called under
+    ``torch.no_grad()`` or ``torch.inference_mode()`` (as attack libraries and most serving code call a model): it
+    turns autograd on for its own loop.
     """
     with torch.inference_mode(False), torch.enable_grad():
         return _descend(objective, x.detach().clone(), eps, steps, step_size, seed, early_exit)

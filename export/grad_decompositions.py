@@ -57,22 +57,23 @@ def _is_plain_2x2(input, kernel_size, stride, padding, dilation, ceil_mode) -> b
             and not ceil_mode and input.dim() == 4 and input.shape[2] % 2 == 0 and input.shape[3] % 2 == 0)
 
 
-def _window_corners(x):
-    return x[:, :, 0::2, 0::2], x[:, :, 0::2, 1::2], x[:, :, 1::2, 0::2], x[:, :, 1::2, 1::2]
+def _window_max(x):
+    """The four strided corners of each 2×2 window, in row-major order, and their maximum."""
+    corners = x[:, :, 0::2, 0::2], x[:, :, 0::2, 1::2], x[:, :, 1::2, 0::2], x[:, :, 1::2, 1::2]
+    a, b, c, d = corners
+    return corners, torch.maximum(torch.maximum(a, b), torch.maximum(c, d))
 
 
 def _max_pool2d_with_indices(input, kernel_size, stride=(), padding=(0,), dilation=(1,), ceil_mode=False):
     if not _is_plain_2x2(input, kernel_size, stride, padding, dilation, ceil_mode):
         return NotImplemented                                      # the exporter's own MaxPool
-    a, b, c, d = _window_corners(input)
-    values = torch.maximum(torch.maximum(a, b), torch.maximum(c, d))
+    _, values = _window_max(input)
     # the backward below finds the winners again; these indices are never read and the trace drops them
     return values, torch.zeros(values.shape, dtype=torch.int64, device=values.device)
 
 
 def _max_pool_2x2_backward(grad_output, input):
-    a, b, c, d = _window_corners(input)
-    top = torch.maximum(torch.maximum(a, b), torch.maximum(c, d))
+    (a, b, c, d), top = _window_max(input)
     win_a = a == top
     win_b = (b == top) & ~win_a
     win_c = (c == top) & ~(win_a | win_b)

@@ -97,7 +97,8 @@ def repair(bundle_dir: Path, input_dir: Path, output_dir: Path, eps: float, step
         raise click.UsageError(str(e)) from None
     config = {"eps": eps, "steps": steps, "step_size": step_size, "seed": seed, "batch_size": batch_size,
               "early_exit": early_exit, "backend": bundle.name, "tasks": bundle.tasks,
-              "alpha": [bundle.alpha[t] for t in bundle.tasks], "device": "cpu", "objective": "plain" if bundle.levels is None else "clean", "levels": bundle.levels,
+              "alpha": [bundle.alpha[t] for t in bundle.tasks], "device": "cpu",
+              "objective": "plain" if bundle.levels is None else "clean", "levels": bundle.levels,
               "gate": gate, "weights": bundle.manifest["weights"], "threads": threads}
     try:
         report = repair_folder(lambda x: bundle.repair_batch(x, seed, eps, steps, step_size, gate_fpr, early_exit),
