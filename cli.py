@@ -95,6 +95,9 @@ def _parse_alpha(text: str | None, tasks: list[str]) -> dict[str, float]:
               help="Weights folder (default: the shipped weights/).")
 @click.option("--tasks", default="contrastive,inpainting,rotation", show_default=True,
               help="SSL tasks of the repair loss, comma-separated.")
+@click.option("--classifier", "classifier_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Your own classifier as an ONNX file (N×3×32×32 in [0, 1] -> logits): the report gives its "
+                   "predictions before and after the repair (tasks that do not read the shipped classifier only).")
 @click.option("--alpha", default=None, help="Weight per task, comma-separated, in --tasks order (default: all 1).")
 @click.option("--eps", type=FRACTION, default="16/255", show_default=True, help="L∞ bound of the repair.")
 @click.option("--steps", type=click.IntRange(min=0), default=40, show_default=True,
@@ -135,12 +138,26 @@ def _parse_alpha(text: str | None, tasks: list[str]) -> dict[str, float]:
 @click.option("--allow-large-eps", is_flag=True, help="Accept --eps above 64/255.")
 @click.option("--resize", is_flag=True, help="Scale images that are not 32×32 instead of reporting an error.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs and reports.")
+@click.option("--ray", "use_ray", is_flag=True,
+              help="Repair on a pool of Ray Data actors (the ray extra), each loading the engine once; same outputs "
+                   "and report as without it.")
+@click.option("--ray-address", default=None,
+              help="--ray: the cluster to join (auto: the one running here, ray://HOST:10001: a remote one; "
+                   "default: start a local one).")
+@click.option("--workers", type=click.IntRange(min=1), default=None,
+              help="--ray: actors in the pool (default: the cluster's CPUs / --worker-cpus).")
+@click.option("--worker-cpus", type=click.FloatRange(min=0, min_open=True), default=1, show_default=True,
+              help="--ray: CPUs per actor (also its torch threads, unless --threads).")
+@click.option("--worker-gpus", type=click.FloatRange(min=0), default=None,
+              help="--ray: GPUs per actor (default: 1 with --device cuda, else 0).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, alpha: str | None, eps: float,
+def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, classifier_file: Path | None,
+           alpha: str | None, eps: float,
            steps: int, step_size: float, views: int, objective: str, level: float, gate_fpr: float | None,
            calibration: Path | None, seed: int, batch_size: int, device: str, early_exit: bool, backend: str,
            threads: int | None, onnx_dir: Path | None, precision: str, allow_large_eps: bool, resize: bool,
-           overwrite: bool, quiet: bool) -> None:
+           overwrite: bool, use_ray: bool, ray_address: str | None, workers: int | None, worker_cpus: float,
+           worker_gpus: float | None, quiet: bool) -> None:
     """Repair every image under INPUT into OUTPUT (same relative paths, lossless PNG) with a report.
 
     Exit status: 0 when every input was repaired, 1 when some failed (see the report), 2 on usage errors.
@@ -155,6 +172,7 @@ def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, 
     _check_device(device)
     task_list = _parse_tasks(tasks)
     alphas = _parse_alpha(alpha, task_list)
+    ray_options = _ray_options(use_ray, ray_address, workers, worker_cpus, worker_gpus, device)
     try:
         check_folders(input_dir, output_dir, overwrite)
     except ValueError as e:
@@ -163,18 +181,51 @@ def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, 
         import torch
 
         torch.set_num_threads(threads)
-    pipeline = _load(weights=weights, device=device, tasks=task_list, alpha=alphas, views=views, backend=backend,
-                     onnx_dir=onnx_dir, precision=precision, objective=objective, level=level, gate_fpr=gate_fpr,
-                     calibration=calibration, threads=threads)
+    load_options = dict(weights=weights, device=device, tasks=task_list, alpha=alphas, views=views, backend=backend,
+                        onnx_dir=onnx_dir, precision=precision, objective=objective, level=level,
+                        gate_fpr=gate_fpr, calibration=calibration, threads=threads,
+                        classifier=None if classifier_file is None else str(classifier_file))
+    pipeline = _load(**load_options)
     config = RepairConfig(eps=eps, steps=steps, step_size=step_size, seed=seed, batch_size=batch_size,
                           early_exit=early_exit)
     try:
-        report = repair_folder(pipeline, input_dir, output_dir, config, resize, overwrite, progress=not quiet)
+        if ray_options is None:
+            report = repair_folder(pipeline, input_dir, output_dir, config, resize, overwrite, progress=not quiet)
+        else:
+            import functools
+
+            from engine.folder import repair_folder_on_ray
+            from export.onnx_export import load_exported_pipeline
+
+            # each actor loads what the driver loaded (the export cache, if any, is already written)
+            load = functools.partial(load_exported_pipeline, **load_options)
+            report = repair_folder_on_ray(pipeline, load, input_dir, output_dir, config, resize, overwrite,
+                                          not quiet, threads or max(1, int(worker_cpus)), **ray_options)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     for line, to_stderr in summary_lines(report, output_dir):
         click.echo(line, err=to_stderr)
     sys.exit(1 if report["summary"]["n_error"] else 0)
+
+
+def _ray_options(use_ray: bool, address: str | None, workers: int | None, worker_cpus: float,
+                 worker_gpus: float | None, device: str) -> dict | None:
+    """The Ray pool's settings for --ray (None without it); a usage error where Ray Data is missing or a --ray
+    option is given without --ray."""
+    if not use_ray:
+        given = [name for name, value in (("--ray-address", address), ("--workers", workers),
+                                          ("--worker-gpus", worker_gpus)) if value is not None]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} only apply with --ray")
+        return None
+    from runtime.ray_folder import import_ray
+
+    try:
+        import_ray()
+    except ImportError as e:
+        raise click.UsageError(str(e)) from None
+    gpus = worker_gpus if worker_gpus is not None else (1 if device == "cuda" else 0)
+    return dict(address=address, workers=workers, worker_cpus=worker_cpus, worker_gpus=gpus)
 
 
 @main.command()

@@ -1,17 +1,22 @@
-"""The repair in front of the classifier as one ``nn.Module``, for attack libraries (torchattacks, AutoAttack, ART).
+"""The repair as a module that attack libraries can run: ``Purifier`` (x -> repaired x) and ``DefendedClassifier``
+(x -> logits of the classifier on the repaired x), both on [0, 1] inputs N×3×32×32.
 
-``forward(x) = classifier(repair(x))`` on [0, 1] inputs. With ``bpda=True`` the backward pass treats the repair as
-the identity (BPDA, Athalye et al., ICML 2018): the attacker's gradient is the classifier's gradient at the repaired
-image, the standard adaptive evaluation of a purification defence. Without it, the gradient is whatever autograd
-gets through the repair's last step (the sign steps have zero gradient), which understates an attacker.
+With ``bpda=True`` the backward pass treats the repair as the identity (BPDA, Athalye et al., ICML 2018): the
+attacker's gradient is the classifier's gradient at the repaired image, the standard adaptive evaluation of a
+purification defence. Without it no gradient reaches the input (a repair of sign steps has a zero gradient almost
+everywhere): for forward-only use, such as scoring transfer attacks.
 
-Each call draws the repair's randomness afresh (``seed`` advances with every forward), so that an attack which
-averages gradients over calls (EOT) sees the randomized defence it faces.
+Each call draws the repair's randomness afresh (the seed advances with every forward), so that an attack which
+averages gradients over calls (EOT) sees the randomized defence it faces. Both work under ``torch.no_grad()`` —
+how torchattacks, AutoAttack and ART call a model — since the repair turns autograd on for its own loop.
 
 Example::
 
-    model = DefendedClassifier(load_pipeline(), bpda=True, steps=10)
-    x_adv = PGD(model, eps=8/255)(x, y)
+    import torchattacks
+    from engine import DefendedClassifier, load_pipeline
+
+    model = DefendedClassifier(load_pipeline(), bpda=True, steps=10).eval()
+    x_adv = torchattacks.PGD(model, eps=8/255, alpha=2/255, steps=20)(x, y)
 """
 from __future__ import annotations
 
@@ -20,27 +25,42 @@ from typing import Callable
 import torch
 from torch import nn
 
+RepairFn = Callable[[torch.Tensor, int], torch.Tensor]      # (images, seed) -> repaired images
 
-class DefendedClassifier(nn.Module):
-    """x N×3×32×32 in [0, 1] -> logits N×C of ``pipeline.classifier`` on the repaired x.
 
-    ``repair``: a callable (images, seed) -> repaired images to use instead of ``pipeline.repair`` with the given
-    ε_r, steps and step size (the evaluation passes the repair under test this way)."""
+class Purifier(nn.Module):
+    """x N×3×H×W in [0, 1] -> the repaired x (``pipeline.repair`` at ``eps``, ``steps``, ``step_size``, or
+    ``repair``: a callable (images, seed) -> repaired images, for a repair the pipeline's defaults do not name)."""
 
     def __init__(self, pipeline, bpda: bool = True, eps: float = 16 / 255, steps: int = 40,
-                 step_size: float = 2 / 255, seed: int = 0,
-                 repair: Callable[[torch.Tensor, int], torch.Tensor] | None = None) -> None:
+                 step_size: float = 2 / 255, seed: int = 0, repair: RepairFn | None = None) -> None:
         super().__init__()
-        self.classifier, self.bpda, self.seed, self.calls = pipeline.classifier, bpda, seed, 0
+        self.bpda, self.seed, self.calls = bpda, seed, 0
         self._repair = repair or (lambda x, s: pipeline.repair(x, eps, steps, step_size, s))
 
     def repair(self, x: torch.Tensor) -> torch.Tensor:
+        """The repaired images, without a gradient; each call with the next seed."""
         self.calls += 1
         with torch.enable_grad():           # attack libraries call models under no_grad; the repair needs autograd
-            return self._repair(x.detach(), self.seed + 1_000_003 * self.calls)
+            return self._repair(x.detach(), self.seed + 1_000_003 * self.calls).detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         repaired = self.repair(x)
-        if self.bpda:
-            repaired = x + (repaired - x).detach()     # value of the repair, gradient of the identity
-        return self.classifier(repaired)
+        return x + (repaired - x).detach() if self.bpda else repaired   # BPDA: the repair's value, identity's gradient
+
+
+class DefendedClassifier(nn.Module):
+    """x N×3×32×32 in [0, 1] -> logits N×C of ``pipeline.classifier`` on the repaired x (a ``Purifier`` with the
+    same arguments in front of it)."""
+
+    def __init__(self, pipeline, bpda: bool = True, eps: float = 16 / 255, steps: int = 40,
+                 step_size: float = 2 / 255, seed: int = 0, repair: RepairFn | None = None) -> None:
+        super().__init__()
+        self.purifier = Purifier(pipeline, bpda, eps, steps, step_size, seed, repair)
+        self.classifier = pipeline.classifier
+
+    def repair(self, x: torch.Tensor) -> torch.Tensor:
+        return self.purifier.repair(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.purifier(x))

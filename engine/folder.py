@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -24,18 +25,52 @@ class RepairConfig:
     early_exit: bool = True        # engine.repair.reverse_attack: an image leaves once its objective is zero
 
 
-def repair_folder(pipeline: Pipeline, input_dir: Path, output_dir: Path, config: RepairConfig,
-                  resize: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
-    """Repair every readable image under ``input_dir``; returns the report (also written to ``output_dir``)."""
+def report_config(pipeline: Pipeline, config: RepairConfig) -> dict:
+    """What the report records of the repair: enough to tell two runs' settings apart."""
     gate = pipeline.gate
-    report_config = {
+    return {
         **asdict(config), "backend": pipeline.backend.name, "tasks": pipeline.tasks,
         "alpha": [pipeline.objective.alpha[t] for t in pipeline.tasks], "device": str(pipeline.device),
         "objective": "plain" if pipeline.objective.levels is None else "clean", "levels": pipeline.objective.levels,
         "gate": None if gate is None else {"fpr": gate.fpr, "tasks": gate.tasks, "threshold": gate.threshold},
-        "weights": {name: m["sha256"] for name, m in pipeline.manifests.items()}}
+        "weights": {name: m["sha256"] for name, m in pipeline.manifests.items()},
+        "classifier": pipeline.manifests["classifier"].get("source", "weights")}
+
+
+def repair_folder(pipeline: Pipeline, input_dir: Path, output_dir: Path, config: RepairConfig,
+                  resize: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+    """Repair every readable image under ``input_dir``; returns the report (also written to ``output_dir``)."""
     return folder.repair_folder(lambda x: repair_batch(pipeline, torch.from_numpy(x), config), input_dir,
-                                output_dir, report_config, config.batch_size, resize, overwrite, progress)
+                                output_dir, report_config(pipeline, config), config.batch_size, resize, overwrite,
+                                progress)
+
+
+@dataclass
+class BatchRepairFactory:
+    """Builds this engine's batch repair inside another process (a Ray actor): ``load()`` returns the pipeline
+    (a picklable callable, e.g. a ``functools.partial`` of a loader), ``threads`` sets torch's threads there."""
+    load: Callable[[], Pipeline]
+    config: RepairConfig
+    threads: int | None = None
+
+    def __call__(self) -> folder.BatchRepair:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        pipeline = self.load()
+        return lambda x: repair_batch(pipeline, torch.from_numpy(x), self.config)
+
+
+def repair_folder_on_ray(pipeline: Pipeline, load: Callable[[], Pipeline], input_dir: Path, output_dir: Path,
+                         config: RepairConfig, resize: bool = False, overwrite: bool = False, progress: bool = True,
+                         threads: int | None = None, **ray_options) -> dict:
+    """``repair_folder`` with the repair on Ray Data actors, each loading its pipeline with ``load()`` (the same
+    one as ``pipeline``, which gives the report's config). ``ray_options``: address, workers, worker_cpus,
+    worker_gpus of ``runtime.ray_folder.repair_folder_ray``."""
+    from runtime.ray_folder import repair_folder_ray
+
+    return repair_folder_ray(BatchRepairFactory(load, config, threads), input_dir, output_dir,
+                             report_config(pipeline, config), config.batch_size, resize, overwrite, progress,
+                             **ray_options)
 
 
 @torch.no_grad()

@@ -141,7 +141,7 @@ def load_pipeline(weights: str | os.PathLike | None = None, device: str | torch.
                   views: int = 4, backend: str = "torch", onnx_dir: str | os.PathLike | None = None,
                   precision: str = "fp32", objective: str = "plain", level: float = 0.5,
                   gate_fpr: float | None = None, calibration: str | os.PathLike | None = None,
-                  threads: int | None = None) -> Pipeline:
+                  threads: int | None = None, classifier: nn.Module | str | os.PathLike | None = None) -> Pipeline:
     """The classifier and the named SSL tasks from ``weights`` (default: the shipped ``weights/``).
 
     ``objective`` "plain" is Σ α_k L_k; "clean" aims each task at the ``level`` quantile of its clean losses, α
@@ -153,7 +153,15 @@ def load_pipeline(weights: str | os.PathLike | None = None, device: str | torch.
     fastest present) from the graphs exported to ``onnx_dir`` (``export.onnx_export.load_exported_pipeline``
     exports them into a cache first). With "onnxruntime", the whole repair runs in the exported Loop graph where it
     was exported for this objective, else the gradient loop is PyTorch's; ``threads`` sets onnxruntime's intra-op
-    threads (torch's are the process's: ``torch.set_num_threads``). Raises ``engine.weights.WeightsError``
+    threads (torch's are the process's: ``torch.set_num_threads``).
+
+    ``classifier``: your own classifier instead of the shipped one — an ``nn.Module`` in eval mode, on ``device``,
+    taking N×3×32×32 images in [0, 1] (normalize inside it), or the path of an ONNX file of such a classifier
+    (``engine.foreign.OnnxClassifier``: predictions by onnxruntime, at ``threads``). The repair's
+    tasks must then be ones that do not read the shipped classifier's features (not the heads); consistency and
+    hedge need a PyTorch module; the backend is torch. Raises ``engine.foreign.ClassifierError`` otherwise.
+
+    Raises ``engine.weights.WeightsError``
     (a clear message) where a file is missing or does not match its manifest, and ``BackendUnavailable`` where the
     backend cannot run here.
     """
@@ -161,12 +169,27 @@ def load_pipeline(weights: str | os.PathLike | None = None, device: str | torch.
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
     device = torch.device(device)
+    if classifier is not None:
+        from .foreign import ClassifierError, OnnxClassifier, check_tasks, module_manifest, probe
+
+        if not isinstance(classifier, nn.Module):
+            classifier = OnnxClassifier(classifier, threads)
+        if backend not in ("torch", "auto"):
+            raise ClassifierError(f"a classifier of your own runs with the torch backend: the {backend} backend "
+                                  "runs graphs exported from the shipped classifier")
+        backend = "torch"
+        check_tasks(list(tasks), differentiable=not isinstance(classifier, OnnxClassifier))
+        probe(classifier, device)
     backend = resolve_backend(backend, device)
     if backend == "tensorrt":                  # fail before any export work where it cannot run
         from .backends.tensorrt_engines import import_tensorrt
 
         import_tensorrt()
-    classifier, manifest = load_model("classifier", weights, device)
+    foreign = classifier is not None
+    if foreign:
+        manifest = classifier.manifest if isinstance(classifier, OnnxClassifier) else module_manifest(classifier)
+    else:
+        classifier, manifest = load_model("classifier", weights, device)
     manifests, nets = {"classifier": manifest}, {}
     for name in tasks:
         if name in CLASSIFIER_TASKS:       # reads the classifier itself: its weights are the classifier's
@@ -175,8 +198,8 @@ def load_pipeline(weights: str | os.PathLike | None = None, device: str | torch.
         nets[name], manifests[name] = load_model(name, weights, device)
         if name in HEAD_TASKS:
             check_backbone(name, manifests[name], manifest)
-    for net in (classifier, *nets.values()):
-        net.requires_grad_(False)      # the repair differentiates w.r.t. the input only
+    for net in (n for n in (classifier, *nets.values()) if not (foreign and n is classifier)):
+        net.requires_grad_(False)      # the repair differentiates w.r.t. the input only (a user's module untouched)
     if objective not in OBJECTIVES:
         raise ValueError(f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
     stats = None

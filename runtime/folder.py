@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -60,16 +61,23 @@ def assign_outputs(records: list[ImageRecord], output_dir: Path, overwrite: bool
     return outputs
 
 
-def repair_folder(repair_batch: BatchRepair, input_dir: Path, output_dir: Path, config: dict, batch_size: int,
-                  resize: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
-    """Repair every readable image under ``input_dir`` with ``repair_batch``, ``batch_size`` images at a time;
-    returns the report (also written to ``output_dir``), whose "config" is ``config``."""
-    input_dir, output_dir = Path(input_dir), Path(output_dir)
+@dataclass
+class FolderPlan:
+    """What a folder repair will do before it repairs anything: every input's report row (errors and skips filled
+    in), the output path of each readable one, and those still to repair (in order)."""
+    records: list[ImageRecord]
+    outputs: dict[str, Path]
+    rows: dict[str, dict]
+    todo: list[ImageRecord]
+
+
+def plan_folder(input_dir: Path, output_dir: Path, resize: bool = False, overwrite: bool = False,
+                keep_images: bool = True) -> FolderPlan:
+    """Check the folders, read (or with ``keep_images=False`` only validate) every input, assign outputs."""
     check_folders(input_dir, output_dir, overwrite)
-    records = read_folder(input_dir, resize)
+    records = read_folder(input_dir, resize, keep_images)
     if not records:
         raise ValueError(f"no files under {input_dir} (looked recursively for images)")
-    start = time.time()
     outputs = assign_outputs(records, output_dir, overwrite)
     rows = {rec.rel: {"file": rec.rel, "status": "skipped" if rec.skipped else "error", "error": rec.error,
                       "notes": rec.notes} for rec in records}
@@ -77,16 +85,20 @@ def repair_folder(repair_batch: BatchRepair, input_dir: Path, output_dir: Path, 
     for rel, row in rows.items():
         if rel in labels:
             row["true_label"] = labels[rel]
-    todo = [rec for rec in records if rec.rel in outputs]
-    with tqdm(total=len(todo), unit="img", desc="repair", disable=not progress) as bar:
-        for i in range(0, len(todo), batch_size):
-            batch = todo[i:i + batch_size]
-            for rec, row in zip(batch, repair_batch(np.stack([r.image for r in batch]))):
-                write_png(outputs[rec.rel], row.pop("image"))
-                rows[rec.rel].update(row, status="repaired", output=outputs[rec.rel].relative_to(output_dir).as_posix())
-            bar.update(len(batch))
-    seconds = time.time() - start
-    images = [rows[rec.rel] for rec in records]
+    return FolderPlan(records, outputs, rows, [rec for rec in records if rec.rel in outputs])
+
+
+def save_repaired(plan: FolderPlan, rel: str, row: dict, output_dir: Path) -> None:
+    """Write one repaired image (``row["image"]``) to its output and fill in its report row."""
+    write_png(plan.outputs[rel], row.pop("image"))
+    plan.rows[rel].update(row, status="repaired", output=plan.outputs[rel].relative_to(output_dir).as_posix())
+
+
+def finish_report(plan: FolderPlan, config: dict, output_dir: Path, seconds: float,
+                  run: dict | None = None) -> dict:
+    """The report over every input (in the order read), written to ``output_dir``; ``run``: facts of how it ran
+    (such as Ray's worker count), added to the summary beside its time."""
+    images = [plan.rows[rec.rel] for rec in plan.records]
     n_repaired = sum(r["status"] == "repaired" for r in images)
     n_error = sum(r["status"] == "error" for r in images)
     gated = [r["gated_out"] for r in images if "gated_out" in r]
@@ -96,10 +108,26 @@ def repair_folder(repair_batch: BatchRepair, input_dir: Path, output_dir: Path, 
         "summary": {"n_inputs": len(images), "n_repaired": n_repaired, "n_error": n_error,
                     "n_skipped": len(images) - n_repaired - n_error, "seconds": round(seconds, 3),
                     "images_per_s": round(n_repaired / seconds, 3) if seconds else None, **accuracy(images),
-                    **({"n_gated_out": sum(gated)} if config.get("gate") else {})},
+                    **({"n_gated_out": sum(gated)} if config.get("gate") else {}), **(run or {})},
     }
     write_report(report, output_dir)
     return report
+
+
+def repair_folder(repair_batch: BatchRepair, input_dir: Path, output_dir: Path, config: dict, batch_size: int,
+                  resize: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+    """Repair every readable image under ``input_dir`` with ``repair_batch``, ``batch_size`` images at a time;
+    returns the report (also written to ``output_dir``), whose "config" is ``config``."""
+    input_dir, output_dir = Path(input_dir), Path(output_dir)
+    plan = plan_folder(input_dir, output_dir, resize, overwrite)
+    start = time.time()
+    with tqdm(total=len(plan.todo), unit="img", desc="repair", disable=not progress) as bar:
+        for i in range(0, len(plan.todo), batch_size):
+            batch = plan.todo[i:i + batch_size]
+            for rec, row in zip(batch, repair_batch(np.stack([r.image for r in batch]))):
+                save_repaired(plan, rec.rel, row, output_dir)
+            bar.update(len(batch))
+    return finish_report(plan, config, output_dir, time.time() - start)
 
 
 def image_rows(repaired: np.ndarray, x: np.ndarray, pred_before: list[int], pred_after: list[int],

@@ -77,7 +77,9 @@ def read_image(path: Path, resize: bool = False) -> tuple[np.ndarray, list[str]]
     return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / 255, notes
 
 
-def read_folder(root: Path, resize: bool = False) -> list[ImageRecord]:
+def read_folder(root: Path, resize: bool = False, keep_images: bool = True) -> list[ImageRecord]:
+    """A record per file under ``root``: its image (dropped again with ``keep_images=False``, where only its
+    readability matters), or why it is not an input."""
     records = []
     for path in list_files(root):
         record = ImageRecord(path.relative_to(root).as_posix())
@@ -86,7 +88,8 @@ def read_folder(root: Path, resize: bool = False) -> list[ImageRecord]:
             records.append(record)
             continue
         try:
-            record.image, record.notes = read_image(path, resize)
+            image, record.notes = read_image(path, resize)
+            record.image = image if keep_images else None
         except ImageError as e:
             record.error = str(e)
         records.append(record)

@@ -1,0 +1,80 @@
+"""`cli.py repair --ray`: the same PNGs and report on a local Ray cluster (2 CPUs, 2 actors) as in one process, bad
+inputs included; without Ray Data a clear usage error."""
+import json
+import os
+import shutil
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+from tests.conftest import EXAMPLES
+
+# the default objective is the clean-level one, whose levels live in the tiny weights' calibration
+COMMON = ["--steps", "3", "--batch-size", "4", "--quiet"]
+
+
+def repair(*args):
+    return CliRunner().invoke(main, ["repair", *map(str, args)])
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray = pytest.importorskip("ray", reason="needs Ray Data (the ray extra)")
+    pytest.importorskip("ray.data", reason="needs Ray Data (the ray extra)")
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def mixed_folder(tmp_path):
+    """Ten example images in two folders, a text file named .png and a labels.csv."""
+    src = tmp_path / "in"
+    (src / "sub").mkdir(parents=True)
+    pngs = sorted(EXAMPLES.glob("*.png"))[:10]
+    for i, p in enumerate(pngs):
+        shutil.copy(p, src / ("sub" if i % 3 == 0 else "") / p.name)
+    (src / "broken.png").write_text("not an image")
+    shutil.copy(EXAMPLES / "labels.csv", src / "labels.csv")
+    return src
+
+
+def test_ray_run_is_byte_identical_to_one_process(local_ray, tiny_weights, mixed_folder, tmp_path):
+    single = repair("--input", mixed_folder, "--output", tmp_path / "one", "--weights", tiny_weights, *COMMON)
+    on_ray = repair("--input", mixed_folder, "--output", tmp_path / "ray", "--weights", tiny_weights, *COMMON,
+                    "--ray", "--workers", "2")
+    assert single.exit_code == on_ray.exit_code == 1, on_ray.output    # the broken file: exit 1, the rest repaired
+    one, ray_out = tmp_path / "one", tmp_path / "ray"
+    pngs = sorted(p.relative_to(one) for p in one.rglob("*.png"))
+    assert len(pngs) == 10
+    assert all((one / p).read_bytes() == (ray_out / p).read_bytes() for p in pngs)
+    assert sorted(p.relative_to(ray_out) for p in ray_out.rglob("*.png")) == pngs
+    a, b = (json.loads((d / "report.json").read_text()) for d in (one, ray_out))
+    assert a["images"] == b["images"] and a["config"] == b["config"]
+    assert (one / "report.csv").read_bytes() == (ray_out / "report.csv").read_bytes()
+    assert b["summary"]["ray_workers"] == 2 and b["summary"]["n_error"] == 1
+    assert "broken.png" in on_ray.output
+
+
+def test_ray_run_keeps_what_is_there(local_ray, tiny_weights, mixed_folder, tmp_path):
+    out = tmp_path / "out"
+    first = repair("--input", mixed_folder, "--output", out, "--weights", tiny_weights, *COMMON, "--ray")
+    assert first.exit_code == 1
+    again = repair("--input", mixed_folder, "--output", out, "--weights", tiny_weights, *COMMON, "--ray")
+    assert again.exit_code == 2 and "--overwrite" in again.output
+
+
+def test_ray_options_need_ray(tiny_weights, mixed_folder, tmp_path):
+    result = repair("--input", mixed_folder, "--output", tmp_path / "o", "--weights", tiny_weights, "--workers", "2")
+    assert result.exit_code == 2 and "only apply with --ray" in result.output
+
+
+def test_without_ray_data_the_error_names_the_extra(monkeypatch, tiny_weights, mixed_folder, tmp_path):
+    monkeypatch.setitem(sys.modules, "ray", None)               # import ray -> ImportError
+    result = repair("--input", mixed_folder, "--output", tmp_path / "o", "--weights", tiny_weights, "--ray")
+    assert result.exit_code == 2
+    assert "mssl-repair[ray]" in result.output
+    assert not (tmp_path / "o").exists()
