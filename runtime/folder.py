@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .files import write_csv, write_json
-from .imageio import ImageRecord, read_folder, write_png
+from .imageio import IMAGE_EXTENSIONS, ImageRecord, read_folder, write_png
 
 REPORT_FILES = ("report.json", "report.csv")
 CSV_COLUMNS = ("file", "status", "error", "notes", "output", "true_label", "pred_before", "pred_after",
@@ -26,18 +26,28 @@ BatchRepair = Callable[[np.ndarray], list[dict]]
 
 
 def check_folders(input_dir: Path, output_dir: Path, overwrite: bool) -> None:
-    """ValueError with a clear message where the folders cannot be used as given."""
+    """ValueError with a clear message where the input (a folder, or one image file) and the output folder
+    cannot be used as given."""
     if not input_dir.exists():
-        raise ValueError(f"input folder {input_dir} does not exist")
+        raise ValueError(f"input {input_dir} does not exist")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise ValueError(f"output {output_dir} exists and is not a folder")
     if not input_dir.is_dir():
-        raise ValueError(f"input {input_dir} is not a folder")
+        if not input_dir.is_file():
+            raise ValueError(f"input {input_dir} is neither a folder nor a file")
+        if (output_dir.resolve() / input_dir.with_suffix(".png").name) == input_dir.resolve():
+            raise ValueError(f"the repaired image would replace the input {input_dir}: choose another --output")
+        check_reports(output_dir, overwrite)
+        return
     src, dst = input_dir.resolve(), output_dir.resolve()
     if dst == src or src in dst.parents:
         raise ValueError(f"output {output_dir} is inside the input folder {input_dir}: choose a folder outside it")
     if dst in src.parents:
         raise ValueError(f"input {input_dir} is inside the output folder {output_dir}: choose a folder outside it")
-    if output_dir.exists() and not output_dir.is_dir():
-        raise ValueError(f"output {output_dir} exists and is not a folder")
+    check_reports(output_dir, overwrite)
+
+
+def check_reports(output_dir: Path, overwrite: bool) -> None:
     existing = [name for name in REPORT_FILES if (output_dir / name).exists()]
     if existing and not overwrite:
         raise ValueError(f"{output_dir} already holds {', '.join(existing)} from an earlier run: "
@@ -78,10 +88,13 @@ def plan_folder(input_dir: Path, output_dir: Path, resize: bool = False, overwri
     records = read_folder(input_dir, resize, keep_images)
     if not records:
         raise ValueError(f"no files under {input_dir} (looked recursively for images)")
+    if all(rec.skipped for rec in records):
+        raise ValueError(f"no images under {input_dir}: all {len(records)} file(s) are other types (read as "
+                         f"images: {', '.join(IMAGE_EXTENSIONS)})")
     outputs = assign_outputs(records, output_dir, overwrite)
     rows = {rec.rel: {"file": rec.rel, "status": "skipped" if rec.skipped else "error", "error": rec.error,
                       "notes": rec.notes} for rec in records}
-    labels = read_labels(input_dir / "labels.csv")
+    labels = read_labels((input_dir if input_dir.is_dir() else input_dir.parent) / "labels.csv")
     for rel, row in rows.items():
         if rel in labels:
             row["true_label"] = labels[rel]
@@ -182,6 +195,8 @@ def summary_lines(report: dict, output_dir: Path) -> list[tuple[str, bool]]:
     lines = [(f"repaired {summary['n_repaired']} of {summary['n_inputs']} file(s) in {summary['seconds']:.1f} s "
               f"({summary['images_per_s'] or 0:.2f} images/s); report: {output_dir / 'report.json'}", False)]
     lines += [(f"  error: {row['file']}: {row['error']}", True) for row in report["images"] if row["status"] == "error"]
+    if summary["n_skipped"]:
+        lines.append((f"skipped {summary['n_skipped']} file(s) that are not images (listed in the report)", False))
     changed = sum(r.get("pred_before") != r.get("pred_after") for r in report["images"] if r["status"] == "repaired")
     lines.append((f"prediction changed for {changed} image(s)", False))
     if "n_gated_out" in summary:

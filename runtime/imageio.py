@@ -56,9 +56,22 @@ def to_rgb8(img: Image.Image, notes: list[str]) -> Image.Image:
     return img.convert("RGB")
 
 
+def is_image_name(path: Path) -> bool:
+    return path.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def centre_square(img: Image.Image) -> Image.Image:
+    """The largest centred square of ``img`` (so that scaling keeps the aspect ratio)."""
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return img.crop((left, top, left + side, top + side))
+
+
 def read_image(path: Path, resize: bool = False) -> tuple[np.ndarray, list[str]]:
-    """(3×32×32 float32 in [0, 1], notes) or ImageError."""
-    if path.suffix.lower() not in IMAGE_EXTENSIONS:
+    """(3×32×32 float32 in [0, 1], notes) or ImageError. ``resize``: another size is centre-cropped to a square
+    and scaled (bicubic) to 32×32."""
+    if not is_image_name(path):
         raise ImageError(f"not an image file ({path.suffix or 'no extension'}); "
                          f"readable types: {', '.join(IMAGE_EXTENSIONS)}")
     notes: list[str] = []
@@ -72,19 +85,31 @@ def read_image(path: Path, resize: bool = False) -> tuple[np.ndarray, list[str]]
         if not resize:
             raise ImageError(f"image is {rgb.size[0]}×{rgb.size[1]}, the models take {SIZE}×{SIZE} "
                              "(pass --resize to scale it)")
-        notes.append(f"resized from {rgb.size[0]}×{rgb.size[1]} to {SIZE}×{SIZE}")
-        rgb = rgb.resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+        w, h = rgb.size
+        square = centre_square(rgb)
+        cropped = f"centre-cropped to {square.size[0]}×{square.size[1]} and " if square.size != rgb.size else ""
+        notes.append(f"{cropped}resized from {w}×{h} to {SIZE}×{SIZE}")
+        rgb = square.resize((SIZE, SIZE), Image.Resampling.BICUBIC)
     return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / 255, notes
 
 
 def read_folder(root: Path, resize: bool = False, keep_images: bool = True) -> list[ImageRecord]:
-    """A record per file under ``root``: its image (dropped again with ``keep_images=False``, where only its
-    readability matters), or why it is not an input."""
+    """A record per file under ``root`` (or for ``root`` itself where it is a file): its image (dropped again with
+    ``keep_images=False``, where only its readability matters), or why it is not an input. Files that are not
+    images by their extension (notes, metadata) are skipped, not errors; a file named as an image that cannot be
+    read is an error."""
     records = []
-    for path in list_files(root):
-        record = ImageRecord(path.relative_to(root).as_posix())
+    files, base = ([root], root.parent) if root.is_file() else (list_files(root), root)
+    for path in files:
+        record = ImageRecord(path.relative_to(base).as_posix())
         if path.name in METADATA_FILES:
             record.skipped, record.notes = True, ["metadata file of mssl-repair, not an image"]
+            records.append(record)
+            continue
+        if not is_image_name(path) and root.is_dir():
+            record.skipped = True
+            record.notes = [f"not an image by its extension ({path.suffix or 'none'}); "
+                            f"read as images: {', '.join(IMAGE_EXTENSIONS)}"]
             records.append(record)
             continue
         try:

@@ -95,7 +95,8 @@ def repair_folder_ray(make_repair: Callable[[], BatchRepair], input_dir: Path, o
             context.enable_progress_bars, context.print_on_execution_start = False, False
             if workers is None:
                 workers = max(1, int(ray.cluster_resources().get("CPU", 1) // max(worker_cpus, 1e-9)))
-            items = [{"file": rec.rel, "path": str(input_dir / rec.rel)} for rec in plan.todo]
+            base = input_dir if input_dir.is_dir() else input_dir.parent
+            items = [{"file": rec.rel, "path": str(base / rec.rel)} for rec in plan.todo]
             with warnings.catch_warnings():     # max_restarts goes through ray_remote_args, deprecated from 2.60
                 warnings.simplefilter("ignore", DeprecationWarning)
                 results = ray.data.from_items(items).map_batches(

@@ -63,13 +63,15 @@ def test_repairs_a_folder_with_reports(tiny_weights, input_dir, tmp_path):
     assert repaired.shape == (32, 32, 3) and repaired.dtype == np.uint8
 
 
-@pytest.mark.parametrize("case", ["missing", "file", "output_inside", "empty"])
+@pytest.mark.parametrize("case", ["missing", "output_inside", "empty", "no_images"])
 def test_unusable_folders_exit_2_with_a_message(tiny_weights, tmp_path, input_dir, case):
     out = tmp_path / "out"
     if case == "missing":
         src, expect = tmp_path / "nope", "does not exist"
-    elif case == "file":
-        src, expect = next(input_dir.glob("*.png")), "is not a folder"
+    elif case == "no_images":
+        src, expect = tmp_path / "docs", "no images under"
+        src.mkdir()
+        (src / "notes.txt").write_text("hello")
     elif case == "output_inside":
         src, out, expect = input_dir, input_dir / "repaired", "inside the input folder"
     else:
@@ -88,7 +90,7 @@ def test_bad_files_are_reported_and_the_rest_repaired(tiny_weights, input_dir, t
     assert result.exit_code == 1
     rows = {r["file"]: r for r in json.loads((tmp_path / "out" / "report.json").read_text())["images"]}
     assert rows["broken.png"]["status"] == "error" and "cannot read image" in rows["broken.png"]["error"]
-    assert "not an image file" in rows["notes.txt"]["error"]
+    assert rows["notes.txt"]["status"] == "skipped" and "not an image by its extension" in rows["notes.txt"]["notes"][0]
     assert "40×30" in rows["big.png"]["error"] and "--resize" in rows["big.png"]["error"]
     assert sum(r["status"] == "repaired" for r in rows.values()) == 3
 
@@ -100,7 +102,31 @@ def test_resize_scales_odd_sizes(tiny_weights, tmp_path):
     result = run("--input", src, "--output", tmp_path / "out", "--weights", tiny_weights, "--resize", *FAST)
     assert result.exit_code == 0, result.output
     row = json.loads((tmp_path / "out" / "report.json").read_text())["images"][0]
-    assert row["notes"] == ["resized from 40×30 to 32×32"] and (tmp_path / "out" / "big.png").exists()
+    assert row["notes"] == ["centre-cropped to 30×30 and resized from 40×30 to 32×32"]
+    assert (tmp_path / "out" / "big.png").exists()
+
+
+def test_resize_keeps_the_aspect_ratio(tmp_path):
+    from runtime.imageio import read_image
+
+    wide = np.zeros((30, 90, 3), np.uint8)
+    wide[:, 30:60] = 255                         # a white centre square between black thirds
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    image, notes = read_image(tmp_path / "wide.png", resize=True)
+    assert image.min() == 1.0                    # the centre square only: no squashed black bands
+    assert notes == ["centre-cropped to 30×30 and resized from 90×30 to 32×32"]
+
+
+def test_a_single_image_file_is_an_input(tiny_weights, input_dir, tmp_path):
+    photo = sorted(input_dir.glob("*.png"))[0]
+    result = run("--input", photo, "--output", tmp_path / "out", "--weights", tiny_weights, *FAST)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert [r["file"] for r in report["images"]] == [photo.name]
+    assert (tmp_path / "out" / photo.name).exists()
+    # the output folder its own folder: the repaired PNG would replace the input, even with --overwrite
+    same = run("--input", photo, "--output", photo.parent, "--weights", tiny_weights, "--overwrite", *FAST)
+    assert same.exit_code == 2 and "would replace the input" in same.output
 
 
 def test_other_modes_are_converted_and_noted(tiny_weights, tmp_path):
@@ -191,3 +217,10 @@ def test_no_early_exit_runs_every_step_and_says_so(tiny_weights, input_dir, tmp_
         outs[flag] = json.loads((out / "report.json").read_text())
     assert outs["--early-exit"]["config"]["early_exit"] and not outs["--no-early-exit"]["config"]["early_exit"]
     assert [r["status"] for r in outs["--no-early-exit"]["images"]] == ["repaired"] * 3
+
+
+def test_stray_non_images_are_skipped_and_do_not_fail_the_run(tiny_weights, input_dir, tmp_path):
+    (input_dir / "notes.txt").write_text("hello")
+    result = run("--input", input_dir, "--output", tmp_path / "out", "--weights", tiny_weights, *FAST)
+    assert result.exit_code == 0, result.output
+    assert "skipped 1 file(s) that are not images" in result.output
