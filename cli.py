@@ -138,6 +138,9 @@ def _parse_alpha(text: str | None, tasks: list[str]) -> dict[str, float]:
 @click.option("--allow-large-eps", is_flag=True, help="Accept --eps above 64/255.")
 @click.option("--resize", is_flag=True, help="Scale images that are not 32×32 instead of reporting an error.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs and reports.")
+@click.option("--resume", is_flag=True,
+              help="Finish a stopped run into the same --output with the same options: images it repaired "
+                   "(report.jsonl) are kept, the rest repaired.")
 @click.option("--ray", "use_ray", is_flag=True,
               help="Repair on a pool of Ray Data actors (the ray extra), each loading the engine once; same outputs "
                    "and report as without it.")
@@ -156,8 +159,8 @@ def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, 
            steps: int, step_size: float, views: int, objective: str, level: float, gate_fpr: float | None,
            calibration: Path | None, seed: int, batch_size: int, device: str, early_exit: bool, backend: str,
            threads: int | None, onnx_dir: Path | None, precision: str, allow_large_eps: bool, resize: bool,
-           overwrite: bool, use_ray: bool, ray_address: str | None, workers: int | None, worker_cpus: float,
-           worker_gpus: float | None, quiet: bool) -> None:
+           overwrite: bool, resume: bool, use_ray: bool, ray_address: str | None, workers: int | None,
+           worker_cpus: float, worker_gpus: float | None, quiet: bool) -> None:
     """Repair every image under INPUT into OUTPUT (same relative paths, lossless PNG) with a report.
 
     Exit status: 0 when every input was repaired, 1 when some failed (see the report), 2 on usage errors.
@@ -174,7 +177,7 @@ def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, 
     alphas = _parse_alpha(alpha, task_list)
     ray_options = _ray_options(use_ray, ray_address, workers, worker_cpus, worker_gpus, device)
     try:
-        check_folders(input_dir, output_dir, overwrite)
+        check_folders(input_dir, output_dir, overwrite, resume)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     if threads:
@@ -190,7 +193,7 @@ def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, 
                           early_exit=early_exit)
     try:
         if ray_options is None:
-            report = repair_folder(pipeline, input_dir, output_dir, config, resize, overwrite, progress=not quiet)
+            report = repair_folder(pipeline, input_dir, output_dir, config, resize, overwrite, not quiet, resume)
         else:
             import functools
 
@@ -200,7 +203,7 @@ def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, 
             # each actor loads what the driver loaded (the export cache, if any, is already written)
             load = functools.partial(load_exported_pipeline, **load_options)
             report = repair_folder_on_ray(pipeline, load, input_dir, output_dir, config, resize, overwrite,
-                                          not quiet, threads or max(1, int(worker_cpus)), **ray_options)
+                                          not quiet, threads or max(1, int(worker_cpus)), resume, **ray_options)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     for line, to_stderr in summary_lines(report, output_dir):

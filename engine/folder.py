@@ -38,11 +38,12 @@ def report_config(pipeline: Pipeline, config: RepairConfig) -> dict:
 
 
 def repair_folder(pipeline: Pipeline, input_dir: Path, output_dir: Path, config: RepairConfig,
-                  resize: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
-    """Repair every readable image under ``input_dir``; returns the report (also written to ``output_dir``)."""
+                  resize: bool = False, overwrite: bool = False, progress: bool = True, resume: bool = False) -> dict:
+    """Repair every readable image under ``input_dir``; returns the report (also written to ``output_dir``).
+    ``resume``: finish a stopped run of the same settings."""
     return folder.repair_folder(lambda x: repair_batch(pipeline, torch.from_numpy(x), config), input_dir,
                                 output_dir, report_config(pipeline, config), config.batch_size, resize, overwrite,
-                                progress)
+                                progress, resume)
 
 
 @dataclass
@@ -62,7 +63,7 @@ class BatchRepairFactory:
 
 def repair_folder_on_ray(pipeline: Pipeline, load: Callable[[], Pipeline], input_dir: Path, output_dir: Path,
                          config: RepairConfig, resize: bool = False, overwrite: bool = False, progress: bool = True,
-                         threads: int | None = None, **ray_options) -> dict:
+                         threads: int | None = None, resume: bool = False, **ray_options) -> dict:
     """``repair_folder`` with the repair on Ray Data actors, each loading its pipeline with ``load()`` (the same
     one as ``pipeline``, which gives the report's config). ``ray_options``: address, workers, worker_cpus,
     worker_gpus of ``runtime.ray_folder.repair_folder_ray``."""
@@ -70,7 +71,7 @@ def repair_folder_on_ray(pipeline: Pipeline, load: Callable[[], Pipeline], input
 
     return repair_folder_ray(BatchRepairFactory(load, config, threads), input_dir, output_dir,
                              report_config(pipeline, config), config.batch_size, resize, overwrite, progress,
-                             **ray_options)
+                             resume=resume, **ray_options)
 
 
 @torch.no_grad()

@@ -77,10 +77,12 @@ def main() -> None:
 @click.option("--allow-large-eps", is_flag=True, help="Accept --eps above 64/255.")
 @click.option("--resize", is_flag=True, help="Scale images that are not 32×32 instead of reporting an error.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs and reports.")
+@click.option("--resume", is_flag=True,
+              help="Finish a stopped run into the same --output with the same options (report.jsonl).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def repair(bundle_dir: Path, input_dir: Path, output_dir: Path, eps: float, steps: int, step_size: float, seed: int,
            batch_size: int, gate_fpr: float | None, early_exit: bool, threads: int | None,
-           allow_large_eps: bool, resize: bool, overwrite: bool, quiet: bool) -> None:
+           allow_large_eps: bool, resize: bool, overwrite: bool, resume: bool, quiet: bool) -> None:
     """Repair every image under INPUT into OUTPUT (same relative paths, lossless PNG) with a report."""
     from .bundle import Bundle
     from .folder import check_folders, repair_folder, summary_lines
@@ -89,7 +91,7 @@ def repair(bundle_dir: Path, input_dir: Path, output_dir: Path, eps: float, step
     if note:
         click.echo(note, err=True)
     try:
-        check_folders(input_dir, output_dir, overwrite)
+        check_folders(input_dir, output_dir, overwrite, resume)
         bundle = Bundle(bundle_dir, threads)
         gate = None if gate_fpr is None else {"fpr": gate_fpr, "tasks": bundle.tasks,
                                               "threshold": bundle.gate_threshold(gate_fpr)}
@@ -102,7 +104,7 @@ def repair(bundle_dir: Path, input_dir: Path, output_dir: Path, eps: float, step
               "gate": gate, "weights": bundle.manifest["weights"], "threads": threads}
     try:
         report = repair_folder(lambda x: bundle.repair_batch(x, seed, eps, steps, step_size, gate_fpr, early_exit),
-                               input_dir, output_dir, config, batch_size, resize, overwrite, progress=not quiet)
+                               input_dir, output_dir, config, batch_size, resize, overwrite, not quiet, resume)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     for line, to_stderr in summary_lines(report, output_dir):

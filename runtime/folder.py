@@ -16,7 +16,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .files import write_csv, write_json
-from .imageio import IMAGE_EXTENSIONS, ImageRecord, read_folder, write_png
+from .imageio import IMAGE_EXTENSIONS, ImageRecord, encode_png, read_folder, write_png
+from .journal import JOURNAL, Journal, done_rows
 
 REPORT_FILES = ("report.json", "report.csv")
 CSV_COLUMNS = ("file", "status", "error", "notes", "output", "true_label", "pred_before", "pred_after",
@@ -25,7 +26,7 @@ CSV_COLUMNS = ("file", "status", "error", "notes", "output", "true_label", "pred
 BatchRepair = Callable[[np.ndarray], list[dict]]
 
 
-def check_folders(input_dir: Path, output_dir: Path, overwrite: bool) -> None:
+def check_folders(input_dir: Path, output_dir: Path, overwrite: bool, resume: bool = False) -> None:
     """ValueError with a clear message where the input (a folder, or one image file) and the output folder
     cannot be used as given."""
     if not input_dir.exists():
@@ -37,25 +38,34 @@ def check_folders(input_dir: Path, output_dir: Path, overwrite: bool) -> None:
             raise ValueError(f"input {input_dir} is neither a folder nor a file")
         if (output_dir.resolve() / input_dir.with_suffix(".png").name) == input_dir.resolve():
             raise ValueError(f"the repaired image would replace the input {input_dir}: choose another --output")
-        check_reports(output_dir, overwrite)
+        check_reports(output_dir, overwrite, resume)
         return
     src, dst = input_dir.resolve(), output_dir.resolve()
     if dst == src or src in dst.parents:
         raise ValueError(f"output {output_dir} is inside the input folder {input_dir}: choose a folder outside it")
     if dst in src.parents:
         raise ValueError(f"input {input_dir} is inside the output folder {output_dir}: choose a folder outside it")
-    check_reports(output_dir, overwrite)
+    check_reports(output_dir, overwrite, resume)
 
 
-def check_reports(output_dir: Path, overwrite: bool) -> None:
+def check_reports(output_dir: Path, overwrite: bool, resume: bool) -> None:
+    if resume and overwrite:
+        raise ValueError("--resume finishes an earlier run, --overwrite starts it again: pass one of them")
+    if resume or overwrite:
+        return
+    if (output_dir / JOURNAL).exists() and not (output_dir / "report.json").exists():
+        raise ValueError(f"{output_dir} holds an unfinished run ({JOURNAL}): pass --resume to finish it, "
+                         "--overwrite to start again, or choose another --output")
     existing = [name for name in REPORT_FILES if (output_dir / name).exists()]
-    if existing and not overwrite:
+    if existing:
         raise ValueError(f"{output_dir} already holds {', '.join(existing)} from an earlier run: "
-                         "choose another --output, or pass --overwrite")
+                         "choose another --output, pass --overwrite, or --resume to finish it")
 
 
-def assign_outputs(records: list[ImageRecord], output_dir: Path, overwrite: bool) -> dict[str, Path]:
-    """Output path per readable input; a name taken twice or an existing file (without ``overwrite``) is an error."""
+def assign_outputs(records: list[ImageRecord], output_dir: Path, overwrite: bool,
+                   done: dict[str, dict] | None = None) -> dict[str, Path]:
+    """Output path per readable input; a name taken twice or an existing file (without ``overwrite``, and not
+    the output of a ``done`` row) is an error."""
     outputs, taken = {}, {}
     for rec in records:
         if rec.error or rec.skipped:
@@ -63,7 +73,7 @@ def assign_outputs(records: list[ImageRecord], output_dir: Path, overwrite: bool
         out_rel = Path(rec.rel).with_suffix(".png").as_posix()
         if out_rel in taken:
             rec.error = f"output {out_rel} is already written for {taken[out_rel]}; rename one of them"
-        elif (output_dir / out_rel).exists() and not overwrite:
+        elif (output_dir / out_rel).exists() and not overwrite and rec.rel not in (done or {}):
             rec.error = f"output {out_rel} already exists (pass --overwrite to replace it)"
         else:
             taken[out_rel] = rec.rel
@@ -79,38 +89,48 @@ class FolderPlan:
     outputs: dict[str, Path]
     rows: dict[str, dict]
     todo: list[ImageRecord]
+    journal: Journal
 
 
-def plan_folder(input_dir: Path, output_dir: Path, resize: bool = False, overwrite: bool = False,
-                keep_images: bool = True) -> FolderPlan:
-    """Check the folders, read (or with ``keep_images=False`` only validate) every input, assign outputs."""
-    check_folders(input_dir, output_dir, overwrite)
+def plan_folder(input_dir: Path, output_dir: Path, config: dict, resize: bool = False, overwrite: bool = False,
+                resume: bool = False, keep_images: bool = True) -> FolderPlan:
+    """Check the folders, read (or with ``keep_images=False`` only validate) every input, assign outputs, and open
+    the journal; with ``resume``, the images an earlier run of ``config`` finished are done already."""
+    check_folders(input_dir, output_dir, overwrite, resume)
+    done = done_rows(output_dir, config) if resume else {}
     records = read_folder(input_dir, resize, keep_images)
     if not records:
         raise ValueError(f"no files under {input_dir} (looked recursively for images)")
     if all(rec.skipped for rec in records):
         raise ValueError(f"no images under {input_dir}: all {len(records)} file(s) are other types (read as "
                          f"images: {', '.join(IMAGE_EXTENSIONS)})")
-    outputs = assign_outputs(records, output_dir, overwrite)
+    outputs = assign_outputs(records, output_dir, overwrite, done)
     rows = {rec.rel: {"file": rec.rel, "status": "skipped" if rec.skipped else "error", "error": rec.error,
                       "notes": rec.notes} for rec in records}
     labels = read_labels((input_dir if input_dir.is_dir() else input_dir.parent) / "labels.csv")
     for rel, row in rows.items():
         if rel in labels:
             row["true_label"] = labels[rel]
-    return FolderPlan(records, outputs, rows, [rec for rec in records if rec.rel in outputs])
+    for rel in set(done) & set(outputs):
+        rows[rel] = done[rel]
+    todo = [rec for rec in records if rec.rel in outputs and rec.rel not in done]
+    return FolderPlan(records, outputs, rows, todo, Journal(output_dir, config, append=resume))
 
 
 def save_repaired(plan: FolderPlan, rel: str, row: dict, output_dir: Path) -> None:
-    """Write one repaired image (``row["image"]``) to its output and fill in its report row."""
-    write_png(plan.outputs[rel], row.pop("image"))
+    """Write one repaired image (``row["image"]``) to its output and fill in its report row (in the journal first:
+    a run stopped between the two repairs the image again)."""
+    png = encode_png(row.pop("image"))
     plan.rows[rel].update(row, status="repaired", output=plan.outputs[rel].relative_to(output_dir).as_posix())
+    plan.journal.record(plan.rows[rel], png)
+    write_png(plan.outputs[rel], png)
 
 
 def finish_report(plan: FolderPlan, config: dict, output_dir: Path, seconds: float,
                   run: dict | None = None) -> dict:
     """The report over every input (in the order read), written to ``output_dir``; ``run``: facts of how it ran
     (such as Ray's worker count), added to the summary beside its time."""
+    plan.journal.close()
     images = [plan.rows[rec.rel] for rec in plan.records]
     n_repaired = sum(r["status"] == "repaired" for r in images)
     n_error = sum(r["status"] == "error" for r in images)
@@ -128,11 +148,12 @@ def finish_report(plan: FolderPlan, config: dict, output_dir: Path, seconds: flo
 
 
 def repair_folder(repair_batch: BatchRepair, input_dir: Path, output_dir: Path, config: dict, batch_size: int,
-                  resize: bool = False, overwrite: bool = False, progress: bool = True) -> dict:
+                  resize: bool = False, overwrite: bool = False, progress: bool = True, resume: bool = False) -> dict:
     """Repair every readable image under ``input_dir`` with ``repair_batch``, ``batch_size`` images at a time;
-    returns the report (also written to ``output_dir``), whose "config" is ``config``."""
+    returns the report (also written to ``output_dir``), whose "config" is ``config``. ``resume``: finish a
+    stopped run of the same config (runtime/journal.py)."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    plan = plan_folder(input_dir, output_dir, resize, overwrite)
+    plan = plan_folder(input_dir, output_dir, config, resize, overwrite, resume)
     start = time.time()
     with tqdm(total=len(plan.todo), unit="img", desc="repair", disable=not progress) as bar:
         for i in range(0, len(plan.todo), batch_size):

@@ -2,6 +2,7 @@
 array in [0, 1] or gets a reason why not. Inputs are never modified; PNGs are written atomically."""
 from __future__ import annotations
 
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,7 +13,7 @@ from .files import atomic_write
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 # Files this tool writes beside images (cli.py attack, cli.py repair): listed as skipped, not as bad inputs.
-METADATA_FILES = ("labels.csv", "attack.json", "report.json", "report.csv")
+METADATA_FILES = ("labels.csv", "attack.json", "report.json", "report.csv", "report.jsonl")
 SIZE = 32
 
 
@@ -126,7 +127,14 @@ def quantize(x: np.ndarray) -> np.ndarray:
     return (np.round(np.clip(x, 0, 1) * 255) / 255).astype(np.float32)
 
 
-def write_png(path: Path, image: np.ndarray) -> None:
-    """Lossless 8-bit PNG of a 3×H×W image in [0, 1], written atomically."""
-    array = np.round(np.clip(image, 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)
-    atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+def encode_png(image: np.ndarray) -> bytes:
+    """Lossless 8-bit PNG of a 3×H×W image in [0, 1]."""
+    buffer = io.BytesIO()
+    Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8).transpose(1, 2, 0)).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def write_png(path: Path, image: np.ndarray | bytes) -> None:
+    """``image`` (3×H×W in [0, 1], or its ``encode_png`` bytes) as a PNG file, written atomically."""
+    data = image if isinstance(image, bytes) else encode_png(image)
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))

@@ -74,13 +74,13 @@ class RepairActor:
 def repair_folder_ray(make_repair: Callable[[], BatchRepair], input_dir: Path, output_dir: Path, config: dict,
                       batch_size: int, resize: bool = False, overwrite: bool = False, progress: bool = True,
                       address: str | None = None, workers: int | None = None, worker_cpus: float = 1,
-                      worker_gpus: float = 0) -> dict:
+                      worker_gpus: float = 0, resume: bool = False) -> dict:
     """``repair_folder`` on Ray Data: ``workers`` actors (default: as many as the cluster's CPUs allow at
     ``worker_cpus`` each), each with ``worker_cpus`` CPUs and ``worker_gpus`` GPUs, on the cluster at ``address``
     (None: the one this process is connected to, else a new local one; "auto": a running cluster)."""
     ray = import_ray()
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    plan = plan_folder(input_dir, output_dir, resize, overwrite, keep_images=False)
+    plan = plan_folder(input_dir, output_dir, config, resize, overwrite, resume, keep_images=False)
     start = time.time()
     started_here = not ray.is_initialized()
     if started_here:
