@@ -14,6 +14,10 @@ from runtime.cli import FRACTION, checked_eps
 MODELS = ("classifier", "contrastive", "inpainting", "rotation", "contrastive-head", "inpainting-head",
           "rotation-head")
 JOINT_MODELS = ("joint-robust", "joint-standard")     # engine/joint.py (kept here: --help imports no torch)
+# engine.tasks.TASKS's names, kept here so that a mistyped argument is answered before torch loads (tests check
+# the two agree)
+TASK_NAMES = ("contrastive", "inpainting", "rotation", "contrastive-head", "inpainting-head", "rotation-head",
+              "consistency", "hedge")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -64,13 +68,11 @@ def train(model: str, profile: str, data_root: str | None, out_dir: str, seed: i
 
 
 def _parse_tasks(text: str, option: str = "--tasks") -> list[str]:
-    from engine.tasks import TASKS
-
     tasks = [t.strip() for t in text.split(",") if t.strip()]
-    unknown = [t for t in tasks if t not in TASKS]
+    unknown = [t for t in tasks if t not in TASK_NAMES]
     if not tasks or unknown:
         raise click.BadParameter(f"unknown task(s) {', '.join(unknown) or '(none given)'}; "
-                                 f"choose from {', '.join(TASKS)}", param_hint=option)
+                                 f"choose from {', '.join(TASK_NAMES)}", param_hint=option)
     if len(set(tasks)) != len(tasks):
         raise click.BadParameter(f"a task is named twice in {text!r}", param_hint=option)
     return tasks
@@ -165,7 +167,6 @@ def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, 
 
     Exit status: 0 when every input was repaired, 1 when some failed (see the report), 2 on usage errors.
     """
-    from engine.folder import RepairConfig, repair_folder
     from runtime.folder import check_folders, summary_lines
 
     steps, note = checked_eps(eps, steps, allow_large_eps)
@@ -180,6 +181,8 @@ def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, 
         check_folders(input_dir, output_dir, overwrite, resume)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
+    from engine.folder import RepairConfig, repair_folder       # torch: only once the arguments are known good
+
     if threads:
         import torch
 
@@ -487,8 +490,6 @@ def bench(n: int, backends: str, steps: int, device: str, precision: str, weight
     """Full-repair throughput, single-image latency and per-graph forward throughput of each backend, with parity
     against torch. A backend named with +exit (e.g. onnxruntime+exit) repairs with the early exit; speed-ups are
     against torch without it."""
-    import json
-
     from bench.throughput import BENCH_BACKENDS, EXIT, plot, run_bench
     from engine.weights import WeightsError
     from runtime.files import write_json
@@ -500,16 +501,14 @@ def bench(n: int, backends: str, steps: int, device: str, precision: str, weight
                            latency_images=latency_images, views=views, objective=objective)
     except WeightsError as e:
         raise click.UsageError(str(e)) from None
+    for b in result["backends"]:                  # the summary; the whole result goes to --json
+        latency = b.get("latency_ms") or {}
+        click.echo(f"{b['name']}: " + (f"{b['images_per_s']} images/s ({b.get('speedup_vs_torch')}× torch), "
+                                       f"latency p50 {latency.get('p50')} ms, p95 {latency.get('p95')} ms"
+                                       if b["available"] else f"not available: {b['reason']}"))
     if json_path:
         write_json(json_path, result)
-        for b in result["backends"]:
-            latency = b.get("latency_ms") or {}
-            click.echo(f"{b['name']}: " + (f"{b['images_per_s']} images/s ({b.get('speedup_vs_torch')}× torch), "
-                                           f"latency p50 {latency.get('p50')} ms, p95 {latency.get('p95')} ms"
-                                           if b["available"] else f"not available: {b['reason']}"))
         click.echo(f"wrote {json_path}")
-    else:
-        click.echo(json.dumps(result, indent=2))
     if plot_path:
         plot(result, plot_path)
 

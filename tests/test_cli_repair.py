@@ -224,3 +224,22 @@ def test_stray_non_images_are_skipped_and_do_not_fail_the_run(tiny_weights, inpu
     result = run("--input", input_dir, "--output", tmp_path / "out", "--weights", tiny_weights, *FAST)
     assert result.exit_code == 0, result.output
     assert "skipped 1 file(s) that are not images" in result.output
+
+
+def test_task_names_known_before_torch_are_the_engines():
+    from cli import TASK_NAMES
+    from engine.tasks import TASKS
+
+    assert TASK_NAMES == tuple(TASKS)
+
+
+def test_usage_errors_come_before_torch_is_imported(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    code = ("import sys; sys.argv = ['cli.py', 'repair', '--input', 'nope', '--output', 'x', '--tasks', 'rotaton']\n"
+            "import cli\ntry:\n    cli.main()\nexcept SystemExit as e:\n    print(e.code, 'torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["2", "False"], out.stderr
