@@ -140,6 +140,10 @@ def _parse_alpha(text: str | None, tasks: list[str]) -> dict[str, float]:
 @click.option("--allow-large-eps", is_flag=True, help="Accept --eps above 64/255.")
 @click.option("--resize", is_flag=True, help="Scale images that are not 32×32 instead of reporting an error.")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs and reports.")
+@click.option("--preview", "preview_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Also write a before/after picture (PNG) of the first --preview-n repaired images with their "
+                   "predictions.")
+@click.option("--preview-n", type=click.IntRange(1, 32), default=8, show_default=True)
 @click.option("--resume", is_flag=True,
               help="Finish a stopped run into the same --output with the same options: images it repaired "
                    "(report.jsonl) are kept, the rest repaired.")
@@ -161,13 +165,14 @@ def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, 
            steps: int, step_size: float, views: int, objective: str, level: float, gate_fpr: float | None,
            calibration: Path | None, seed: int, batch_size: int, device: str, early_exit: bool, backend: str,
            threads: int | None, onnx_dir: Path | None, precision: str, allow_large_eps: bool, resize: bool,
-           overwrite: bool, resume: bool, use_ray: bool, ray_address: str | None, workers: int | None,
+           overwrite: bool, preview_file: Path | None, preview_n: int, resume: bool, use_ray: bool, ray_address: str | None, workers: int | None,
            worker_cpus: float, worker_gpus: float | None, quiet: bool) -> None:
     """Repair every image under INPUT into OUTPUT (same relative paths, lossless PNG) with a report.
 
     Exit status: 0 when every input was repaired, 1 when some failed (see the report), 2 on usage errors.
     """
     from runtime.folder import check_folders, summary_lines
+    from runtime.preview import check_preview_path
 
     steps, note = checked_eps(eps, steps, allow_large_eps)
     if note:
@@ -179,6 +184,8 @@ def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, 
     ray_options = _ray_options(use_ray, ray_address, workers, worker_cpus, worker_gpus, device)
     try:
         check_folders(input_dir, output_dir, overwrite, resume)
+        if preview_file:
+            check_preview_path(preview_file, overwrite)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     from engine.folder import RepairConfig, repair_folder       # torch: only once the arguments are known good
@@ -211,6 +218,12 @@ def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, 
         raise click.UsageError(str(e)) from None
     for line, to_stderr in summary_lines(report, output_dir):
         click.echo(line, err=to_stderr)
+    if preview_file:
+        from engine.data import CLASSES
+        from runtime.preview import write_preview
+
+        shown = write_preview(report, input_dir, output_dir, preview_file, list(CLASSES), preview_n, resize)
+        click.echo(f"preview of {shown} image(s): {preview_file}" if shown else "no repaired image to preview")
     sys.exit(1 if report["summary"]["n_error"] else 0)
 
 

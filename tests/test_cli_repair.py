@@ -243,3 +243,19 @@ def test_usage_errors_come_before_torch_is_imported(tmp_path):
             "import cli\ntry:\n    cli.main()\nexcept SystemExit as e:\n    print(e.code, 'torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.stdout.split() == ["2", "False"], out.stderr
+
+
+def test_preview_draws_inputs_above_their_repairs(tiny_weights, input_dir, tmp_path):
+    picture = tmp_path / "preview.png"
+    result = run("--input", input_dir, "--output", tmp_path / "out", "--weights", tiny_weights, "--preview", picture,
+                 "--preview-n", "2", *FAST)
+    assert result.exit_code == 0, result.output
+    assert "preview of 2 image(s)" in result.output
+    width, height = Image.open(picture).size
+    assert height > 300 and width >= 300          # two rows (input, repaired), one column per image
+    again = run("--input", input_dir, "--output", tmp_path / "out2", "--weights", tiny_weights, "--preview",
+                picture, *FAST)
+    assert again.exit_code == 2 and "already exists" in again.output      # the picture is not overwritten
+    bad = run("--input", input_dir, "--output", tmp_path / "out3", "--weights", tiny_weights, "--preview",
+              tmp_path / "p.jpg", *FAST)
+    assert bad.exit_code == 2 and ".png" in bad.output

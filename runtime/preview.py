@@ -1,0 +1,55 @@
+"""A before/after picture of a folder repair: the first repaired images, each input above its repair, with the
+classifier's prediction on each and the true label where labels.csv gave one."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .files import atomic_write
+from .imageio import read_image
+
+
+def check_preview_path(path: Path, overwrite: bool) -> None:
+    """ValueError where ``path`` cannot take the picture."""
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"--preview writes a PNG: name a .png file, not {path.name}")
+    if path.exists() and not overwrite:
+        raise ValueError(f"{path} already exists: choose another --preview file, or pass --overwrite")
+
+
+def write_preview(report: dict, input_dir: Path, output_dir: Path, path: Path, classes: list[str],
+                  count: int = 8, resize: bool = False) -> int:
+    """Write the picture of the first ``count`` repaired images to ``path`` (PNG); returns how many it shows.
+    ``classes``: the names of the true labels."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")                     # files only: no display needed
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise ImportError("--preview draws with matplotlib: pip install matplotlib") from e
+    rows = [r for r in report["images"] if r["status"] == "repaired"][:count]
+    if not rows:
+        return 0
+    base = input_dir if input_dir.is_dir() else input_dir.parent
+    fig, axes = plt.subplots(2, len(rows), figsize=(1.6 * len(rows) + 0.6, 3.8), squeeze=False)
+    for i, row in enumerate(rows):
+        before = read_image(base / row["file"], resize)[0]
+        after = np.asarray(Image.open(output_dir / row["output"]).convert("RGB"))
+        truth = f"true {classes[row['true_label']]}\n" if "true_label" in row else ""
+        for ax, image, title in ((axes[0, i], before.transpose(1, 2, 0), f"{truth}{row['label_before']}"),
+                                 (axes[1, i], after, row["label_after"])):
+            ax.imshow(image, interpolation="nearest")
+            ax.set_title(title, fontsize=8, color="black" if ax is axes[0, i] or
+                         row["pred_after"] == row["pred_before"] else "tab:red")
+            ax.set_xticks([])
+            ax.set_yticks([])
+    axes[0, 0].set_ylabel("input", fontsize=9)
+    axes[1, 0].set_ylabel("repaired", fontsize=9)
+    fig.suptitle("predictions before and after the repair (red: changed)", fontsize=9)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)
+    return len(rows)
