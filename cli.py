@@ -109,8 +109,8 @@ def _parse_alpha(text: str | None, tasks: list[str]) -> dict[str, float]:
               help="Augmented views per image for the contrastive loss.")
 @click.option("--objective", type=click.Choice(["plain", "clean"]), default="clean", show_default=True,
               help="clean: each task hinged at its clean-image level, α from clean statistics (the measured best: "
-                   "same PGD accuracy as plain, smaller clean cost; docs/measurements.md, issue 6); "
-                   "plain: Σ α_k L_k.")
+                   "same PGD accuracy as plain, smaller clean cost; docs/results.md) — the default everywhere "
+                   "(load_pipeline(), eval's mtl:clean:exit); plain: Σ α_k L_k.")
 @click.option("--level", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5, show_default=True,
               help="--objective clean: the quantile of clean-image losses each task is aimed at.")
 @click.option("--gate", "gate_fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
@@ -165,8 +165,9 @@ def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, 
            steps: int, step_size: float, views: int, objective: str, level: float, gate_fpr: float | None,
            calibration: Path | None, seed: int, batch_size: int, device: str, early_exit: bool, backend: str,
            threads: int | None, onnx_dir: Path | None, precision: str, allow_large_eps: bool, resize: bool,
-           overwrite: bool, preview_file: Path | None, preview_n: int, resume: bool, use_ray: bool, ray_address: str | None, workers: int | None,
-           worker_cpus: float, worker_gpus: float | None, quiet: bool) -> None:
+           overwrite: bool, preview_file: Path | None, preview_n: int, resume: bool, use_ray: bool,
+           ray_address: str | None, workers: int | None, worker_cpus: float, worker_gpus: float | None,
+           quiet: bool) -> None:
     """Repair every image under INPUT into OUTPUT (same relative paths, lossless PNG) with a report.
 
     Exit status: 0 when every input was repaired, 1 when some failed (see the report), 2 on usage errors.
@@ -279,7 +280,7 @@ def attack(output_dir: Path, n: int, attack: str, eps: float, steps: int, step_s
     _check_device(device)
     # PGD reads the classifier alone: hedge is a task with no weights of its own, so any weights folder loads
     task_list = _parse_tasks(tasks) if attack == "aware" else ["hedge"]
-    pipeline = _load(weights=weights, device=device, tasks=task_list)
+    pipeline = _load(weights=weights, device=device, tasks=task_list, objective="plain")
     try:
         summary = write_attack_set(pipeline, output_dir, n, attack, eps, steps, step_size, seed, clean_output,
                                    data_root, overwrite, lam)
@@ -306,7 +307,7 @@ def _names(text: str, known, option: str) -> list[str]:
               help="Comma-separated: none, pgd, aware, bpda-eot, autoattack (APGD-CE + APGD-T on the classifier, "
                    "then the repair), autoattack-bpda (APGD-CE through the repair, BPDA); autoattack needs the "
                    "attacks extra.")
-@click.option("--repairs", default="none,noise,contrastive,mtl", show_default=True,
+@click.option("--repairs", default="none,noise,contrastive,mtl,mtl:clean:exit", show_default=True,
               help="Comma-separated repair names BASE[:clean][:gate]; BASE: none, noise, mtl (the independent "
                    "networks), mtl-head (heads on the classifier), a task, or tasks joined by + "
                    "(e.g. noise,mtl-head,mtl-head:clean:gate).")
@@ -363,7 +364,8 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_pa
              markdown_path: Path | None, seed: int, eps_r: float, repair_steps: int, repair_step_size: float,
              views: int, alpha: str, level: float, gate_fpr: float, gate_tasks: str, defense: str,
              calibration: Path | None, attack_eps: float, attack_steps: int, lam: float, bpda_steps: int, eot: int,
-             bpda_repair_steps: int, aa_iters: int, aa_targets: int, aa_eot: int, chunk: int, weights: Path | None, data_root: str | None, device: str,
+             bpda_repair_steps: int, aa_iters: int, aa_targets: int, aa_eot: int, chunk: int, weights: Path | None,
+             data_root: str | None, device: str,
              backend: str, onnx_dir: Path | None, precision: str, quiet: bool) -> None:
     """Accuracy of attack × repair on CIFAR-10 test images, with 95 % intervals and McNemar tests (Table 1)."""
     from engine.data import DataError
@@ -392,8 +394,9 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_pa
         from engine.calibration import calibration_path
 
         calibration = calibration_path(weights, calibration)
+    # each repair row builds its own objective (engine/repair_spec.py); the pipeline's is the plain sum
     pipeline = _load(weights=weights, device=device, tasks=tasks_needed(config), views=views, backend=backend,
-                     onnx_dir=onnx_dir, precision=precision, calibration=calibration)
+                     objective="plain", onnx_dir=onnx_dir, precision=precision, calibration=calibration)
     try:
         result = run_eval(pipeline, config, json_path, data_root, progress=not quiet)
     except (ValueError, DataError) as e:
@@ -430,7 +433,7 @@ def calibrate(tasks: str, n: int, views: int, seed: int, weights: Path | None, o
     out_path = calibration_path(weights, out_path)
     if out_path.exists() and not overwrite:
         raise click.UsageError(f"{out_path} already exists; pass --overwrite to replace it, or choose another --out")
-    pipeline = _load(weights=weights, tasks=task_list, views=views)
+    pipeline = _load(weights=weights, tasks=task_list, views=views, objective="plain")   # before any calibration
     command = f"python cli.py calibrate --tasks {','.join(task_list)} --n {n} --views {views} --seed {seed}"
     try:
         stats = measure(pipeline, n, seed, data_root)

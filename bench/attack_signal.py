@@ -42,7 +42,7 @@ def measure(n: int, seed: int, eps_r: float, weights: Path | None = None, tasks:
     if threads:
         torch.set_num_threads(threads)
     tasks = tasks or [*DEFAULT_TASKS, *HEAD_TASKS]
-    p = load_pipeline(weights, tasks=tasks)
+    p = load_pipeline(weights, tasks=tasks, objective="plain")
     try:
         calibration, note = load_calibration(calibration_path(weights), tasks, p.manifests, 4), None
     except WeightsError as e:

@@ -32,7 +32,7 @@ def calibration_for(views: int, out_dir: Path, weights: str | None = None, n: in
         return shipped
     path = out_dir / f"calibration_views{views}.json"
     if not path.exists():
-        pipeline = load_pipeline(weights, tasks=DEFAULT_TASKS, views=views)
+        pipeline = load_pipeline(weights, tasks=DEFAULT_TASKS, views=views, objective="plain")
         command = f"python cli.py calibrate --tasks {','.join(DEFAULT_TASKS)} --n {n} --views {views} --seed 0"
         save_calibration(calibrate(pipeline, n), path, command)
     return path
@@ -47,7 +47,8 @@ def run_point(config: EvalConfig, path: Path, calibration: Path | None, weights:
         done = json.loads(path.read_text())
         if done["config"] == json.loads(json.dumps(asdict(config))):
             return done
-    pipeline = load_pipeline(weights, tasks=tasks_needed(config), views=config.views, calibration=calibration)
+    pipeline = load_pipeline(weights, tasks=tasks_needed(config), views=config.views, calibration=calibration,
+                             objective="plain")
     return run_eval(pipeline, config, path)
 
 

@@ -106,7 +106,8 @@ def load_calibration(path: str | os.PathLike, tasks: list[str], manifests: dict[
     fix = f"run `{command}`"
     if not path.exists():
         raise WeightsError(f"the clean-level objective and the gate need clean-loss statistics: {path} is missing; "
-                           f"{fix} (or repair with --objective plain and no --gate)")
+                           f"{fix} (or use the plain objective, which needs none: --objective plain, "
+                           'load_pipeline(objective="plain"), and no gate)')
     data = json.loads(path.read_text())
     fix = f"run `{command} --out {path} --overwrite` to measure it again"
     missing = [t for t in tasks if t not in data["losses"]]

@@ -1,4 +1,4 @@
-"""Task heads on the classifier's own backbone (Mao et al., ICCV 2021; DESIGN.md, "What a first probe showed").
+"""Task heads on the classifier's own backbone (Mao et al., ICCV 2021).
 
 A head network (``contrastive-head``, ``rotation-head``, ``inpainting-head``) holds a frozen copy of the classifier's
 backbone and a small trained head: its SSL loss reads the very features the attack perturbed. The copy keeps export,

@@ -1,9 +1,9 @@
 """The classifier and the SSL task networks, behind one registry: architecture name -> constructor(**config).
 
-Every network takes float images in [0, 1], N×3×32×32, and normalizes inside (DESIGN.md, principle 5), so that an
-attack, a repair and an exported graph all work in pixel space. The backbone is the airbench94 layout (Jordan, 2024)
-at a width that the 2-core machines can train: 32-128-128 has 0.50 M parameters and trains at ~940 img/s
-(DESIGN.md, measured table).
+Every network takes float images in [0, 1], N×3×32×32, and normalizes inside (docs/design.md, principle 5), so
+that an attack, a repair and an exported graph all work in pixel space. The backbone is the airbench94 layout
+(Jordan, 2024) at a width that the 2-core machines can train: 32-128-128 has 0.50 M parameters and trains at
+~940 img/s (docs/measurements.md).
 """
 from __future__ import annotations
 

@@ -6,7 +6,7 @@ Example::
     p = load_pipeline()                      # weights/ in this repository, CPU
     logits = p.classifier(x)                 # x: float in [0, 1], N×3×32×32
     losses = p.ssl_loss(x)                   # Tensor[N], Σ α_k L_k
-    x_rep = p.repair(x, eps=16/255, steps=40, step_size=2/255, seed=0)
+    x_rep = p.repair(x, eps=16/255, steps=40, step_size=2/255, seed=0)   # the CLI's default repair
 """
 from __future__ import annotations
 
@@ -139,13 +139,14 @@ def build_objective(nets: dict[str, nn.Module], alpha: dict[str, float] | None =
 def load_pipeline(weights: str | os.PathLike | None = None, device: str | torch.device = "cpu",
                   tasks: tuple[str, ...] | list[str] = DEFAULT_TASKS, alpha: dict[str, float] | None = None,
                   views: int = 4, backend: str = "torch", onnx_dir: str | os.PathLike | None = None,
-                  precision: str = "fp32", objective: str = "plain", level: float = 0.5,
+                  precision: str = "fp32", objective: str = "clean", level: float = 0.5,
                   gate_fpr: float | None = None, calibration: str | os.PathLike | None = None,
                   threads: int | None = None, classifier: nn.Module | str | os.PathLike | None = None) -> Pipeline:
     """The classifier and the named SSL tasks from ``weights`` (default: the shipped ``weights/``).
 
-    ``objective`` "plain" is Σ α_k L_k; "clean" aims each task at the ``level`` quantile of its clean losses, α
-    divided by the clean IQR. ``gate_fpr`` repairs only inputs whose loss score exceeds the clean images' (1 − fpr)
+    ``objective`` "clean" (the default, as in ``cli.py repair``: the measured best) aims each task at the ``level``
+    quantile of its clean losses, α divided by the clean IQR; "plain" is Σ α_k L_k (needs no calibration).
+    ``gate_fpr`` repairs only inputs whose loss score exceeds the clean images' (1 − fpr)
     quantile. Both read the clean statistics at ``calibration`` (default: calibration.json beside the weights),
     which are also loaded whenever that path is given.
 

@@ -2,7 +2,7 @@
 
 Every random choice (the random start, each task's augmentation parameters at each step) comes from numpy
 generators of the image's own, one per (image, task), seeded from the user's seed, the image's content and the
-task's name (runtime/draws.py; DESIGN.md, principle 3). So an image gets the same repair alone or inside any batch,
+task's name (runtime/draws.py; docs/design.md, principle 3). So an image gets the same repair alone or inside any batch,
 with any other tasks beside, and the same repair on every run with the same seed — in PyTorch and in the runtime
 without it.
 """

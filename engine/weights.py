@@ -1,4 +1,4 @@
-"""Weights are data, never code (DESIGN.md, principle 6): ``<name>.safetensors`` + ``<name>.json``.
+"""Weights are data, never code (docs/design.md, principle 6): ``<name>.safetensors`` + ``<name>.json``.
 
 The manifest holds the architecture and its config (so the network can be rebuilt), how it was trained (the exact
 command, data md5, epochs, seed, wall time, machine), its measured metrics and the sha256 of the tensor file, which

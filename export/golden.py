@@ -56,7 +56,7 @@ def reference_outputs(pipeline, inputs: dict[str, torch.Tensor]) -> dict[str, to
 def main(weights: str | None, out: Path, overwrite: bool) -> None:
     if (out / "golden.safetensors").exists() and not overwrite:
         raise click.UsageError(f"{out}/golden.safetensors exists; regenerate only on purpose, with --overwrite")
-    pipeline = load_pipeline(weights)
+    pipeline = load_pipeline(weights, objective="plain")
     inputs = golden_inputs(pipeline)
     tensors = {**inputs, **reference_outputs(pipeline, inputs)}
     atomic_write(out / "golden.safetensors",

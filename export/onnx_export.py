@@ -3,8 +3,8 @@
 Graphs (opset 18, dynamic batch; opset 20 is avoided for TensorRT's known GridSample fault there):
 
 - ``classifier``: x -> logits
-- ``<task>_loss``: x + that task's sampled parameters -> per-image loss (randomness as inputs, DESIGN.md
-  principle 1; rotation has none)
+- ``<task>_loss``: x + that task's sampled parameters -> per-image loss (randomness as inputs,
+  docs/design.md principle 1; rotation has none)
 - ``multitask_loss``: x + every task's parameters (named ``<task>_<param>``) + alpha[K] -> Σ α_k L_k
 
 The export is deterministic (same weights, same torch: byte-identical files). In an existing folder, graphs that

@@ -16,7 +16,7 @@ Graphs (dynamic batch, opset 18):
 - ``repair``: x0, noise (the random start's U[0, 1) draws), eps, step_size, steps (int64), every step's parameters
   stacked on a leading steps axis -> repaired, trace (steps × batch): ``repair_step`` as the body of a ``Loop``.
 
-Randomness stays an input (DESIGN.md, principle 1): the caller draws the start and every step's parameters from the
+Randomness stays an input (docs/design.md, principle 1): the caller draws the start and every step's parameters from the
 images' own generators, in the order the PyTorch reference draws them, so both engines repair with the same draws.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 Numpy, not torch, so that the runtime without PyTorch (this package) and the PyTorch reference (engine/) draw the
 very same numbers. Each (image, task) pair has a generator of its own, seeded from sha256(seed, the image's float32
-bytes, the task's name) (DESIGN.md, principle 3), so that
+bytes, the task's name) (docs/design.md, principle 3), so that
 
 - an image gets the same repair alone or inside any batch, and on every run with the same seed;
 - a task's draws do not depend on which other tasks are loaded, nor in which order;

@@ -1,5 +1,5 @@
 """Repair a folder of images: ``OUTPUT/<same relative path>.png`` per readable input, plus ``report.json`` and
-``report.csv`` listing every input with its status (DESIGN.md, "Contracts" and principle 7).
+``report.csv`` listing every input with its status (docs/usage.md; docs/design.md, principle 7).
 
 One contract for every engine: ``repair_folder`` takes the engine's batch repair as a callable, so the PyTorch
 reference (engine/folder.py) and the runtime without PyTorch (runtime/bundle.py) read, refuse, write and report alike.

@@ -5,8 +5,8 @@ The driver plans as a single-process run does (``plan_folder``: every file valid
 reported; pixels are not kept), Ray Data carries the paths of the inputs to repair, each actor reads its batch's
 files and repairs them, and the driver writes the PNGs and the report as the results stream back. Inputs must be
 readable by every worker (one machine, or a shared filesystem); outputs are written by the driver only. A repair
-never depends on its batch-mates (DESIGN.md, principle 3), so the PNGs and the report's rows are byte-identical to a
-single-process run's (tests/test_ray.py).
+never depends on its batch-mates (docs/design.md, principle 3), so the PNGs and the report's rows are
+byte-identical to a single-process run's (tests/test_ray.py).
 """
 from __future__ import annotations
 

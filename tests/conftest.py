@@ -55,7 +55,7 @@ def make_tiny_weights(out: Path) -> Path:
             net.bank.copy_(F.normalize(torch.randn_like(net.bank), dim=1))
         save_model(net, name, out, {"architecture": arch, "config": config, "metrics": {}, "backbone": backbone})
     # clean-loss statistics of all six tasks, measured on the example images (the tests have no training set)
-    pipeline = load_pipeline(out, tasks=[*TINY][1:] + [*TINY_HEADS])
+    pipeline = load_pipeline(out, tasks=[*TINY][1:] + [*TINY_HEADS], objective="plain")
     clean = torch.stack([read_image(p)[0] for p in sorted(EXAMPLES.glob("*.png"))])
     save_calibration(measure(pipeline, clean), out / CALIBRATION_FILE, "tests/conftest.py")
     return out
@@ -68,7 +68,7 @@ def tiny_weights(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_pipeline(tiny_weights):
-    return load_pipeline(tiny_weights)
+    return load_pipeline(tiny_weights, objective="plain")
 
 
 @pytest.fixture(scope="session")

@@ -36,7 +36,7 @@ def test_bench_lists_every_backend_with_parity(tiny_weights, tmp_path):
     assert by_name["onnxruntime+exit"]["early_exit"] and not by_name["onnxruntime"]["early_exit"]
     assert (tmp_path / "bench.png").stat().st_size > 1000
     lines = result.output.splitlines()             # a summary line per backend and where the JSON went, no dump
-    assert lines[-6].startswith("torch: 1") and "× torch" in lines[-6] and lines[-1] == f"wrote {out}"
+    assert lines[-6].startswith("torch: ") and "(1.0× torch)" in lines[-6] and lines[-1] == f"wrote {out}"
     assert '"backends"' not in result.output
 
 

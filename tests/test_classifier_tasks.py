@@ -16,7 +16,7 @@ CLASSIFIER_TASKS = ("consistency", "hedge")
 
 @pytest.fixture(scope="module")
 def classifier_pipeline(tiny_weights):
-    return load_pipeline(tiny_weights, tasks=list(CLASSIFIER_TASKS))
+    return load_pipeline(tiny_weights, tasks=list(CLASSIFIER_TASKS), objective="plain")
 
 
 @pytest.mark.parametrize("name", CLASSIFIER_TASKS)
@@ -53,14 +53,14 @@ def test_classifier_tasks_record_the_classifier_weights(classifier_pipeline):
 
 @needs_shipped
 def test_the_hedge_repair_stays_in_the_ball_and_lowers_its_loss(images):
-    p = load_pipeline(tasks=["hedge"])         # the shipped classifier (the tiny one predicts uniform logits)
+    p = load_pipeline(tasks=["hedge"], objective="plain")   # the shipped classifier (the tiny one: uniform logits)
     result = p.repair_with_trace(images, eps=8 / 255, steps=5, step_size=2 / 255)
     assert (result.images - images).abs().max() <= 8 / 255 + 1e-6
     assert result.trace[-1].mean() < result.trace[0].mean()
 
 
 def test_defended_classifier_works_under_no_grad_and_passes_gradients_with_bpda(tiny_weights, images):
-    p = load_pipeline(tiny_weights, tasks=["rotation"])
+    p = load_pipeline(tiny_weights, tasks=["rotation"], objective="plain")
     model = DefendedClassifier(p, bpda=True, steps=2)
     with torch.no_grad():                                  # how attack libraries call a model
         logits = model(images)
@@ -74,7 +74,8 @@ def test_defended_classifier_works_under_no_grad_and_passes_gradients_with_bpda(
 
 
 def test_defended_classifier_draws_fresh_repair_randomness_each_call(tiny_weights, images):
-    model = DefendedClassifier(load_pipeline(tiny_weights, tasks=["rotation"]), steps=0)   # the random start only
+    # steps 0: the random start only
+    model = DefendedClassifier(load_pipeline(tiny_weights, tasks=["rotation"], objective="plain"), steps=0)
     first, second = model.repair(images), model.repair(images)
     assert not torch.equal(first, second)
 

@@ -259,3 +259,12 @@ def test_preview_draws_inputs_above_their_repairs(tiny_weights, input_dir, tmp_p
     bad = run("--input", input_dir, "--output", tmp_path / "out3", "--weights", tiny_weights, "--preview",
               tmp_path / "p.jpg", *FAST)
     assert bad.exit_code == 2 and ".png" in bad.output
+
+
+def test_one_default_repair_for_the_cli_the_api_and_eval(tiny_weights):
+    from engine import load_pipeline
+
+    params = {c: {p.name: p.default for p in main.commands[c].params} for c in ("repair", "eval")}
+    assert params["repair"]["objective"] == "clean" and params["repair"]["early_exit"] is True
+    assert load_pipeline(tiny_weights).objective.levels is not None          # the API's default: clean-level too
+    assert "mtl:clean:exit" in params["eval"]["repairs"].split(",")         # and eval checks that very repair

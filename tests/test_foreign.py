@@ -21,7 +21,7 @@ def small_classifier(seed: int = 1) -> nn.Module:
 
 def test_a_module_classifier_predicts_and_is_left_as_it_was(tiny_weights, images):
     mine = small_classifier()
-    p = load_pipeline(tiny_weights, tasks=["rotation", "hedge"], classifier=mine)
+    p = load_pipeline(tiny_weights, tasks=["rotation", "hedge"], classifier=mine, objective="plain")
     assert torch.equal(p.predict(images), mine(images).argmax(1))
     repaired = p.repair(images[:2], steps=2)
     assert (repaired - images[:2]).abs().max() <= 16 / 255 + 1e-6
@@ -37,7 +37,7 @@ def test_a_module_classifier_predicts_and_is_left_as_it_was(tiny_weights, images
 ])
 def test_unusable_classifiers_are_refused_with_the_reason(tiny_weights, tasks, classifier, message):
     with pytest.raises(ClassifierError, match=message):
-        load_pipeline(tiny_weights, tasks=tasks, classifier=classifier)
+        load_pipeline(tiny_weights, tasks=tasks, classifier=classifier, objective="plain")
 
 
 def export_onnx(model: nn.Module, path, batch_dim: bool = True):
@@ -72,7 +72,8 @@ def test_cli_repair_reports_an_onnx_classifiers_predictions(tiny_weights, tmp_pa
 
 def test_an_onnx_classifier_with_a_batch_of_one_still_predicts_batches(tiny_weights, tmp_path, images):
     mine = small_classifier()
-    p = load_pipeline(tiny_weights, tasks=["rotation"], classifier=export_onnx(mine, tmp_path / "one.onnx", False))
+    one = export_onnx(mine, tmp_path / "one.onnx", False)
+    p = load_pipeline(tiny_weights, tasks=["rotation"], classifier=one, objective="plain")
     assert torch.equal(p.predict(images), mine(images).argmax(1))
 
 

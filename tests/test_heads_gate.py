@@ -19,7 +19,7 @@ from .conftest import EXAMPLES, needs_cifar
 
 @pytest.fixture(scope="module")
 def head_pipeline(tiny_weights):
-    return load_pipeline(tiny_weights, tasks=list(HEAD_TASKS))
+    return load_pipeline(tiny_weights, tasks=list(HEAD_TASKS), objective="plain")
 
 
 def test_heads_share_the_classifier_backbone(tiny_weights, head_pipeline):
@@ -36,7 +36,7 @@ def test_heads_refuse_another_classifier(tiny_weights, tmp_path):
     manifest["backbone"]["sha256"] = "0" * 64
     (other / "rotation-head.json").write_text(json.dumps(manifest))
     with pytest.raises(WeightsError, match="trained on the backbone of classifier"):
-        load_pipeline(other, tasks=["rotation-head"])
+        load_pipeline(other, tasks=["rotation-head"], objective="plain")
 
 
 def test_head_losses_are_per_image_and_fall_under_the_repair(head_pipeline, images):
@@ -82,8 +82,8 @@ def test_gate_threshold_flags_the_stated_fraction_of_calibration_images():
 
 
 def test_gated_repair_repairs_only_flagged_images_and_returns_the_rest_unchanged(tiny_weights, images):
-    gated = load_pipeline(tiny_weights, gate_fpr=0.5)
-    plain = load_pipeline(tiny_weights)
+    gated = load_pipeline(tiny_weights, gate_fpr=0.5, objective="plain")
+    plain = load_pipeline(tiny_weights, objective="plain")
     x = torch.cat([images, (images + 0.3 * torch.randn_like(images)).clamp(0, 1)])   # clean and noisy inputs
     result = gated.repair_with_trace(x, steps=2, seed=1)
     full = plain.repair_with_trace(x, steps=2, seed=1)
@@ -97,7 +97,7 @@ def test_gated_repair_repairs_only_flagged_images_and_returns_the_rest_unchanged
 
 def test_calibration_must_match_the_weights_and_views(tiny_weights, tmp_path):
     with pytest.raises(WeightsError, match="4 contrastive views, not 2") as error:
-        load_pipeline(tiny_weights, views=2, gate_fpr=0.1)
+        load_pipeline(tiny_weights, views=2, gate_fpr=0.1, objective="plain")
     # the fix writes a file of its own instead of the shipped calibration
     assert f"--views 2 --out {tiny_weights / 'calibration_views2.json'}` and pass --calibration" in str(error.value)
     other = tmp_path / "w"
@@ -154,7 +154,7 @@ def test_eval_with_heads_clean_objective_and_gate(tiny_weights, fake_test_set, t
 
 
 def test_eval_aware_attack_keeps_the_gate_score_low(tiny_weights):
-    p = load_pipeline(tiny_weights, tasks=["rotation"], calibration=tiny_weights / CALIBRATION_FILE)
+    p = load_pipeline(tiny_weights, tasks=["rotation"], calibration=tiny_weights / CALIBRATION_FILE, objective="plain")
     config = ev.EvalConfig(repairs=["rotation:gate"], defense="rotation:gate", gate_tasks=["rotation"])
     evaluator = ev.Evaluator(p, config)
     x = torch.rand(3, 3, 32, 32)
@@ -198,7 +198,7 @@ def test_shipped_heads_load_with_the_shipped_classifier():
     if not (SHIPPED / "rotation-head.json").exists():
         pytest.skip("no shipped heads in weights/ (train them with cli.py train <task>-head)")
     classifier, _ = load_model("classifier", SHIPPED)
-    p = load_pipeline(SHIPPED, tasks=[t for t in HEAD_TASKS if (SHIPPED / f"{t}.json").exists()])
+    p = load_pipeline(SHIPPED, tasks=[t for t in HEAD_TASKS if (SHIPPED / f"{t}.json").exists()], objective="plain")
     for task in p.objective.tasks.values():
         assert torch.equal(task.net.backbone.group3[0].weight, classifier.backbone.group3[0].weight)
 
@@ -213,6 +213,6 @@ def test_calibrate_cli_measures_clean_training_images_and_keeps_an_existing_file
     data = json.loads(out.read_text())
     assert {t: len(v) for t, v in data["losses"].items()} == {"rotation": 20, "inpainting-head": 20}
     assert data["views"] is None and "rotation: clean median" in result.output      # no contrastive task here
-    load_pipeline(tiny_weights, tasks=["rotation", "inpainting-head"], gate_fpr=0.1, calibration=out)
+    load_pipeline(tiny_weights, tasks=["rotation", "inpainting-head"], gate_fpr=0.1, calibration=out, objective="plain")
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 2 and "--overwrite" in again.output

@@ -9,7 +9,7 @@ from engine import DefendedClassifier, load_pipeline
 
 @pytest.fixture
 def pipeline(tiny_weights):
-    return load_pipeline(tiny_weights, tasks=["rotation"])
+    return load_pipeline(tiny_weights, tasks=["rotation"], objective="plain")
 
 
 def test_torchattacks_pgd_runs_against_the_defended_classifier(pipeline, images):

@@ -40,7 +40,8 @@ def test_joint_training_writes_a_classifier_and_heads_on_its_backbone(small_data
         assert head_manifest["backbone"]["sha256"] == manifest["sha256"]
         shared = classifier.backbone.state_dict()
         assert all(torch.equal(shared[k], net.backbone.state_dict()[k]) for k in shared)
-    p = load_pipeline(out, tasks=["contrastive-head", "inpainting-head", "rotation-head", "consistency", "hedge"])
+    p = load_pipeline(out, tasks=["contrastive-head", "inpainting-head", "rotation-head", "consistency", "hedge"],
+                      objective="plain")
     assert p.ssl_loss(torch.rand(2, 3, 32, 32)).shape == (2,)
     again = CliRunner().invoke(main, ["train", name, "--base", str(tiny_weights), "--out", str(out)])
     assert again.exit_code == 2 and "--overwrite" in again.output

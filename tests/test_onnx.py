@@ -136,7 +136,7 @@ def test_repair_with_the_onnxruntime_backend_predicts_like_torch(tiny_weights, e
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (IO binding on CUDA tensors)")
 def test_onnxruntime_io_binding_on_cuda(tiny_weights, tmp_path, images):
-    pipeline = load_pipeline(tiny_weights, device="cuda", tasks=["inpainting", "rotation"])
+    pipeline = load_pipeline(tiny_weights, device="cuda", tasks=["inpainting", "rotation"], objective="plain")
     export_all(pipeline, tmp_path)
     backend = OnnxRuntimeBackend(tmp_path, pipeline.tasks, "cuda")
     x = images.cuda()
@@ -175,7 +175,7 @@ def golden_params(golden):
 @needs_golden
 @pytest.mark.parametrize("engine", ["torch", "onnxruntime"])
 def test_engines_match_the_golden_outputs(golden, engine, tmp_path_factory):
-    pipeline = load_pipeline()
+    pipeline = load_pipeline(objective="plain")
     if engine == "onnxruntime":
         out = tmp_path_factory.mktemp("shipped_onnx")
         export_all(pipeline, out, repair_graphs=False)
@@ -192,7 +192,7 @@ def test_engines_match_the_golden_outputs(golden, engine, tmp_path_factory):
 
 
 def test_head_tasks_export_and_match_torch_in_onnxruntime(tiny_weights, images, tmp_path):
-    pipeline = load_pipeline(tiny_weights, tasks=["contrastive-head", "inpainting-head", "rotation-head"])
+    pipeline = load_pipeline(tiny_weights, tasks=["contrastive-head", "inpainting-head", "rotation-head"], objective="plain")
     manifest, _ = export_all(pipeline, tmp_path, repair_graphs=False)
     assert {"contrastive-head_loss", "inpainting-head_loss", "rotation-head_loss"} <= set(manifest["graphs"])
     assert manifest["graphs"]["contrastive-head_loss"]["sources"]["contrastive-head_views"] == 4

@@ -58,7 +58,7 @@ def test_zero_steps_is_the_uniform_noise_control(tiny_pipeline, images):
 def test_any_subset_of_tasks_repairs(tiny_weights, images, tasks):
     from engine.pipeline import load_pipeline
 
-    p = load_pipeline(tiny_weights, tasks=tasks, alpha={tasks[0]: 2.0})
+    p = load_pipeline(tiny_weights, tasks=tasks, alpha={tasks[0]: 2.0}, objective="plain")
     assert p.tasks == list(tasks) and p.objective.alpha[tasks[0]] == 2.0
     assert p.repair(images[:2], steps=1).shape == (2, 3, 32, 32)
 

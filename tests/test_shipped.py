@@ -17,7 +17,7 @@ NAMES = ("classifier", "contrastive", "inpainting", "rotation", "contrastive-hea
 def shipped():
     from engine import load_pipeline
 
-    return load_pipeline()
+    return load_pipeline(objective="plain")
 
 
 @pytest.fixture(scope="module")

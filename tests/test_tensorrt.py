@@ -169,7 +169,7 @@ def test_tensorrt_engines_match_torch(tiny_pipeline, exported, tmp_path, images)
     from engine.pipeline import load_pipeline
     from tests.conftest import make_tiny_weights
 
-    pipeline = load_pipeline(make_tiny_weights(tmp_path / "w"), device="cuda")
+    pipeline = load_pipeline(make_tiny_weights(tmp_path / "w"), device="cuda", objective="plain")
     export_all(pipeline, tmp_path / "onnx", repair_graphs=False)
     backend = TensorRTBackend(tmp_path / "onnx", pipeline.tasks, "cuda", cache_dir=tmp_path / "engines")
     x = images.cuda()

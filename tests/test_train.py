@@ -1,5 +1,5 @@
 """`cli.py train` end to end on a small slice of data and tiny widths: it writes loadable weights and a manifest
-with everything DESIGN.md asks of one (architecture, command, data md5, epochs, seed, wall time, machine, metrics,
+with everything a shipped model records (architecture, command, data md5, epochs, seed, wall time, machine, metrics,
 sha256)."""
 import json
 

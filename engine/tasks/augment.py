@@ -1,4 +1,4 @@
-"""SimCLR's augmentations from exportable linear operators (DESIGN.md, principle 2).
+"""SimCLR's augmentations from exportable linear operators (docs/design.md, principle 2).
 
 runtime/draws.py draws every random choice (numpy, so that the torch-free runtime draws the same); ``apply_views``
 is deterministic and uses only MatMul/Mul/Add/ReduceMean/Clip, so it is differentiable, exports to ONNX with its

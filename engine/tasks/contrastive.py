@@ -1,7 +1,8 @@
 """Contrastive learning (SimCLR, Chen et al., 2020): NT-Xent with temperature τ over V augmented views.
 
 At repair time the negatives are the network's fixed bank of clean training-image embeddings, never the other images
-of the batch, so that an image's loss is its own (DESIGN.md, principle 3). Training uses the usual in-batch negatives.
+of the batch, so that an image's loss is its own (docs/design.md, principle 3). Training uses the usual in-batch
+negatives.
 """
 from __future__ import annotations
 
