@@ -1,5 +1,5 @@
 """`cli.py bench`: on the same inputs, for each backend, full-repair throughput, per-graph forward throughput,
-and parity against the PyTorch reference. Speed is only ever reported next to parity (DESIGN.md, principle 4).
+and parity against the PyTorch reference. Speed is only ever reported next to parity (docs/design.md, principle 4).
 
 Backends:
 - ``torch``: eager PyTorch, the reference;
