@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from runtime.cli import FRACTION, checked_eps
+from runtime.cli import FRACTION, checked_eps, default_threads
 
 MODELS = ("classifier", "contrastive", "inpainting", "rotation", "contrastive-head", "inpainting-head",
           "rotation-head")
@@ -131,8 +131,8 @@ def _parse_alpha(text: str | None, tasks: list[str]) -> dict[str, float]:
                    "where they were exported for this objective; tensorrt runs the forward-only passes, the "
                    "gradient loop staying in PyTorch.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="torch and onnxruntime intra-op threads (default: torch's). On a shared 2-core machine 1 can "
-                   "be many times faster than 2.")
+              help="torch and onnxruntime intra-op threads (default: the cores not busy by the load average; with "
+                   "--ray, --worker-cpus). On a shared 2-core machine 2 threads ran 8–25× slower than 1.")
 @click.option("--onnx-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Exported graphs for --backend onnxruntime/tensorrt (default: exported on first use into a cache).")
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
@@ -191,10 +191,10 @@ def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, 
         raise click.UsageError(str(e)) from None
     from engine.folder import RepairConfig, repair_folder       # torch: only once the arguments are known good
 
-    if threads:
-        import torch
+    import torch
 
-        torch.set_num_threads(threads)
+    threads = threads or (max(1, int(worker_cpus)) if use_ray else default_threads())
+    torch.set_num_threads(threads)
     load_options = dict(weights=weights, device=device, tasks=task_list, alpha=alphas, views=views, backend=backend,
                         onnx_dir=onnx_dir, precision=precision, objective=objective, level=level,
                         gate_fpr=gate_fpr, calibration=calibration, threads=threads,
@@ -214,7 +214,7 @@ def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, 
             # each actor loads what the driver loaded (the export cache, if any, is already written)
             load = functools.partial(load_exported_pipeline, **load_options)
             report = repair_folder_on_ray(pipeline, load, input_dir, output_dir, config, resize, overwrite,
-                                          not quiet, threads or max(1, int(worker_cpus)), resume, **ray_options)
+                                          not quiet, threads, resume, **ray_options)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     for line, to_stderr in summary_lines(report, output_dir):

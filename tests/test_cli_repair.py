@@ -268,3 +268,12 @@ def test_one_default_repair_for_the_cli_the_api_and_eval(tiny_weights):
     assert params["repair"]["objective"] == "clean" and params["repair"]["early_exit"] is True
     assert load_pipeline(tiny_weights).objective.levels is not None          # the API's default: clean-level too
     assert "mtl:clean:exit" in params["eval"]["repairs"].split(",")         # and eval checks that very repair
+
+
+@pytest.mark.parametrize("cores, load, expect", [(2, 0.1, 2), (2, 1.2, 1), (2, 3.0, 1), (8, 2.6, 5)])
+def test_default_threads_leave_busy_cores_alone(monkeypatch, cores, load, expect):
+    import runtime.cli
+
+    monkeypatch.setattr(runtime.cli.os, "cpu_count", lambda: cores)
+    monkeypatch.setattr(runtime.cli.os, "getloadavg", lambda: (load, load, load))
+    assert runtime.cli.default_threads() == expect
