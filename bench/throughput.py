@@ -14,6 +14,7 @@ listed with its reason, never dropped.
 from __future__ import annotations
 
 import copy
+import logging
 import platform
 import time
 from pathlib import Path
@@ -66,6 +67,8 @@ def make_pipeline(name: str, weights, device: str, onnx_dir, threads: int | None
     start = time.perf_counter()
     if name == "torch-compile":
         pipeline = load_pipeline(weights, device, views=views, objective=objective)
+        if device == "cpu":     # inductor looks for a CUDA toolkit and warns that there is none: not news on a CPU
+            logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         pipeline.objective = torch.compile(pipeline.objective)
     else:
         pipeline = load_exported_pipeline(weights=weights, device=device, views=views, backend=name,
