@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .folder import BatchRepair, finish_report, plan_folder, save_repaired
-from .imageio import ImageError, read_image
+from .imageio import SIZE, ImageError, read_image
 
 EXTRA = "pip install 'mssl-repair[ray]' (Ray Data: ray[data])"
 
@@ -64,7 +64,7 @@ class RepairActor:
         readable = [i for i, e in enumerate(errors) if not e]
         rows = self.repair(np.stack([images[i] for i in readable])) if readable else []
         out_rows = [""] * len(errors)
-        out_images = np.zeros((len(errors), *(rows[0]["image"].shape if rows else (3, 1, 1))), np.float32)
+        out_images = np.zeros((len(errors), 3, SIZE, SIZE), np.float32)   # one shape in every batch, for Arrow
         for i, row in zip(readable, rows):
             out_images[i] = row.pop("image")
             out_rows[i] = json.dumps(row)
