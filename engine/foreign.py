@@ -60,6 +60,21 @@ def module_manifest(classifier: nn.Module) -> dict:
     return {"name": "classifier", "sha256": None, "source": f"module {type(classifier).__qualname__}"}
 
 
+def foreign_classifier(classifier: nn.Module | str | os.PathLike, tasks: list[str], backend: str,
+                       device: torch.device, threads: int | None = None) -> tuple[nn.Module, dict]:
+    """(the classifier, its manifest) for ``load_pipeline(classifier=...)``: a module, or the path of an ONNX file
+    (run by onnxruntime at ``threads``), checked against the tasks and the backend; ClassifierError otherwise."""
+    onnx = not isinstance(classifier, nn.Module)
+    if onnx:
+        classifier = OnnxClassifier(classifier, threads)
+    if backend not in ("torch", "auto"):
+        raise ClassifierError(f"a classifier of your own runs with the torch backend: the {backend} backend "
+                              "runs graphs exported from the shipped classifier")
+    check_tasks(tasks, differentiable=not onnx)
+    probe(classifier, device)
+    return classifier, classifier.manifest if onnx else module_manifest(classifier)
+
+
 class OnnxClassifier(nn.Module):
     """An ONNX classifier (N×3×32×32 float in [0, 1] -> N×C logits) run by onnxruntime on the CPU; forward only."""
 

@@ -170,26 +170,18 @@ def load_pipeline(weights: str | os.PathLike | None = None, device: str | torch.
     if unknown:
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
     device = torch.device(device)
-    if classifier is not None:
-        from .foreign import ClassifierError, OnnxClassifier, check_tasks, module_manifest, probe
+    foreign = classifier is not None
+    if foreign:
+        from .foreign import foreign_classifier
 
-        if not isinstance(classifier, nn.Module):
-            classifier = OnnxClassifier(classifier, threads)
-        if backend not in ("torch", "auto"):
-            raise ClassifierError(f"a classifier of your own runs with the torch backend: the {backend} backend "
-                                  "runs graphs exported from the shipped classifier")
+        classifier, manifest = foreign_classifier(classifier, list(tasks), backend, device, threads)
         backend = "torch"
-        check_tasks(list(tasks), differentiable=not isinstance(classifier, OnnxClassifier))
-        probe(classifier, device)
     backend = resolve_backend(backend, device)
     if backend == "tensorrt":                  # fail before any export work where it cannot run
         from .backends.tensorrt_engines import import_tensorrt
 
         import_tensorrt()
-    foreign = classifier is not None
-    if foreign:
-        manifest = classifier.manifest if isinstance(classifier, OnnxClassifier) else module_manifest(classifier)
-    else:
+    if not foreign:
         classifier, manifest = load_model("classifier", weights, device)
     manifests, nets = {"classifier": manifest}, {}
     for name in tasks:

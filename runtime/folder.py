@@ -16,7 +16,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .files import write_csv, write_json
-from .imageio import IMAGE_EXTENSIONS, ImageRecord, encode_png, read_folder, write_png
+from .imageio import IMAGE_EXTENSIONS, ImageRecord, encode_png, input_root, read_folder, write_png
 from .journal import JOURNAL, Journal, done_rows
 
 REPORT_FILES = ("report.json", "report.csv")
@@ -107,7 +107,7 @@ def plan_folder(input_dir: Path, output_dir: Path, config: dict, resize: bool = 
     outputs = assign_outputs(records, output_dir, overwrite, done)
     rows = {rec.rel: {"file": rec.rel, "status": "skipped" if rec.skipped else "error", "error": rec.error,
                       "notes": rec.notes} for rec in records}
-    labels = read_labels((input_dir if input_dir.is_dir() else input_dir.parent) / "labels.csv")
+    labels = read_labels(input_root(input_dir) / "labels.csv")
     for rel, row in rows.items():
         if rel in labels:
             row["true_label"] = labels[rel]

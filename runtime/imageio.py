@@ -94,20 +94,25 @@ def read_image(path: Path, resize: bool = False) -> tuple[np.ndarray, list[str]]
     return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / 255, notes
 
 
+def input_root(path: Path) -> Path:
+    """The folder that input paths are relative to: ``path`` itself, or the folder of a single image file."""
+    return path if path.is_dir() else path.parent
+
+
 def read_folder(root: Path, resize: bool = False, keep_images: bool = True) -> list[ImageRecord]:
     """A record per file under ``root`` (or for ``root`` itself where it is a file): its image (dropped again with
     ``keep_images=False``, where only its readability matters), or why it is not an input. Files that are not
     images by their extension (notes, metadata) are skipped, not errors; a file named as an image that cannot be
     read is an error."""
     records = []
-    files, base = ([root], root.parent) if root.is_file() else (list_files(root), root)
-    for path in files:
+    one_file, base = root.is_file(), input_root(root)
+    for path in [root] if one_file else list_files(root):
         record = ImageRecord(path.relative_to(base).as_posix())
         if path.name in METADATA_FILES:
             record.skipped, record.notes = True, ["metadata file of mssl-repair, not an image"]
             records.append(record)
             continue
-        if not is_image_name(path) and root.is_dir():
+        if not is_image_name(path) and not one_file:   # a file named on its own is read, or refused, as an image
             record.skipped = True
             record.notes = [f"not an image by its extension ({path.suffix or 'none'}); "
                             f"read as images: {', '.join(IMAGE_EXTENSIONS)}"]

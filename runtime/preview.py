@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from .files import atomic_write
-from .imageio import read_image
+from .imageio import input_root, read_image
 
 
 def check_preview_path(path: Path, overwrite: bool) -> None:
@@ -33,7 +33,7 @@ def write_preview(report: dict, input_dir: Path, output_dir: Path, path: Path, c
     rows = [r for r in report["images"] if r["status"] == "repaired"][:count]
     if not rows:
         return 0
-    base = input_dir if input_dir.is_dir() else input_dir.parent
+    base = input_root(input_dir)
     fig, axes = plt.subplots(2, len(rows), figsize=(1.6 * len(rows) + 0.6, 3.8), squeeze=False)
     for i, row in enumerate(rows):
         before = read_image(base / row["file"], resize)[0]

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .folder import BatchRepair, finish_report, plan_folder, save_repaired
-from .imageio import SIZE, ImageError, read_image
+from .imageio import SIZE, ImageError, input_root, read_image
 
 EXTRA = "pip install 'mssl-repair[ray]' (Ray Data: ray[data])"
 
@@ -95,7 +95,7 @@ def repair_folder_ray(make_repair: Callable[[], BatchRepair], input_dir: Path, o
             context.enable_progress_bars, context.print_on_execution_start = False, False
             if workers is None:
                 workers = max(1, int(ray.cluster_resources().get("CPU", 1) // max(worker_cpus, 1e-9)))
-            base = input_dir if input_dir.is_dir() else input_dir.parent
+            base = input_root(input_dir)
             items = [{"file": rec.rel, "path": str(base / rec.rel)} for rec in plan.todo]
             with warnings.catch_warnings():     # max_restarts goes through ray_remote_args, deprecated from 2.60
                 warnings.simplefilter("ignore", DeprecationWarning)
