@@ -47,12 +47,21 @@ def quiet_ray_logs() -> None:
 
 
 class RepairActor:
-    """One Ray actor: builds the engine's batch repair once (``make_repair()``), then repairs batches of paths."""
+    """One Ray actor: builds the engine's batch repair once (``make_repair()``), then repairs batches of paths.
+    Each output row carries the time the actor's engine was ready, from which the driver tells Ray's start-up
+    apart from the repair."""
 
     def __init__(self, make_repair: Callable[[], BatchRepair], resize: bool) -> None:
-        self.repair, self.resize = make_repair(), resize
+        self.make_repair, self.resize = make_repair, resize
+        self.repair: BatchRepair | None = None
+        self.ready_at = 0.0
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.repair is None:
+            # built on the thread that repairs, not in __init__: Ray Data runs the two on different threads, and
+            # torch's OpenMP threads then ran the repair ~20 % slower at 2 threads (the process manages more
+            # OpenMP threads than it has CPUs, and libgomp stops spinning for work; docs/results.md, "Ray Data")
+            self.repair, self.ready_at = self.make_repair(), time.time()
         images, errors = [], []
         for path in batch["path"]:
             try:
@@ -68,7 +77,8 @@ class RepairActor:
         for i, row in zip(readable, rows):
             out_images[i] = row.pop("image")
             out_rows[i] = json.dumps(row)
-        return {"file": batch["file"], "image": out_images, "row": np.array(out_rows), "error": np.array(errors)}
+        return {"file": batch["file"], "image": out_images, "row": np.array(out_rows), "error": np.array(errors),
+                "ready_at": np.full(len(errors), self.ready_at)}
 
 
 def repair_folder_ray(make_repair: Callable[[], BatchRepair], input_dir: Path, output_dir: Path, config: dict,
@@ -82,6 +92,7 @@ def repair_folder_ray(make_repair: Callable[[], BatchRepair], input_dir: Path, o
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     plan = plan_folder(input_dir, output_dir, config, resize, overwrite, resume, keep_images=False)
     start = time.time()
+    first_ready, repaired_here, done = float("inf"), 0, start
     started_here = not ray.is_initialized()
     if started_here:
         # Ray runs its workers at niceness 15 by default: on a machine with anything else busy they would starve,
@@ -95,23 +106,47 @@ def repair_folder_ray(make_repair: Callable[[], BatchRepair], input_dir: Path, o
             context.enable_progress_bars, context.print_on_execution_start = False, False
             if workers is None:
                 workers = max(1, int(ray.cluster_resources().get("CPU", 1) // max(worker_cpus, 1e-9)))
-            base = input_root(input_dir)
-            items = [{"file": rec.rel, "path": str(base / rec.rel)} for rec in plan.todo]
             with warnings.catch_warnings():     # max_restarts goes through ray_remote_args, deprecated from 2.60
                 warnings.simplefilter("ignore", DeprecationWarning)
-                results = ray.data.from_items(items).map_batches(
+                results = ray.data.from_arrow(path_blocks(plan.todo, input_root(input_dir), batch_size)).map_batches(
                     RepairActor, fn_constructor_args=(make_repair, resize), batch_size=batch_size,
                     compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=worker_cpus, num_gpus=worker_gpus,
                     batch_format="numpy", max_restarts=0)   # an actor that dies fails the run: no silent retry
             with tqdm(total=len(plan.todo), unit="img", desc="repair (ray)", disable=not progress) as bar:
                 for batch in results.iter_batches(batch_size=None, batch_format="numpy"):
+                    first_ready = min(first_ready, float(batch["ready_at"].min()))
                     for rel, image, row, error in zip(batch["file"], batch["image"], batch["row"], batch["error"]):
                         if error:
                             plan.rows[rel].update(status="error", error=str(error))
                         else:
                             save_repaired(plan, str(rel), {**json.loads(row), "image": image}, output_dir)
+                            repaired_here += 1
                     bar.update(len(batch["file"]))
+        done = time.time()
     finally:
         if started_here:
             ray.shutdown()
-    return finish_report(plan, config, output_dir, time.time() - start, {"ray_workers": workers})
+    return finish_report(plan, config, output_dir, time.time() - start, {"ray_workers": workers, **startup(
+        start, first_ready, done, repaired_here)})
+
+
+def path_blocks(todo: list, base: Path, batch_size: int) -> list:
+    """The inputs' paths as Arrow tables of one batch each. Left to itself, Ray Data cut a 512-image folder into
+    200 blocks, and an actor's next batch waited on their bundling: 0.5-2.7 s idle between batches of 64 on the
+    2-core machine (measured); with a block per batch, none."""
+    import pyarrow as pa                            # a dependency of Ray Data
+
+    chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
+    return [pa.table({"file": [rec.rel for rec in chunk], "path": [str(base / rec.rel) for rec in chunk]})
+            for chunk in chunks]
+
+
+def startup(start: float, first_ready: float, done: float, repaired_here: int) -> dict:
+    """Ray's start-up (cluster, actor processes, engine loads: until the first actor's engine was ready) apart from
+    the repair after it, comparable with a single process's images/s (timed from its engine's load); the clocks
+    are the driver's and the actors' (one machine, or NTP-close ones)."""
+    if first_ready == float("inf"):                 # nothing was sent to an actor
+        return {}
+    repairing = done - first_ready
+    return {"ray_startup_s": round(first_ready - start, 3),
+            "images_per_s_after_startup": round(repaired_here / repairing, 3) if repairing > 0 else None}

@@ -4,6 +4,8 @@ import json
 import os
 import shutil
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from click.testing import CliRunner
@@ -56,6 +58,8 @@ def test_ray_run_is_byte_identical_to_one_process(local_ray, tiny_weights, mixed
     assert a["images"] == b["images"] and a["config"] == b["config"]
     assert (one / "report.csv").read_bytes() == (ray_out / "report.csv").read_bytes()
     assert b["summary"]["ray_workers"] == 2 and b["summary"]["n_error"] == 1
+    assert 0 < b["summary"]["ray_startup_s"] < b["summary"]["seconds"]       # timed apart from the repair
+    assert b["summary"]["images_per_s_after_startup"] > b["summary"]["images_per_s"]
     assert "broken.png" in on_ray.output
 
 
@@ -78,3 +82,40 @@ def test_without_ray_data_the_error_names_the_extra(monkeypatch, tiny_weights, m
     assert result.exit_code == 2
     assert "mssl-repair[ray]" in result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_each_ray_block_is_one_batch():
+    pytest.importorskip("pyarrow", reason="needs Ray Data (the ray extra)")
+    from runtime.ray_folder import path_blocks
+
+    todo = [SimpleNamespace(rel=f"sub/{i}.png") for i in range(10)]
+    blocks = path_blocks(todo, Path("/data"), batch_size=4)
+    assert [b.num_rows for b in blocks] == [4, 4, 2]
+    assert blocks[2].column("file").to_pylist() == ["sub/8.png", "sub/9.png"]
+    assert blocks[0].column("path").to_pylist()[1] == str(Path("/data/sub/1.png"))
+
+
+def test_an_actor_builds_its_engine_on_the_thread_that_repairs():
+    """Ray Data calls __init__ and the batches on different threads; an engine loaded on the other one ran torch's
+    OpenMP threads ~20 % slower at 2 threads (docs/results.md, "Ray Data")."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from runtime.ray_folder import RepairActor
+
+    built_on = []
+
+    def make_repair():
+        built_on.append(threading.get_ident())
+        return lambda x: [{"image": image, "pred_after": 0} for image in x]
+
+    actor = RepairActor(make_repair, resize=False)
+    assert built_on == []
+    batch = {"file": np.array(["a.png"]), "path": np.array([str(sorted(EXAMPLES.glob("*.png"))[0])])}
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        thread = pool.submit(threading.get_ident).result()
+        outs = [pool.submit(actor, batch).result() for _ in range(2)]
+    assert built_on == [thread]                                  # once, on the repairing thread
+    assert json.loads(outs[1]["row"][0]) == {"pred_after": 0} and outs[1]["ready_at"][0] == actor.ready_at > 0
