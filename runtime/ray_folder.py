@@ -131,9 +131,10 @@ def repair_folder_ray(make_repair: Callable[[], BatchRepair], input_dir: Path, o
 
 
 def path_blocks(todo: list, base: Path, batch_size: int) -> list:
-    """The inputs' paths as Arrow tables of one batch each. Left to itself, Ray Data cut a 512-image folder into
-    200 blocks, and an actor's next batch waited on their bundling: 0.5-2.7 s idle between batches of 64 on the
-    2-core machine (measured); with a block per batch, none."""
+    """The inputs' paths as Arrow tables of one batch each, so that every Ray batch is exactly ``batch_size``
+    images (a GPU actor's memory is sized by it). Left to itself, Ray Data cut a 512-image folder into 200 blocks
+    and batched 66 at a time, and an actor waited 0.5-2.7 s between batches on the 2-core machine (a timed
+    harness); with a block per batch, not at all."""
     import pyarrow as pa                            # a dependency of Ray Data
 
     chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
