@@ -10,6 +10,11 @@ W=${1:-2}
 COPIES=${2:-4}
 RUNS=${3:-one_process_2threads,one_process_1thread,ray,ray_1worker_2cpus}
 REPEATS=${4:-1}
+for name in ${RUNS//,/ }; do
+  case $name in one_process_2threads|one_process_1thread|ray|ray_1worker_2cpus) ;;
+    *) echo "unknown run '$name' (known: one_process_2threads,one_process_1thread,ray,ray_1worker_2cpus)" >&2; exit 2 ;;
+  esac
+done
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/images"
@@ -49,7 +54,8 @@ from pathlib import Path
 work, out, command = Path(sys.argv[1]), sys.argv[2], sys.argv[3]
 runs = [json.loads(l) for l in open(out + ".jsonl")]
 dirs = [work / f"{r['run']}_{r['round']}" for r in runs]
-same = all((dirs[0] / p.name).read_bytes() == (d / p.name).read_bytes() for d in dirs[1:] for p in dirs[0].glob("*.png"))
+pngs = sorted(dirs[0].glob("*.png"))
+same = bool(pngs) and all((dirs[0] / p.name).read_bytes() == (d / p.name).read_bytes() for d in dirs[1:] for p in pngs)
 print(f"PNGs byte-identical across the runs: {same}")
 ratios = {}                     # each Ray run against the 2-thread process of its own round
 for r in runs:
@@ -57,8 +63,9 @@ for r in runs:
     if r["run"].startswith("ray") and base:
         for key in ("wall", "repair"):
             ratios.setdefault(f"{r['run']}_{key}", []).append(r[f"images_per_s_{key}"] / base[0][f"images_per_s_{key}"])
-        ratios.setdefault(f"{r['run']}_after_startup", []).append(
-            r["images_per_s_after_startup"] / base[0]["images_per_s_repair"])
+        if r["images_per_s_after_startup"]:
+            ratios.setdefault(f"{r['run']}_after_startup", []).append(
+                r["images_per_s_after_startup"] / base[0]["images_per_s_repair"])
 medians = {k: round(statistics.median(v), 3) for k, v in ratios.items()}
 for k, v in medians.items():
     print(f"{k}: median {v}× one 2-thread process over {len(ratios[k])} round(s)")

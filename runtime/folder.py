@@ -126,6 +126,11 @@ def save_repaired(plan: FolderPlan, rel: str, row: dict, output_dir: Path) -> No
     write_png(plan.outputs[rel], png)
 
 
+def repaired_this_run(plan: FolderPlan) -> int:
+    """Images this run repaired: a resumed run's speed is not credited with those an earlier run did."""
+    return sum(plan.rows[rec.rel]["status"] == "repaired" for rec in plan.todo)
+
+
 def finish_report(plan: FolderPlan, config: dict, output_dir: Path, seconds: float,
                   run: dict | None = None) -> dict:
     """The report over every input (in the order read), written to ``output_dir``; ``run``: facts of how it ran
@@ -135,12 +140,13 @@ def finish_report(plan: FolderPlan, config: dict, output_dir: Path, seconds: flo
     n_repaired = sum(r["status"] == "repaired" for r in images)
     n_error = sum(r["status"] == "error" for r in images)
     gated = [r["gated_out"] for r in images if "gated_out" in r]
+    repaired_here = repaired_this_run(plan)
     report = {
         "config": config,
         "images": images,
         "summary": {"n_inputs": len(images), "n_repaired": n_repaired, "n_error": n_error,
                     "n_skipped": len(images) - n_repaired - n_error, "seconds": round(seconds, 3),
-                    "images_per_s": round(n_repaired / seconds, 3) if seconds else None, **accuracy(images),
+                    "images_per_s": round(repaired_here / seconds, 3) if seconds else None, **accuracy(images),
                     **({"n_gated_out": sum(gated)} if config.get("gate") else {}), **(run or {})},
     }
     write_report(report, output_dir)

@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 from tqdm import tqdm
 
-from .folder import BatchRepair, finish_report, plan_folder, save_repaired
+from .folder import BatchRepair, finish_report, plan_folder, repaired_this_run, save_repaired
 from .imageio import SIZE, ImageError, input_root, read_image
 
 EXTRA = "pip install 'mssl-repair[ray]' (Ray Data: ray[data])"
@@ -92,7 +92,7 @@ def repair_folder_ray(make_repair: Callable[[], BatchRepair], input_dir: Path, o
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     plan = plan_folder(input_dir, output_dir, config, resize, overwrite, resume, keep_images=False)
     start = time.time()
-    first_ready, repaired_here, done = float("inf"), 0, start
+    first_ready, done = float("inf"), start
     started_here = not ray.is_initialized()
     if started_here:
         # Ray runs its workers at niceness 15 by default: on a machine with anything else busy they would starve,
@@ -120,21 +120,19 @@ def repair_folder_ray(make_repair: Callable[[], BatchRepair], input_dir: Path, o
                             plan.rows[rel].update(status="error", error=str(error))
                         else:
                             save_repaired(plan, str(rel), {**json.loads(row), "image": image}, output_dir)
-                            repaired_here += 1
                     bar.update(len(batch["file"]))
         done = time.time()
     finally:
         if started_here:
             ray.shutdown()
     return finish_report(plan, config, output_dir, time.time() - start, {"ray_workers": workers, **startup(
-        start, first_ready, done, repaired_here)})
+        start, first_ready, done, repaired_this_run(plan))})
 
 
 def path_blocks(todo: list, base: Path, batch_size: int) -> list:
-    """The inputs' paths as Arrow tables of one batch each, so that every Ray batch is exactly ``batch_size``
-    images (a GPU actor's memory is sized by it). Left to itself, Ray Data cut a 512-image folder into 200 blocks
-    and batched 66 at a time, and an actor waited 0.5-2.7 s between batches on the 2-core machine (a timed
-    harness); with a block per batch, not at all."""
+    """The inputs' paths as Arrow tables of one batch each, so that the engine is always called on ``batch_size``
+    images (the last batch: the rest). Left to itself, Ray Data cut a 512-image folder into 200 blocks of 2-3 rows,
+    and a task of 66 rows ran the engine on 64 images, then on 2 (tests/test_ray.py)."""
     import pyarrow as pa                            # a dependency of Ray Data
 
     chunks = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
@@ -144,8 +142,9 @@ def path_blocks(todo: list, base: Path, batch_size: int) -> list:
 
 def startup(start: float, first_ready: float, done: float, repaired_here: int) -> dict:
     """Ray's start-up (cluster, actor processes, engine loads: until the first actor's engine was ready) apart from
-    the repair after it, comparable with a single process's images/s (timed from its engine's load); the clocks
-    are the driver's and the actors' (one machine, or NTP-close ones)."""
+    the repair after it, comparable with a single process's images/s (timed once its engine is loaded and the
+    folder planned; an actor also decodes its images inside that time); the clocks are the driver's and the
+    actors' (one machine, or NTP-close ones)."""
     if first_ready == float("inf"):                 # nothing was sent to an actor
         return {}
     repairing = done - first_ready

@@ -84,6 +84,26 @@ def test_without_ray_data_the_error_names_the_extra(monkeypatch, tiny_weights, m
     assert not (tmp_path / "o").exists()
 
 
+def _batch_recorder():
+    """A stand-in engine (importable by the actors) whose rows say how many images came in their batch."""
+    return lambda x: [{"image": image, "pred_after": 0, "batch": len(x)} for image in x]
+
+
+def test_each_ray_batch_is_batch_size_images(local_ray, tmp_path):
+    """512 inputs: Ray Data's own blocks (200, of 2-3 rows) had the engine called on 64, 54 and 2 images (measured);
+    with one block per batch, on 64 each time."""
+    from runtime.ray_folder import repair_folder_ray
+
+    src = tmp_path / "in"
+    src.mkdir()
+    pngs = sorted(EXAMPLES.glob("*.png"))
+    for i in range(512):
+        shutil.copy(pngs[i % len(pngs)], src / f"{i:03d}.png")
+    report = repair_folder_ray(_batch_recorder, src, tmp_path / "out", {"k": 1}, batch_size=64, progress=False,
+                               workers=2)
+    assert [r["batch"] for r in report["images"]] == [64] * 512
+
+
 def test_each_ray_block_is_one_batch():
     pytest.importorskip("pyarrow", reason="needs Ray Data (the ray extra)")
     from runtime.ray_folder import path_blocks

@@ -75,6 +75,7 @@ def test_resume_repairs_again_what_the_journal_does_not_vouch_for(folder, tmp_pa
 
     def fake_repair(x):                            # the "repair": images as they are, a row field to compare
         calls.append(len(x))
+        time.sleep(0.05)                           # long enough for the summary's images/s to be read back
         return [{"image": image, "pred_before": 0, "pred_after": 0} for image in x]
 
     out = tmp_path / "out"
@@ -96,3 +97,5 @@ def test_resume_repairs_again_what_the_journal_does_not_vouch_for(folder, tmp_pa
     calls.clear()
     again = repair_folder(fake_repair, folder, out, {"k": 1}, batch_size=4, progress=False, resume=True)
     assert sum(calls) == 1 and again["images"] == first["images"]
+    summary = again["summary"]                    # this run's speed counts its own image, not the 11 kept ones
+    assert summary["n_repaired"] == 12 and 0.5 < summary["images_per_s"] * summary["seconds"] < 1.5
