@@ -24,9 +24,9 @@ for k in $(seq 0 $((COPIES - 1))); do
   done
 done
 N=$(ls "$work/images" | wc -l)
-run() {  # name, then the repair options; prints name, wall seconds and the report's summary
-  local name=$1; shift
-  [[ ",$RUNS," == *",$name,"* || ( $name == ray_${W}workers && ",$RUNS," == *",ray,"* ) ]] || return 0
+run() {  # the run's key in RUNS, its name in the results, then the repair options; prints the report's summary
+  local key=$1 name=$2; shift 2
+  [[ ",$RUNS," == *",$key,"* ]] || return 0
   local t0=$(date +%s.%N)
   python cli.py repair --input "$work/images" --output "$work/${name}_$round" --quiet "$@" > /dev/null
   local t1=$(date +%s.%N)
@@ -43,10 +43,10 @@ PY
 mkdir -p results/ray
 out=results/ray/throughput_$N.json
 for round in $(seq 1 "$REPEATS"); do
-  run one_process_2threads --threads 2
-  run one_process_1thread --threads 1
-  run ray_${W}workers --ray --workers "$W" --worker-cpus 1
-  run ray_1worker_2cpus --ray --workers 1 --worker-cpus 2
+  run one_process_2threads one_process_2threads --threads 2
+  run one_process_1thread one_process_1thread --threads 1
+  run ray "ray_${W}workers" --ray --workers "$W" --worker-cpus 1
+  run ray_1worker_2cpus ray_1worker_2cpus --ray --workers 1 --worker-cpus 2
 done | tee "$out.jsonl"
 python - "$work" "$out" "bash bench/ray_throughput.sh $W $COPIES $RUNS $REPEATS" <<'PY'
 import json, statistics, sys
