@@ -12,7 +12,8 @@ import click
 from runtime.cli import FRACTION, checked_eps, default_threads
 
 MODELS = ("classifier", "contrastive", "inpainting", "rotation", "contrastive-head", "inpainting-head",
-          "rotation-head")
+          "rotation-head", "classifier-standard")
+PROFILES = ("cpu", "gpu", "folder-cpu")              # engine/train.py's PROFILES (tests check the two agree)
 JOINT_MODELS = ("joint-robust", "joint-standard")     # engine/joint.py (kept here: --help imports no torch)
 # engine.tasks.TASKS's names, kept here so that a mistyped argument is answered before torch loads (tests check
 # the two agree)
@@ -27,10 +28,15 @@ def main() -> None:
 
 @main.command()
 @click.argument("model", type=click.Choice(MODELS + JOINT_MODELS))
-@click.option("--profile", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
-              help="Recipe size: cpu fits a 2-core machine, gpu is the larger variant for a CUDA GPU.")
-@click.option("--data", "data_root", type=click.Path(file_okay=False), default=None,
-              help="CIFAR-10 folder (default: $CIFAR10_ROOT).")
+@click.option("--profile", type=click.Choice(PROFILES), default="cpu", show_default=True,
+              help="Recipe: cpu fits CIFAR-10 on a 2-core machine, gpu is the larger variant for a CUDA GPU, "
+                   "folder-cpu fits ~10,000 photos at --size 64 on a 2-core machine.")
+@click.option("--data", "data_root", default=None,
+              help="A folder of images (class subfolders give labels; train/ and val/ subfolders give the splits), "
+                   "or cifar10 (default: CIFAR-10 at $CIFAR10_ROOT).")
+@click.option("--size", type=click.IntRange(32, 224), default=32, show_default=True,
+              help="Working size S: images are centre-cropped and resized to S×S (a multiple of 16).")
+@click.option("--resume", is_flag=True, help="Continue a stopped run from its last epoch checkpoint.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False), default="weights", show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the profile's epoch count.")
@@ -38,8 +44,8 @@ def main() -> None:
 @click.option("--overwrite", is_flag=True, help="Replace existing weights of the same name in --out.")
 @click.option("--base", "base_dir", type=click.Path(file_okay=False), default="weights", show_default=True,
               help="joint-*: the folder of the trained classifier (and its heads) to fine-tune jointly.")
-def train(model: str, profile: str, data_root: str | None, out_dir: str, seed: int, epochs: int | None,
-          device: str | None, overwrite: bool, base_dir: str) -> None:
+def train(model: str, profile: str, data_root: str | None, size: int, resume: bool, out_dir: str, seed: int,
+          epochs: int | None, device: str | None, overwrite: bool, base_dir: str) -> None:
     """Train MODEL and write OUT/MODEL.safetensors + OUT/MODEL.json (with test-set metrics).
 
     joint-robust and joint-standard fine-tune the classifier in --base together with its rotation, contrastive and
@@ -50,8 +56,11 @@ def train(model: str, profile: str, data_root: str | None, out_dir: str, seed: i
     from engine.weights import WeightsError
 
     _check_device(device)
+    if size % 16:
+        raise click.BadParameter(f"{size} is not a multiple of 16", param_hint="--size")
     command = f"python cli.py train {model} --profile {profile} --out {out_dir} --seed {seed}"
     command += f" --epochs {epochs}" if epochs else ""
+    command += f" --data {data_root} --size {size}" if data_root else ""
     try:
         if model in JOINT_MODELS:
             from engine.joint import train_joint
@@ -61,10 +70,84 @@ def train(model: str, profile: str, data_root: str | None, out_dir: str, seed: i
         else:
             from engine.train import train_model
 
-            path = train_model(model, profile, data_root, out_dir, seed, device, overwrite, epochs, command)
-    except (DataError, WeightsError) as e:
+            path = train_model(model, profile, data_root, out_dir, seed, device, overwrite, epochs, command, size,
+                               resume)
+    except (DataError, WeightsError, ValueError) as e:
         raise click.UsageError(str(e)) from None
     click.echo(f"wrote {path}")
+
+
+SET_MODELS = ("classifier", "contrastive", "rotation", "inpainting")
+
+
+@main.command("train-set")
+@click.option("--data", "data_root", required=True,
+              help="A folder of images (class subfolders give the classifier's labels; train/ and val/ subfolders "
+                   "give the splits, else a tenth is held out).")
+@click.option("--size", type=click.IntRange(32, 224), default=64, show_default=True,
+              help="Working size S (a multiple of 16): images are centre-cropped and resized to S×S.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="The model set's folder, e.g. weights/NAME.")
+@click.option("--profile", type=click.Choice(PROFILES), default="folder-cpu", show_default=True)
+@click.option("--standard", is_flag=True, help="Also train an undefended classifier (classifier-standard).")
+@click.option("--calibration-n", type=click.IntRange(min=10), default=2000, show_default=True,
+              help="Clean training images whose SSL losses calibrate the repair.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch threads (default: the cores not busy by the load average).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when available.")
+@click.option("--resume", is_flag=True, help="Continue a stopped run: finished models are kept, a model stopped "
+                                             "mid-way continues from its last epoch.")
+@click.option("--overwrite", is_flag=True, help="Start again, replacing a model set in --out.")
+def train_set(data_root: str, size: int, out_dir: Path, profile: str, standard: bool, calibration_n: int, seed: int,
+              threads: int | None, device: str | None, resume: bool, overwrite: bool) -> None:
+    """Train a whole model set on a folder of images, in order: the robust classifier (and with --standard an
+    undefended one), the contrastive, rotation and inpainting networks, the clean-loss calibration, and the ONNX
+    export (OUT/onnx). Every model checkpoints each epoch; --resume continues a run that was stopped."""
+    import torch
+
+    from engine.calibration import calibrate as measure, save_calibration
+    from engine.data import DataError
+    from engine.train import log, train_model
+    from engine.weights import WeightsError
+    from export.onnx_export import ExportError, export_all
+
+    _check_device(device)
+    if size % 16:
+        raise click.BadParameter(f"{size} is not a multiple of 16", param_hint="--size")
+    if resume and overwrite:
+        raise click.UsageError("--resume continues a run, --overwrite starts it again: pass one of them")
+    models = [*SET_MODELS[:1], *(["classifier-standard"] if standard else []), *SET_MODELS[1:]]
+    existing = [m for m in models if (out_dir / f"{m}.json").exists()] + \
+        [p.name for p in (out_dir / "calibration.json", out_dir / ".checkpoints") if p.exists()]
+    if existing and not (resume or overwrite):
+        raise click.UsageError(f"{out_dir} already holds {', '.join(existing)}: pass --resume to continue that run, "
+                               "--overwrite to start again, or choose another --out")
+    torch.set_num_threads(threads or default_threads())
+    steps = len(models) + 2
+    base = f"python cli.py train-set --data {data_root} --size {size} --out {out_dir} --profile {profile} --seed {seed}"
+    try:
+        for i, model in enumerate(models, 1):
+            if resume and (out_dir / f"{model}.json").exists():
+                log(f"[{i}/{steps}] {model}: done before, kept")
+                continue
+            log(f"[{i}/{steps}] {model}")
+            train_model(model, profile, data_root, str(out_dir), seed, device, overwrite, None,
+                        f"{base} (step {model})", size, resume)
+        calibration = out_dir / "calibration.json"
+        if not (resume and calibration.exists()):
+            log(f"[{steps - 1}/{steps}] calibration on {calibration_n} clean training images")
+            pipeline = _load(weights=out_dir, tasks=list(TASK_NAMES[:3]), objective="plain")
+            stats = measure(pipeline, calibration_n, seed, data_root)
+            save_calibration(stats, calibration, f"{base} (step calibration)", overwrite=True)
+        log(f"[{steps}/{steps}] ONNX export to {out_dir / 'onnx'}")
+        manifest, notes = export_all(_load(weights=out_dir), out_dir / "onnx", overwrite, f"{base} (step export)")
+    except (DataError, WeightsError, ExportError, ValueError) as e:
+        raise click.UsageError(str(e)) from None
+    for note in notes:
+        click.echo(note)
+    click.echo(f"model set in {out_dir}: {', '.join(models)}, calibration.json, onnx/ ({len(manifest['graphs'])} "
+               "graphs)")
 
 
 def _parse_tasks(text: str, option: str = "--tasks") -> list[str]:
@@ -98,7 +181,8 @@ def _parse_alpha(text: str | None, tasks: list[str]) -> dict[str, float]:
 @click.option("--tasks", default="contrastive,inpainting,rotation", show_default=True,
               help="SSL tasks of the repair loss, comma-separated.")
 @click.option("--classifier", "classifier_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Your own classifier as an ONNX file (N×3×32×32 in [0, 1] -> logits): the report gives its "
+              help="Your own classifier as an ONNX file (N×3×S×S in [0, 1] -> logits, S the model set's size): the "
+                   "report gives its "
                    "predictions before and after the repair (tasks that do not read the shipped classifier only).")
 @click.option("--alpha", default=None, help="Weight per task, comma-separated, in --tasks order (default: all 1).")
 @click.option("--eps", type=FRACTION, default="16/255", show_default=True, help="L∞ bound of the repair.")
@@ -138,7 +222,10 @@ def _parse_alpha(text: str | None, tasks: list[str]) -> dict[str, float]:
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Precision of TensorRT engines.")
 @click.option("--allow-large-eps", is_flag=True, help="Accept --eps above 64/255.")
-@click.option("--resize", is_flag=True, help="Scale images that are not 32×32 instead of reporting an error.")
+@click.option("--resize/--no-resize", default=None,
+              help="Centre-crop and scale images that are not S×S (S: the model set's size) instead of reporting an "
+                   "error. Default: as the model set was trained (on for a set trained on a folder of photos, off "
+                   "for CIFAR-10's).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs and reports.")
 @click.option("--preview", "preview_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write a before/after picture (PNG) of the first --preview-n repaired images with their "
@@ -164,7 +251,7 @@ def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, 
            alpha: str | None, eps: float,
            steps: int, step_size: float, views: int, objective: str, level: float, gate_fpr: float | None,
            calibration: Path | None, seed: int, batch_size: int, device: str, early_exit: bool, backend: str,
-           threads: int | None, onnx_dir: Path | None, precision: str, allow_large_eps: bool, resize: bool,
+           threads: int | None, onnx_dir: Path | None, precision: str, allow_large_eps: bool, resize: bool | None,
            overwrite: bool, preview_file: Path | None, preview_n: int, resume: bool, use_ray: bool,
            ray_address: str | None, workers: int | None, worker_cpus: float, worker_gpus: float | None,
            quiet: bool) -> None:
@@ -200,6 +287,7 @@ def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, 
                         gate_fpr=gate_fpr, calibration=calibration, threads=threads,
                         classifier=None if classifier_file is None else str(classifier_file))
     pipeline = _load(**load_options)
+    resize = pipeline.inputs["resize"] if resize is None else resize
     config = RepairConfig(eps=eps, steps=steps, step_size=step_size, seed=seed, batch_size=batch_size,
                           early_exit=early_exit)
     try:
@@ -220,10 +308,10 @@ def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, 
     for line, to_stderr in summary_lines(report, output_dir):
         click.echo(line, err=to_stderr)
     if preview_file:
-        from engine.data import CLASSES
         from runtime.preview import write_preview
 
-        shown = write_preview(report, input_dir, output_dir, preview_file, list(CLASSES), preview_n, resize)
+        shown = write_preview(report, input_dir, output_dir, preview_file, pipeline.class_names, preview_n, resize,
+                              pipeline.size)
         click.echo(f"preview of {shown} image(s): {preview_file}" if shown else "no repaired image to preview")
     sys.exit(1 if report["summary"]["n_error"] else 0)
 
@@ -252,7 +340,7 @@ def _ray_options(use_ray: bool, address: str | None, workers: int | None, worker
 @click.option("--output", "output_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="Folder for the attacked PNGs, labels.csv and attack.json.")
 @click.option("--n", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Attack the first N CIFAR-10 test images.")
+              help="Attack the first N test images (CIFAR-10, or --data).")
 @click.option("--attack", type=click.Choice(["pgd", "aware"]), default="pgd", show_default=True,
               help="pgd: on the classifier; aware: PGD that also keeps the repair's SSL loss low.")
 @click.option("--eps", type=FRACTION, default="8/255", show_default=True)
@@ -266,14 +354,16 @@ def _ray_options(use_ray: bool, address: str | None, workers: int | None, worker
               help="--attack aware: the SSL tasks whose loss the attack keeps low.")
 @click.option("--weights", type=click.Path(file_okay=False, path_type=Path), default=None,
               help="Weights folder whose classifier is attacked (default: the shipped weights/).")
-@click.option("--data", "data_root", type=click.Path(file_okay=False), default=None,
-              help="CIFAR-10 folder (default: $CIFAR10_ROOT).")
+@click.option("--data", "data_root", default=None,
+              help="The model set's kind of images: a folder (class subfolders; train/ and val/ where it has them), "
+                   "or cifar10 (the default: CIFAR-10 at $CIFAR10_ROOT).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace files of an earlier run.")
 def attack(output_dir: Path, n: int, attack: str, eps: float, steps: int, step_size: float, lam: float, seed: int,
            clean_output: Path | None, tasks: str, weights: Path | None, data_root: str | None, device: str,
            overwrite: bool) -> None:
-    """Write attacked CIFAR-10 test images as lossless 8-bit PNG + labels.csv (the classifier of --weights)."""
+    """Write attacked test images (CIFAR-10, or --data) as lossless 8-bit PNG + labels.csv (the classifier of
+    --weights)."""
     from engine.attack_set import write_attack_set
     from engine.data import DataError
 
@@ -350,8 +440,9 @@ def _names(text: str, known, option: str) -> list[str]:
 @click.option("--chunk", type=click.IntRange(min=1), default=100, show_default=True,
               help="Images per unit of work (and of saved progress).")
 @click.option("--weights", type=click.Path(file_okay=False, path_type=Path), default=None)
-@click.option("--data", "data_root", type=click.Path(file_okay=False), default=None,
-              help="CIFAR-10 folder (default: $CIFAR10_ROOT).")
+@click.option("--data", "data_root", default=None,
+              help="The model set's kind of images: a folder (class subfolders; train/ and val/ where it has them), "
+                   "or cifar10 (the default: CIFAR-10 at $CIFAR10_ROOT).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
               show_default=True,
@@ -367,7 +458,8 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_pa
              bpda_repair_steps: int, aa_iters: int, aa_targets: int, aa_eot: int, chunk: int, weights: Path | None,
              data_root: str | None, device: str,
              backend: str, onnx_dir: Path | None, precision: str, quiet: bool) -> None:
-    """Accuracy of attack × repair on CIFAR-10 test images, with 95 % intervals and McNemar tests (Table 1)."""
+    """Accuracy of attack × repair on test images (CIFAR-10, or --data), with 95 % intervals and McNemar tests
+    (Table 1)."""
     from engine.data import DataError
     from engine.evaluate import ATTACKS, EvalConfig, markdown_table, needs_calibration, plot, run_eval, tasks_needed
     from engine.repair_spec import parse_repair
@@ -413,14 +505,15 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_pa
 @main.command()
 @click.option("--tasks", default=",".join(MODELS[1:]), show_default=True, help="Tasks to measure.")
 @click.option("--n", type=click.IntRange(min=10, max=50000), default=2000, show_default=True,
-              help="Clean CIFAR-10 training images (a seeded subset).")
+              help="Clean training images (a seeded subset; CIFAR-10, or --data).")
 @click.option("--views", type=click.IntRange(min=2), default=4, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--weights", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output JSON (default: calibration.json beside the weights).")
-@click.option("--data", "data_root", type=click.Path(file_okay=False), default=None,
-              help="CIFAR-10 folder (default: $CIFAR10_ROOT).")
+@click.option("--data", "data_root", default=None,
+              help="The model set's kind of images: a folder (class subfolders; train/ and val/ where it has them), "
+                   "or cifar10 (the default: CIFAR-10 at $CIFAR10_ROOT).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing calibration file.")
 def calibrate(tasks: str, n: int, views: int, seed: int, weights: Path | None, out_path: Path | None,
               data_root: str | None, overwrite: bool) -> None:

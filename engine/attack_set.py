@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from .attacks import PGD, DefenseAwarePGD
-from .data import CLASSES, load_cifar10
+from .datasets import model_set_split
 from .imageio import quantize, write_png
 from .pipeline import Pipeline
 from runtime.files import write_csv, write_json
@@ -25,10 +25,11 @@ def write_attack_set(pipeline: Pipeline, out_dir: Path, n: int = 64, attack: str
     the clean images with their labels.csv to ``clean_dir``). Returns the summary that attack.json holds."""
     if attack not in ATTACK_SET_ATTACKS:
         raise ValueError(f"unknown attack {attack!r}; choose from {', '.join(ATTACK_SET_ATTACKS)}")
-    images, labels = load_cifar10("test", data_root)
+    images, labels = model_set_split(data_root, "test", pipeline.inputs, labelled=True)
+    classes = pipeline.class_names
     if not 1 <= n <= len(images):
         raise ValueError(f"--n must be between 1 and {len(images)}, not {n}")
-    names = [f"{i:04d}_{CLASSES[labels[i]]}.png" for i in range(n)]
+    names = [f"{i:04d}_{classes[labels[i]].replace(' ', '_')}.png" for i in range(n)]
     folders = [out_dir] + ([clean_dir] if clean_dir else [])
     if not overwrite:
         for folder in folders:
@@ -56,7 +57,7 @@ def write_attack_set(pipeline: Pipeline, out_dir: Path, n: int = 64, attack: str
             write_png(out_dir / names[i], x_png[j])
             if clean_dir:
                 write_png(clean_dir / names[i], x[j])
-            rows.append({"file": names[i], "test_index": i, "label": int(y[j]), "class": CLASSES[y[j]],
+            rows.append({"file": names[i], "test_index": i, "label": int(y[j]), "class": classes[y[j]],
                          "pred_clean": int(preds["clean"][j]), "pred_attacked": int(preds["attacked_png"][j])})
     columns = list(rows[0])
     write_csv(out_dir / "labels.csv", rows, columns)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .data import load_cifar10
+from .datasets import model_set_split
 from .weights import DEFAULT_WEIGHTS, WeightsError
 from runtime.files import write_json
 
@@ -58,8 +58,9 @@ class Calibration:
 
 
 def calibrate(pipeline, n: int = 2000, seed: int = 0, data_root: str | None = None) -> Calibration:
-    """Every pipeline task's loss on a seeded subset of n clean CIFAR-10 training images."""
-    x_all, _ = load_cifar10("train", data_root)
+    """Every pipeline task's loss on a seeded subset of n clean training images (CIFAR-10, or the folder
+    ``data_root`` at the pipeline's size)."""
+    x_all, _ = model_set_split(data_root, "train", pipeline.inputs)
     if not 1 <= n <= len(x_all):
         raise ValueError(f"--n must be between 1 and {len(x_all)}, not {n}")
     pick = torch.randperm(len(x_all), generator=torch.Generator().manual_seed(seed))[:n]
@@ -68,7 +69,7 @@ def calibrate(pipeline, n: int = 2000, seed: int = 0, data_root: str | None = No
 
 @torch.no_grad()
 def measure(pipeline, x: torch.Tensor, seed: int = 0, batch: int = 250) -> Calibration:
-    """Every pipeline task's loss on clean images x (float in [0, 1], N×3×32×32)."""
+    """Every pipeline task's loss on clean images x (float in [0, 1], N×3×S×S)."""
     chunks: dict[str, list[torch.Tensor]] = {t: [] for t in pipeline.tasks}
     for i in range(0, len(x), batch):
         for task, loss in pipeline.task_losses(x[i:i + batch], seed).items():

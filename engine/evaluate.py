@@ -19,12 +19,13 @@ import torch
 from tqdm import tqdm
 
 from .attacks import BPDAEOT, PGD, AutoAttackAPGD, DefenseAwarePGD
-from .data import load_cifar10
+from .datasets import model_set_split
 from .defended import DefendedClassifier
 from .heads import base_task
 from .pipeline import DEFAULT_TASKS, Gate, Pipeline, build_objective
 from .repair import RepairResult
 from .repair_spec import parse_repair
+from .weights import model_input
 from runtime.files import write_json
 
 Z95 = 1.959963984540054
@@ -88,9 +89,11 @@ class EvalConfig:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
-def eval_subset(n: int, seed: int, root: str | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(images float N×3×32×32, labels N, test-set indices N): a seeded random subset, the same for every run."""
-    x, y = load_cifar10("test", root)
+def eval_subset(n: int, seed: int, root: str | None = None,
+                inputs: dict | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(images float N×3×S×S, labels N, test-set indices N): a seeded random subset of the test split of ``root``
+    (None: CIFAR-10) at the model set's size (``inputs``, default CIFAR-10's), the same for every run."""
+    x, y = model_set_split(root, "test", inputs or model_input({}), labelled=True)
     if not 1 <= n <= len(x):
         raise ValueError(f"--n must be between 1 and {len(x)}, not {n}")
     idx = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed))[:n]
@@ -279,7 +282,7 @@ def run_eval(pipeline: Pipeline, config: EvalConfig, json_path: Path | None = No
             raise ValueError(f"unknown attack {name!r}; known: {', '.join(ATTACKS)}")
     for name in [*config.repairs, config.defense]:
         parse_repair(name)
-    x, y, idx = eval_subset(config.n, config.seed, data_root)
+    x, y, idx = eval_subset(config.n, config.seed, data_root, pipeline.inputs)
     # the state's name covers the weights too: a rerun with other weights must not resume from these outcomes
     weights = json.dumps({k: m["sha256"] for k, m in sorted(pipeline.manifests.items())})
     key = hashlib.sha256((config.key() + weights).encode()).hexdigest()[:12]

@@ -10,7 +10,6 @@ import torch
 
 from runtime import folder
 
-from .data import CLASSES
 from .imageio import quantize
 from .pipeline import Pipeline
 
@@ -29,7 +28,7 @@ def report_config(pipeline: Pipeline, config: RepairConfig) -> dict:
     """What the report records of the repair: enough to tell two runs' settings apart."""
     gate = pipeline.gate
     return {
-        **asdict(config), "backend": pipeline.backend.name, "tasks": pipeline.tasks,
+        **asdict(config), "size": pipeline.size, "backend": pipeline.backend.name, "tasks": pipeline.tasks,
         "alpha": [pipeline.objective.alpha[t] for t in pipeline.tasks], "device": str(pipeline.device),
         "objective": "plain" if pipeline.objective.levels is None else "clean", "levels": pipeline.objective.levels,
         "gate": None if gate is None else {"fpr": gate.fpr, "tasks": gate.tasks, "threshold": gate.threshold},
@@ -92,4 +91,4 @@ def repair_batch(pipeline: Pipeline, x: torch.Tensor, config: RepairConfig) -> l
     return folder.image_rows(repaired.cpu().numpy(), x.cpu().numpy(), pipeline.predict(x).tolist(),
                              pipeline.predict(repaired).tolist(), numpy(before), numpy(after),
                              objective.combine(before).cpu().numpy(), objective.combine(after).cpu().numpy(),
-                             list(CLASSES), gate)
+                             pipeline.class_names, gate)

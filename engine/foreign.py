@@ -39,20 +39,23 @@ def check_tasks(tasks: list[str], differentiable: bool) -> None:
                               "(load_pipeline(classifier=...)), or use contrastive,inpainting,rotation")
 
 
-def probe(classifier: nn.Module, device: torch.device) -> None:
-    """ClassifierError unless ``classifier`` maps a 2×3×32×32 batch to 2×C logits (C ≥ 2), in eval mode."""
+def probe(classifier: nn.Module, device: torch.device, size: int = 32) -> int:
+    """The class count C; ClassifierError unless ``classifier`` maps a 2×3×S×S batch (S = ``size``, the model set's)
+    to 2×C logits (C ≥ 2), in eval mode."""
     if classifier.training:
         raise ClassifierError("the classifier is in training mode (BatchNorm and dropout would make every repair "
                               "depend on its batch): call .eval() on it first")
     try:
         with torch.no_grad():
-            out = classifier(torch.full((2, 3, 32, 32), 0.5, device=device))
+            out = classifier(torch.full((2, 3, size, size), 0.5, device=device))
     except Exception as e:                       # noqa: BLE001  (any failure of a foreign model is the user's to see)
-        raise ClassifierError(f"the classifier failed on a 2×3×32×32 batch of [0, 1] images: "
-                              f"{type(e).__name__}: {e}") from None
+        raise ClassifierError(f"the classifier failed on a 2×3×{size}×{size} batch of [0, 1] images (the model "
+                              f"set's size): {type(e).__name__}: {e}") from None
     if not isinstance(out, torch.Tensor) or out.ndim != 2 or out.shape[0] != 2 or out.shape[1] < 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ClassifierError(f"the classifier should return logits N×C for N×3×32×32 inputs; it returned {shape}")
+        raise ClassifierError(f"the classifier should return logits N×C for N×3×{size}×{size} inputs; "
+                              f"it returned {shape}")
+    return int(out.shape[1])
 
 
 def module_manifest(classifier: nn.Module) -> dict:
@@ -61,24 +64,25 @@ def module_manifest(classifier: nn.Module) -> dict:
 
 
 def foreign_classifier(classifier: nn.Module | str | os.PathLike, tasks: list[str], backend: str,
-                       device: torch.device, threads: int | None = None) -> tuple[nn.Module, dict]:
+                       device: torch.device, threads: int | None = None, size: int = 32) -> tuple[nn.Module, dict]:
     """(the classifier, its manifest) for ``load_pipeline(classifier=...)``: a module, or the path of an ONNX file
-    (run by onnxruntime at ``threads``), checked against the tasks and the backend; ClassifierError otherwise."""
+    (run by onnxruntime at ``threads``), checked against the tasks, the backend and the model set's image ``size``;
+    ClassifierError otherwise. The manifest's ``num_classes`` is what the probe returned."""
     onnx = not isinstance(classifier, nn.Module)
     if onnx:
-        classifier = OnnxClassifier(classifier, threads)
+        classifier = OnnxClassifier(classifier, threads, size)
     if backend not in ("torch", "auto"):
         raise ClassifierError(f"a classifier of your own runs with the torch backend: the {backend} backend "
                               "runs graphs exported from the shipped classifier")
     check_tasks(tasks, differentiable=not onnx)
-    probe(classifier, device)
-    return classifier, classifier.manifest if onnx else module_manifest(classifier)
+    classes = probe(classifier, device, size)
+    return classifier, {**(classifier.manifest if onnx else module_manifest(classifier)), "num_classes": classes}
 
 
 class OnnxClassifier(nn.Module):
-    """An ONNX classifier (N×3×32×32 float in [0, 1] -> N×C logits) run by onnxruntime on the CPU; forward only."""
+    """An ONNX classifier (N×3×S×S float in [0, 1] -> N×C logits) run by onnxruntime on the CPU; forward only."""
 
-    def __init__(self, path: str | os.PathLike, threads: int | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, size: int = 32) -> None:
         super().__init__()
         path = Path(path)
         if not path.is_file():
@@ -97,11 +101,13 @@ class OnnxClassifier(nn.Module):
             raise ClassifierError(f"onnxruntime cannot load {path}: {e}") from None
         inputs = self.session.get_inputs()
         if len(inputs) != 1 or len(inputs[0].shape) != 4:
-            raise ClassifierError(f"{path} should take one N×3×32×32 input; it takes "
+            raise ClassifierError(f"{path} should take one N×3×{size}×{size} input; it takes "
                                   f"{[(i.name, i.shape) for i in inputs]}")
-        fixed = [d for d in inputs[0].shape[1:] if isinstance(d, int)]
-        if any(d not in (3, 32) for d in fixed):
-            raise ClassifierError(f"{path} takes inputs of shape {inputs[0].shape}, not N×3×32×32")
+        expected = (3, size, size)
+        if any(isinstance(d, int) and d != e for d, e in zip(inputs[0].shape[1:], expected)):
+            raise ClassifierError(f"{path} takes inputs of shape {inputs[0].shape}, but the model set's images are "
+                                  f"N×3×{size}×{size}: export your classifier at {size}×{size}, or use a model set "
+                                  "trained at your classifier's size")
         self.input_name, self.path = inputs[0].name, path
         self.one_at_a_time = inputs[0].shape[0] == 1      # exported with a fixed batch of one
         self.manifest = {"name": "classifier", "sha256": sha256sum(path), "source": path.name}

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .data import dataset_md5, load_cifar10
+from .datasets import model_set_split
 from .models import build_model, num_params
 from .tasks import augment
 from .tasks.consistency import prediction_spread
@@ -42,7 +42,7 @@ from .tasks.contrastive import nt_xent_pairs
 from .tasks.inpainting import centre_mask
 from .train import (batched, classifier_metrics, crop_flip, fill_bank, inpainting_metrics, knn_accuracy, log,
                     shuffled_batches, triangular_lr)
-from .weights import WeightsError, load_model, save_model
+from .weights import WeightsError, load_model, model_input, save_model
 
 JOINT_MODELS = ("joint-robust", "joint-standard")
 HEADS = {"contrastive-head": ("ContrastiveNet", dict(proj_dim=64, bank_size=4096)),
@@ -104,10 +104,10 @@ def load_base(base_dir: str | os.PathLike) -> tuple[JointNets, dict]:
     classifier, manifest = load_model("classifier", base_dir)
     if manifest["architecture"] != "Classifier":
         raise WeightsError(f"{base_dir / 'classifier.json'} is a {manifest['architecture']}, not a Classifier")
-    widths = manifest["config"]["widths"]
+    backbone = {k: v for k, v in manifest["config"].items() if k in ("widths", "mean", "std", "stem_stride")}
     heads, configs = {}, {}
     for name, (architecture, config) in HEADS.items():
-        configs[name] = {**config, "widths": widths}
+        configs[name] = {**config, **backbone}
         head = build_model(architecture, configs[name])
         if (base_dir / f"{name}.json").exists():
             trained, head_manifest = load_model(name, base_dir)
@@ -176,10 +176,10 @@ def joint_step(nets: JointNets, cfg: dict, x: torch.Tensor, y: torch.Tensor, gen
     xs = x[:b]
     noisy = (lambda t: gaussian_noise(t, cfg["noise_std"], generator)) if cfg.get("ssl_noise") else (lambda t: t)
     x_rot, k = one_rotation(xs, generator)
-    params = {key: v.to(device) for key, v in augment.sample_views(b, 2, generator).items()}
+    params = {key: v.to(device) for key, v in augment.sample_views(b, 2, generator, x.shape[-1]).items()}
     views = augment.apply_views(xs, **params).transpose(0, 1).flatten(0, 1)        # view 1 of all, then view 2
     inpainting = nets.head("inpainting-head")
-    mask = centre_mask(b, device=device)
+    mask = centre_mask(b, device=device, size=x.shape[-1])
     ssl_inputs = torch.cat([noisy(x_rot), noisy(views), inpainting.masked_input(noisy(xs), mask)])
     m16, m8, m4 = clf.backbone.maps(torch.cat([x_cls, ssl_inputs]))
     n = len(x)
@@ -254,7 +254,7 @@ def measure(nets: JointNets, data: dict, generator: torch.Generator, device: tor
     agree = []
     for i in range(0, len(test_x), 500):
         x = test_x[i:i + 500].float().div(255)
-        views = augment.apply_views(x, **augment.sample_views(len(x), 2, generator)).flatten(0, 1)
+        views = augment.apply_views(x, **augment.sample_views(len(x), 2, generator, x.shape[-1])).flatten(0, 1)
         with torch.no_grad():
             pred = clf(views.to(device)).argmax(1).view(-1, 2)
         agree.append((pred[:, 0] == pred[:, 1]).float().cpu())
@@ -295,8 +295,9 @@ def train_joint(name: str, profile: str = "cpu", data_root: str | None = None, o
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     nets, base_manifest = load_base(base_dir)
-    train_x, train_y = load_cifar10("train", data_root)
-    test_x, test_y = load_cifar10("test", data_root)
+    inputs = model_input(base_manifest)          # the base classifier's images: its size, its classes
+    train_x, train_y = model_set_split(data_root, "train", inputs, labelled=True)
+    test_x, test_y = model_set_split(data_root, "test", inputs, labelled=True)
     data = {"train_x": train_x, "train_y": train_y, "test_x": test_x, "test_y": test_y}
     log(f"training {name} ({profile} profile, {cfg['epochs']} epochs) on {dev}, from {base_dir}/classifier")
     start = time.time()
@@ -306,16 +307,16 @@ def train_joint(name: str, profile: str = "cpu", data_root: str | None = None, o
     metrics = finish(nets, data, generator, dev, n_pgd)
     wall = time.time() - start
     log(f"{name} done in {wall / 60:.1f} min: {metrics}")
-    common = {"profile": profile, "command": command, "joint": name, "recipe": cfg, "data_md5": dataset_md5(data_root),
+    source = {"data_md5": base_manifest["data_md5"]} if "data_md5" in base_manifest else {"input": inputs}
+    common = {"profile": profile, "command": command, "joint": name, "recipe": cfg, **source,
               "epochs": cfg["epochs"], "seed": seed, "wall_seconds": round(wall, 1),
               "base": {"name": "classifier", "dir": str(base_dir), "sha256": base_manifest["sha256"]},
               "machine": {"platform": platform.platform(), "processor": platform.processor(),
                           "cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
                           "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"},
               "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    widths = base_manifest["config"]["widths"]
     path = save_model(nets.classifier, "classifier", out, {
-        "architecture": "Classifier", "config": {"widths": widths}, "params": num_params(nets.classifier),
+        "architecture": "Classifier", "config": base_manifest["config"], "params": num_params(nets.classifier),
         "metrics": metrics["classifier"], **common}, overwrite=overwrite)
     classifier_sha = load_model("classifier", out)[1]["sha256"]
     for head, (architecture, _) in HEADS.items():

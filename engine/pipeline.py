@@ -4,7 +4,7 @@ Example::
 
     from engine import load_pipeline
     p = load_pipeline()                      # weights/ in this repository, CPU
-    logits = p.classifier(x)                 # x: float in [0, 1], N×3×32×32
+    logits = p.classifier(x)                 # x: float in [0, 1], N×3×S×S (S = p.size: 32 for the shipped set)
     losses = p.ssl_loss(x)                   # Tensor[N], Σ α_k L_k
     x_rep = p.repair(x, eps=16/255, steps=40, step_size=2/255, seed=0)   # the CLI's default repair
 """
@@ -22,7 +22,7 @@ from .calibration import Calibration, calibration_path, load_calibration
 from .heads import HEAD_TASKS, check_backbone
 from .repair import MultiTaskLoss, RepairResult, reverse_attack
 from .tasks import CLASSIFIER_TASKS, TASKS, VIEW_TASKS
-from .weights import load_model
+from .weights import WeightsError, load_model, model_input, read_manifest
 
 DEFAULT_TASKS = ("contrastive", "inpainting", "rotation")
 OBJECTIVES = ("plain", "clean")
@@ -52,10 +52,21 @@ class Pipeline:
     backend: ForwardBackend | None = None          # forward-only passes; None: the torch reference
     gate: Gate | None = None                       # None: repair every input
     calibration: Calibration | None = None         # clean-loss statistics, where loaded
+    inputs: dict = field(default_factory=lambda: model_input({}))   # the model set's images: size, classes, …
 
     def __post_init__(self) -> None:
         if self.backend is None:
             self.backend = TorchBackend(self.classifier, self.objective)
+
+    @property
+    def size(self) -> int:
+        """The side S of the N×3×S×S images every network of this pipeline takes."""
+        return int(self.inputs["size"])
+
+    @property
+    def class_names(self) -> list[str]:
+        """A readable name per class of the classifier (its index where the model set does not name them)."""
+        return list(self.inputs["class_names"])
 
     @property
     def tasks(self) -> list[str]:
@@ -64,6 +75,9 @@ class Pipeline:
     def _to_device(self, x: torch.Tensor) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != 3:
             raise ValueError(f"expected images N×3×H×W, got shape {tuple(x.shape)}")
+        if x.shape[2:] != (self.size, self.size):
+            raise ValueError(f"these networks take {self.size}×{self.size} images, got {x.shape[2]}×{x.shape[3]} "
+                             f"(resize them, e.g. `cli.py repair --resize`, or load the model set of that size)")
         if not x.is_floating_point():
             raise ValueError(f"expected float images in [0, 1], got {x.dtype}: pass x.float() / 255")
         low, high = (x.aminmax() if x.numel() else (x.new_zeros(()), x.new_zeros(())))
@@ -157,7 +171,8 @@ def load_pipeline(weights: str | os.PathLike | None = None, device: str | torch.
     threads (torch's are the process's: ``torch.set_num_threads``).
 
     ``classifier``: your own classifier instead of the shipped one — an ``nn.Module`` in eval mode, on ``device``,
-    taking N×3×32×32 images in [0, 1] (normalize inside it), or the path of an ONNX file of such a classifier
+    taking N×3×S×S images in [0, 1] (S: the model set's size; normalize inside it), or the path of an ONNX file of such
+    a classifier
     (``engine.foreign.OnnxClassifier``: predictions by onnxruntime, at ``threads``). The repair's
     tasks must then be ones that do not read the shipped classifier's features (not the heads); consistency and
     hedge need a PyTorch module; the backend is torch. Raises ``engine.foreign.ClassifierError`` otherwise.
@@ -171,26 +186,34 @@ def load_pipeline(weights: str | os.PathLike | None = None, device: str | torch.
         raise ValueError(f"unknown task(s) {', '.join(unknown)}; known: {', '.join(TASKS)}")
     device = torch.device(device)
     foreign = classifier is not None
+    nets, manifests = {}, {}
+    if not foreign:
+        classifier, manifests["classifier"] = load_model("classifier", weights, device)
+    for name in tasks:                     # the networks of their own; the classifier's readers come below
+        if name not in CLASSIFIER_TASKS:
+            nets[name], manifests[name] = load_model(name, weights, device)
+    inputs = model_set_input(manifests, weights)
     if foreign:
         from .foreign import foreign_classifier
 
-        classifier, manifest = foreign_classifier(classifier, list(tasks), backend, device, threads)
+        classifier, manifest = foreign_classifier(classifier, list(tasks), backend, device, threads, inputs["size"])
+        if len(inputs["classes"]) != manifest["num_classes"]:      # another label set: classes by their index
+            inputs = {**inputs, "classes": list(map(str, range(manifest["num_classes"])))}
+            inputs["class_names"] = inputs["classes"]
+        manifests = {"classifier": manifest, **manifests}
         backend = "torch"
+    manifest = manifests["classifier"]
     backend = resolve_backend(backend, device)
     if backend == "tensorrt":                  # fail before any export work where it cannot run
         from .backends.tensorrt_engines import import_tensorrt
 
         import_tensorrt()
-    if not foreign:
-        classifier, manifest = load_model("classifier", weights, device)
-    manifests, nets = {"classifier": manifest}, {}
     for name in tasks:
         if name in CLASSIFIER_TASKS:       # reads the classifier itself: its weights are the classifier's
             nets[name], manifests[name] = classifier, manifest
-            continue
-        nets[name], manifests[name] = load_model(name, weights, device)
         if name in HEAD_TASKS:
             check_backbone(name, manifests[name], manifest)
+    nets = {name: nets[name] for name in tasks}
     for net in (n for n in (classifier, *nets.values()) if not (foreign and n is classifier)):
         net.requires_grad_(False)      # the repair differentiates w.r.t. the input only (a user's module untouched)
     if objective not in OBJECTIVES:
@@ -199,7 +222,7 @@ def load_pipeline(weights: str | os.PathLike | None = None, device: str | torch.
     if objective == "clean" or gate_fpr is not None or calibration is not None:
         stats = load_calibration(calibration_path(weights, calibration), list(tasks), manifests, views)
     pipeline = Pipeline(classifier, build_objective(nets, alpha, views, stats, level if objective == "clean" else None)
-                        .to(device), manifests, device, calibration=stats)
+                        .to(device), manifests, device, calibration=stats, inputs=inputs)
     if gate_fpr is not None:
         pipeline.gate = Gate(stats, list(tasks), gate_fpr)
     if backend in ("onnxruntime", "tensorrt"):
@@ -209,6 +232,26 @@ def load_pipeline(weights: str | os.PathLike | None = None, device: str | torch.
                                      "export.onnx_export.load_exported_pipeline(), which exports into a cache")
         attach_backend(pipeline, backend, onnx_dir, threads, precision)
     return pipeline
+
+
+def model_set_input(manifests: dict[str, dict], weights: str | os.PathLike | None) -> dict:
+    """What the networks loaded from ``weights`` take (engine.weights.model_input): one size for all of them, else
+    WeightsError naming each. The class names are the model set's classifier's (where the folder has one)."""
+    sizes = {name: model_input(m)["size"] for name, m in manifests.items()}      # networks loaded from files only
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{name} {size}×{size}" for name, size in sizes.items())
+        raise WeightsError(f"the networks in {weights or 'weights/'} take images of different sizes ({listed}): "
+                           "a model set is trained at one size (`cli.py train … --size S`)")
+    if "classifier" in manifests:
+        return model_input(manifests["classifier"])
+    try:
+        classifier = model_input(read_manifest("classifier", weights))
+    except WeightsError:                   # SSL networks only: no class names to give
+        classifier = None
+    entry = model_input(next(iter(manifests.values()))) if manifests else model_input({})
+    if classifier is not None and classifier["size"] == entry["size"]:
+        entry = {**entry, "classes": classifier["classes"], "class_names": classifier["class_names"]}
+    return entry
 
 
 def attach_backend(pipeline: Pipeline, backend: str, onnx_dir: str | os.PathLike, threads: int | None = None,

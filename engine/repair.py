@@ -39,7 +39,7 @@ class MultiTaskLoss(nn.Module):
     """L_m(x) = Σ_k α_k L_k(x) over a set of SSL tasks (engine/tasks), or with ``levels`` the clean-level form
     Σ_k α_k max(0, L_k(x) − level_k): once a task's loss is down at its clean level it stops pulling, so the repair
     restores that level instead of driving the loss to zero (an adversarial example for the SSL net).
-    Shapes: x B×3×32×32 -> B."""
+    Shapes: x B×3×S×S -> B."""
 
     def __init__(self, tasks: dict[str, nn.Module], alpha: dict[str, float],
                  levels: dict[str, float] | None = None) -> None:

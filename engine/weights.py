@@ -16,6 +16,7 @@ from torch import nn
 
 from runtime.files import atomic_write, sha256sum, write_json
 
+from .data import CLASSES
 from .models import build_model
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
@@ -40,6 +41,20 @@ def save_model(model: nn.Module, name: str, out_dir: str | os.PathLike, manifest
     manifest = {**manifest, "name": name, "file": tensor_path.name, "sha256": sha256sum(tensor_path)}
     write_json(manifest_path, manifest)
     return manifest_path
+
+
+# What a manifest without an ``input`` entry takes: the shipped CIFAR-10 networks, trained before sizes were free.
+CIFAR_INPUT = {"size": 32, "dataset": "cifar10", "classes": list(CLASSES)}
+
+
+def model_input(manifest: dict) -> dict:
+    """What a network takes: ``size`` (the side S of its N×3×S×S inputs), ``dataset``, for a classifier its
+    ``classes`` (folder names) and readable ``class_names``, and ``resize``: whether inputs of another size are
+    centre-cropped and resized by default (as a folder set's training images were; CIFAR-10's all are 32×32)."""
+    entry = {**CIFAR_INPUT, **manifest.get("input", {})}
+    entry.setdefault("class_names", entry["classes"])
+    entry.setdefault("resize", entry["dataset"] != CIFAR_INPUT["dataset"])
+    return entry
 
 
 def read_manifest(name: str, weights_dir: str | os.PathLike | None = None) -> dict:

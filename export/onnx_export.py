@@ -29,7 +29,6 @@ import onnx
 import torch
 from torch import nn
 
-from engine.data import CLASSES
 from engine.backends.tensorrt_engines import import_tensorrt
 from engine.pipeline import Pipeline, attach_backend, load_pipeline, resolve_backend
 from runtime.files import atomic_write, sha256sum, write_json
@@ -84,7 +83,8 @@ class GraphSpec:
 
 def graph_specs(pipeline: Pipeline) -> list[GraphSpec]:
     """The graphs of a pipeline, with example inputs drawn the way the repair draws them."""
-    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)).to(pipeline.device)
+    size = pipeline.size
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0)).to(pipeline.device)
     objective = pipeline.objective
     params = objective.sample_params(x, 0)
 
@@ -107,7 +107,7 @@ def graph_specs(pipeline: Pipeline) -> list[GraphSpec]:
     # the whole repair (export/repair_graphs.py): valid for this objective only (its α, levels and views)
     repair_sources = {**sources(*objective.tasks), "objective": objective.signature()}
     specs.append(GraphSpec("repair_step", objective, {}, ["x_next", "loss"], repair_sources,
-                           build=lambda path: export_step_graph(objective, path)))
+                           build=lambda path: export_step_graph(objective, path, size)))
     specs.append(GraphSpec("repair", objective, {}, ["repaired", "trace"], dict(repair_sources),
                            build=lambda path: write_loop_graph(path.parent / "repair_step.onnx", path)))
     return specs
@@ -224,7 +224,8 @@ def export_all(pipeline: Pipeline, out_dir: str | os.PathLike, overwrite: bool =
         graphs[spec.name] = {"file": path.name, "sha256": sha256sum(path), "sources": spec.sources,
                              "opset": OPSET, "precision": precision, **describe_io(path)}
     manifest = {"opset": OPSET, "torch": torch.__version__, "onnx": onnx.__version__, "command": command,
-                "max_batch": MAX_BATCH, "weights": weights, "classes": list(CLASSES), "graphs": graphs,
+                "max_batch": MAX_BATCH, "weights": weights, "classes": pipeline.class_names,
+                "input": {"size": pipeline.size, "resize": pipeline.inputs["resize"]}, "graphs": graphs,
                 "gate": gate_statistics(pipeline)}
     write_json(out_dir / MANIFEST, manifest)
     return manifest, notes

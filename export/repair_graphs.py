@@ -59,12 +59,13 @@ class RepairStep(nn.Module):
         return sign_step(x, x0, grad, eps, step_size), loss.detach()
 
 
-def step_inputs(objective: MultiTaskLoss, batch: int = TRACE_BATCH,
-                device: torch.device | str = "cpu") -> tuple[list[tuple[str, str]], dict[str, torch.Tensor]]:
-    """The step graph's (task, param) layout and example inputs, parameters drawn as the repair draws them."""
+def step_inputs(objective: MultiTaskLoss, batch: int = TRACE_BATCH, device: torch.device | str = "cpu",
+                size: int = 32) -> tuple[list[tuple[str, str]], dict[str, torch.Tensor]]:
+    """The step graph's (task, param) layout and example inputs (images ``size``×``size``), parameters drawn as the
+    repair draws them."""
     gen = torch.Generator().manual_seed(0)
-    x = torch.rand(batch, 3, 32, 32, generator=gen).to(device)
-    x0 = torch.rand(batch, 3, 32, 32, generator=gen).to(device)        # distinct from x: see the docstring
+    x = torch.rand(batch, 3, size, size, generator=gen).to(device)
+    x0 = torch.rand(batch, 3, size, size, generator=gen).to(device)        # distinct from x: see the docstring
     params = objective.sample_params(x, 0)
     layout = [(task, key) for task in objective.tasks for key in params[task]]
     inputs = {"x": x, "x0": x0, "eps": torch.tensor(16 / 255, device=device),
@@ -73,9 +74,10 @@ def step_inputs(objective: MultiTaskLoss, batch: int = TRACE_BATCH,
     return layout, inputs
 
 
-def export_step_graph(objective: MultiTaskLoss, path: Path) -> None:
-    """Trace one repair step of ``objective`` with its gradient and write it as ONNX to ``path``."""
-    layout, inputs = step_inputs(objective)
+def export_step_graph(objective: MultiTaskLoss, path: Path, size: int = 32) -> None:
+    """Trace one repair step of ``objective`` on ``size``×``size`` images with its gradient and write it as ONNX to
+    ``path``."""
+    layout, inputs = step_inputs(objective, size=size)
     step = RepairStep(objective.eval(), layout)
     args = tuple(inputs.values())
     trace = dict(tracing_mode="symbolic", _allow_non_fake_inputs=True)      # the networks' buffers are real tensors
@@ -113,7 +115,8 @@ def loop_graph(step: onnx.ModelProto) -> onnx.ModelProto:
                  helper.make_tensor("repair_one", TensorProto.FLOAT, [], [1.0]),
                  helper.make_tensor("repair_zero", TensorProto.FLOAT, [], [0.0]),
                  helper.make_tensor("repair_true", TensorProto.BOOL, [], [True])]
-    image = ["batch", 3, 32, 32]
+    side = next(i for i in graph.input if i.name == "x").type.tensor_type.shape.dim[-1].dim_value
+    image = ["batch", 3, side, side]
     nodes = [  # the random start, as engine/repair.py's start_point: (x0 + (2u − 1)·eps) clipped to [0, 1]
         helper.make_node("Mul", ["noise", "repair_two"], ["repair_2u"]),
         helper.make_node("Sub", ["repair_2u", "repair_one"], ["repair_signed"]),

@@ -4,7 +4,7 @@ repair (export/repair_graphs.py), with the draws of runtime/draws.py — the PyT
 Example::
 
     bundle = Bundle("onnx")                         # python cli.py export --out onnx
-    repaired, trace = bundle.repair(x, seed=0)      # x: float32 N×3×32×32 in [0, 1]; early_exit=True by default
+    repaired, trace = bundle.repair(x, seed=0)      # x: float32 N×3×S×S in [0, 1] (S: bundle.size); early exit on
     labels = bundle.logits(repaired).argmax(1)
 """
 from __future__ import annotations
@@ -53,6 +53,8 @@ class Bundle:
         self.levels = None if objective["levels"] is None else dict(zip(self.tasks, objective["levels"]))
         self.views = {task: objective["views"].get(task) for task in self.tasks}
         self.classes: list[str] = self.manifest["classes"]
+        inputs = self.manifest.get("input", {"size": 32, "resize": False})     # bundles before sizes were free
+        self.size, self.resize = int(inputs["size"]), bool(inputs["resize"])
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
@@ -90,7 +92,7 @@ class Bundle:
 
     def repair(self, x: np.ndarray, seed: int = 0, eps: float = 16 / 255, steps: int = 40,
                step_size: float = 2 / 255, early_exit: bool = True) -> tuple[np.ndarray, np.ndarray]:
-        """(repaired images N×3×32×32, trace steps×N: the objective at the start of each step). With
+        """(repaired images N×3×S×S, trace steps×N: the objective at the start of each step). With
         ``early_exit`` an image leaves at the first step where its objective is zero (runtime/step_loop.py; NaN in
         the trace from then on), run step by step; without, all steps run for every image in the Loop graph."""
         x = np.ascontiguousarray(x, dtype=np.float32)

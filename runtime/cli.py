@@ -88,14 +88,16 @@ def main() -> None:
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="onnxruntime intra-op threads (default: the cores not busy by the load average).")
 @click.option("--allow-large-eps", is_flag=True, help="Accept --eps above 64/255.")
-@click.option("--resize", is_flag=True, help="Scale images that are not 32×32 instead of reporting an error.")
+@click.option("--resize/--no-resize", default=None,
+              help="Centre-crop and scale images that are not S×S (S: the bundle's size) instead of reporting an "
+                   "error. Default: as the model set was trained (on for a set trained on a folder of photos).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs and reports.")
 @click.option("--resume", is_flag=True,
               help="Finish a stopped run into the same --output with the same options (report.jsonl).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def repair(bundle_dir: Path, input_dir: Path, output_dir: Path, eps: float, steps: int, step_size: float, seed: int,
            batch_size: int, gate_fpr: float | None, early_exit: bool, threads: int | None,
-           allow_large_eps: bool, resize: bool, overwrite: bool, resume: bool, quiet: bool) -> None:
+           allow_large_eps: bool, resize: bool | None, overwrite: bool, resume: bool, quiet: bool) -> None:
     """Repair every image under INPUT into OUTPUT (same relative paths, lossless PNG) with a report."""
     from .bundle import Bundle
     from .folder import check_folders, repair_folder, summary_lines
@@ -110,8 +112,9 @@ def repair(bundle_dir: Path, input_dir: Path, output_dir: Path, eps: float, step
                                               "threshold": bundle.gate_threshold(gate_fpr)}
     except ValueError as e:                # BundleError too
         raise click.UsageError(str(e)) from None
+    resize = bundle.resize if resize is None else resize
     config = {"eps": eps, "steps": steps, "step_size": step_size, "seed": seed, "batch_size": batch_size,
-              "early_exit": early_exit, "backend": bundle.name, "tasks": bundle.tasks,
+              "early_exit": early_exit, "size": bundle.size, "backend": bundle.name, "tasks": bundle.tasks,
               "alpha": [bundle.alpha[t] for t in bundle.tasks], "device": "cpu",
               "objective": "plain" if bundle.levels is None else "clean", "levels": bundle.levels,
               "gate": gate, "weights": bundle.manifest["weights"], "threads": threads}

@@ -26,7 +26,7 @@ RGB_TO_YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.
 CROP_SCALE, CROP_RATIO = (0.2, 1.0), (3 / 4, 4 / 3)
 JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1)
 P_JITTER, P_GRAY, P_FLIP = 0.8, 0.2, 0.5
-SIZE, HOLE = 32, 16                            # image side; the inpainting hole's side
+SIZE = 32                                      # the default image side (CIFAR-10); draws take the images' own
 START = "start"                                # the stream of the random start (no task has this name)
 
 
@@ -112,26 +112,28 @@ def sample_views(rng: np.random.Generator, n: int, size: int = SIZE) -> dict[str
     return {"crop_y": f32(crop_y), "crop_x": f32(crop_x), "brightness": f32(b), "contrast": f32(c), "color": f32(color)}
 
 
-def centre_mask(size: int = SIZE, hole: int = HOLE) -> np.ndarray:
-    """1×size×size float32, 1 on the central hole×hole square (the inpainting task's dropped region)."""
+def centre_mask(size: int = SIZE, hole: int | None = None) -> np.ndarray:
+    """1×size×size float32, 1 on the central hole×hole square (the inpainting task's dropped region; default
+    size/2, a quarter of the image, as Pathak et al. drop)."""
+    hole = size // 2 if hole is None else hole
     mask = np.zeros((1, size, size), dtype=np.float32)
     lo = (size - hole) // 2
     mask[:, lo:lo + hole, lo:lo + hole] = 1
     return mask
 
 
-def _views(rng: np.random.Generator, views: int | None) -> dict[str, np.ndarray]:
-    params = sample_views(rng, views)
+def _views(rng: np.random.Generator, views: int | None, size: int) -> dict[str, np.ndarray]:
+    params = sample_views(rng, views, size)
     return {key: value.reshape(views, *value.shape[1:]) for key, value in params.items()}
 
 
-# One step's parameters of one image, by task (a "-head" task draws as its plain namesake).
+# One step's parameters of one image of side ``size``, by task (a "-head" task draws as its plain namesake).
 STEP_DRAWS = {
     "contrastive": _views,
     "consistency": _views,
-    "inpainting": lambda rng, views: {"mask": centre_mask()},
-    "rotation": lambda rng, views: {},
-    "hedge": lambda rng, views: {},
+    "inpainting": lambda rng, views, size: {"mask": centre_mask(size)},
+    "rotation": lambda rng, views, size: {},
+    "hedge": lambda rng, views, size: {},
 }
 
 
@@ -145,9 +147,11 @@ class StepDraws:
         for task in tasks:
             if task.removesuffix("-head") not in STEP_DRAWS:
                 raise ValueError(f"no draws known for task {task!r}; known: {', '.join(STEP_DRAWS)}")
+        if images.ndim != 4 or images.shape[2] != images.shape[3]:
+            raise ValueError(f"draws take square images B×3×S×S, not {images.shape}")
         self.tasks = dict(tasks)
         self.rngs = {task: [image_rng(seed, image, task) for image in images] for task in tasks}
-        self.size = len(images)
+        self.size, self.side = len(images), images.shape[-1]
 
     def next(self, rows: np.ndarray | list[int] | None = None) -> dict[str, dict[str, np.ndarray]]:
         """task -> key -> len(rows)×… : one step's parameters of the images at ``rows``."""
@@ -155,7 +159,7 @@ class StepDraws:
         out: dict[str, dict[str, np.ndarray]] = {}
         for task, views in self.tasks.items():
             draw = STEP_DRAWS[task.removesuffix("-head")]
-            per_image = [draw(self.rngs[task][i], views) for i in rows]
+            per_image = [draw(self.rngs[task][i], views, self.side) for i in rows]
             out[task] = {key: np.stack([p[key] for p in per_image]) for key in per_image[0]} if per_image else {}
         return out
 

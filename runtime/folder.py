@@ -16,13 +16,13 @@ import numpy as np
 from tqdm import tqdm
 
 from .files import write_csv, write_json
-from .imageio import IMAGE_EXTENSIONS, ImageRecord, encode_png, input_root, read_folder, write_png
+from .imageio import IMAGE_EXTENSIONS, SIZE, ImageRecord, encode_png, input_root, read_folder, write_png
 from .journal import JOURNAL, Journal, done_rows
 
 REPORT_FILES = ("report.json", "report.csv")
 CSV_COLUMNS = ("file", "status", "error", "notes", "output", "true_label", "pred_before", "pred_after",
                "label_before", "label_after", "ssl_loss_before", "ssl_loss_after", "linf", "gate_score", "gated_out")
-# images N×3×32×32 float32 -> per image: "image" (the 8-bit repaired image, 3×32×32) and its report fields
+# images N×3×S×S float32 -> per image: "image" (the 8-bit repaired image, 3×S×S) and its report fields
 BatchRepair = Callable[[np.ndarray], list[dict]]
 
 
@@ -94,11 +94,12 @@ class FolderPlan:
 
 def plan_folder(input_dir: Path, output_dir: Path, config: dict, resize: bool = False, overwrite: bool = False,
                 resume: bool = False, keep_images: bool = True) -> FolderPlan:
-    """Check the folders, read (or with ``keep_images=False`` only validate) every input, assign outputs, and open
-    the journal; with ``resume``, the images an earlier run of ``config`` finished are done already."""
+    """Check the folders, read (or with ``keep_images=False`` only validate) every input at the repair's
+    ``config["size"]`` (default 32), assign outputs, and open the journal; with ``resume``, the images an earlier
+    run of ``config`` finished are done already."""
     check_folders(input_dir, output_dir, overwrite, resume)
     done = done_rows(output_dir, config) if resume else {}
-    records = read_folder(input_dir, resize, keep_images)
+    records = read_folder(input_dir, resize, keep_images, config.get("size", SIZE))
     if not records:
         raise ValueError(f"no files under {input_dir} (looked recursively for images)")
     if all(rec.skipped for rec in records):
@@ -173,7 +174,7 @@ def repair_folder(repair_batch: BatchRepair, input_dir: Path, output_dir: Path, 
 def image_rows(repaired: np.ndarray, x: np.ndarray, pred_before: list[int], pred_after: list[int],
                before: dict[str, np.ndarray], after: dict[str, np.ndarray], total_before: np.ndarray,
                total_after: np.ndarray, classes: list[str], gate: dict[str, list] | None = None) -> list[dict]:
-    """The report fields of a repaired batch (8-bit ``repaired`` and inputs ``x``, N×3×32×32), per image."""
+    """The report fields of a repaired batch (8-bit ``repaired`` and inputs ``x``, N×3×S×S), per image."""
     linf = np.abs(repaired - x).max(axis=(1, 2, 3))
     return [{
         "image": repaired[i],

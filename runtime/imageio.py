@@ -1,5 +1,6 @@
-"""Image-folder IO with validation: every file under a folder is an input; each one is read into a 3×32×32 float32
-array in [0, 1] or gets a reason why not. Inputs are never modified; PNGs are written atomically."""
+"""Image-folder IO with validation: every file under a folder is an input; each one is read into a 3×S×S float32
+array in [0, 1] (S: the model set's working size) or gets a reason why not. Inputs are never modified; PNGs are
+written atomically."""
 from __future__ import annotations
 
 import io
@@ -7,14 +8,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .files import atomic_write
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
 # Files this tool writes beside images (cli.py attack, cli.py repair): listed as skipped, not as bad inputs.
 METADATA_FILES = ("labels.csv", "attack.json", "report.json", "report.csv", "report.jsonl")
-SIZE = 32
+SIZE = 32                                     # the shipped CIFAR-10 set's side; a model set's manifest gives its own
 
 
 class ImageError(ValueError):
@@ -24,7 +25,7 @@ class ImageError(ValueError):
 @dataclass
 class ImageRecord:
     rel: str                                  # path relative to the input folder, with '/'
-    image: np.ndarray | None = None           # 3×32×32 float32 in [0, 1]
+    image: np.ndarray | None = None           # 3×S×S float32 in [0, 1]
     error: str | None = None
     notes: list[str] = field(default_factory=list)
     skipped: bool = False                     # a metadata file of this tool, not an input
@@ -69,9 +70,18 @@ def centre_square(img: Image.Image) -> Image.Image:
     return img.crop((left, top, left + side, top + side))
 
 
-def read_image(path: Path, resize: bool = False) -> tuple[np.ndarray, list[str]]:
-    """(3×32×32 float32 in [0, 1], notes) or ImageError. ``resize``: another size is centre-cropped to a square
-    and scaled (bicubic) to 32×32."""
+def upright(img: Image.Image, notes: list[str]) -> Image.Image:
+    """``img`` turned as its EXIF orientation tag says (a phone photo taken sideways), with a note if it was."""
+    orientation = img.getexif().get(0x0112, 1)          # 0x0112: EXIF Orientation; 1 is upright
+    if orientation in (1, None):
+        return img
+    notes.append(f"turned upright by its EXIF orientation ({orientation})")
+    return ImageOps.exif_transpose(img)
+
+
+def read_image(path: Path, resize: bool = False, size: int = SIZE) -> tuple[np.ndarray, list[str]]:
+    """(3×size×size float32 in [0, 1], notes) or ImageError. ``resize``: another size is centre-cropped to a square
+    and scaled (bicubic) to size×size."""
     if not is_image_name(path):
         raise ImageError(f"not an image file ({path.suffix or 'no extension'}); "
                          f"readable types: {', '.join(IMAGE_EXTENSIONS)}")
@@ -79,18 +89,18 @@ def read_image(path: Path, resize: bool = False) -> tuple[np.ndarray, list[str]]
     try:
         with Image.open(path) as img:
             img.load()
-            rgb = to_rgb8(img, notes)
+            rgb = to_rgb8(upright(img, notes), notes)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"cannot read image: {e}") from None
-    if rgb.size != (SIZE, SIZE):
+    if rgb.size != (size, size):
         if not resize:
-            raise ImageError(f"image is {rgb.size[0]}×{rgb.size[1]}, the models take {SIZE}×{SIZE} "
+            raise ImageError(f"image is {rgb.size[0]}×{rgb.size[1]}, the models take {size}×{size} "
                              "(pass --resize to scale it)")
         w, h = rgb.size
         square = centre_square(rgb)
         cropped = f"centre-cropped to {square.size[0]}×{square.size[1]} and " if square.size != rgb.size else ""
-        notes.append(f"{cropped}resized from {w}×{h} to {SIZE}×{SIZE}")
-        rgb = square.resize((SIZE, SIZE), Image.Resampling.BICUBIC)
+        notes.append(f"{cropped}resized from {w}×{h} to {size}×{size}")
+        rgb = square.resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(rgb, dtype=np.uint8).transpose(2, 0, 1).astype(np.float32) / 255, notes
 
 
@@ -99,7 +109,7 @@ def input_root(path: Path) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def read_folder(root: Path, resize: bool = False, keep_images: bool = True) -> list[ImageRecord]:
+def read_folder(root: Path, resize: bool = False, keep_images: bool = True, size: int = SIZE) -> list[ImageRecord]:
     """A record per file under ``root`` (or for ``root`` itself where it is a file): its image (dropped again with
     ``keep_images=False``, where only its readability matters), or why it is not an input. Files that are not
     images by their extension (notes, metadata) are skipped, not errors; a file named as an image that cannot be
@@ -119,7 +129,7 @@ def read_folder(root: Path, resize: bool = False, keep_images: bool = True) -> l
             records.append(record)
             continue
         try:
-            image, record.notes = read_image(path, resize)
+            image, record.notes = read_image(path, resize, size)
             record.image = image if keep_images else None
         except ImageError as e:
             record.error = str(e)

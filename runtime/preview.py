@@ -8,7 +8,7 @@ import numpy as np
 from PIL import Image
 
 from .files import atomic_write
-from .imageio import input_root, read_image
+from .imageio import SIZE, input_root, read_image
 
 
 def check_preview_path(path: Path, overwrite: bool) -> None:
@@ -20,9 +20,9 @@ def check_preview_path(path: Path, overwrite: bool) -> None:
 
 
 def write_preview(report: dict, input_dir: Path, output_dir: Path, path: Path, classes: list[str],
-                  count: int = 8, resize: bool = False) -> int:
+                  count: int = 8, resize: bool = False, size: int = SIZE) -> int:
     """Write the picture of the first ``count`` repaired images to ``path`` (PNG); returns how many it shows.
-    ``classes``: the names of the true labels."""
+    ``classes``: the names of the true labels; ``size``: the side the inputs were read at."""
     try:
         import matplotlib
 
@@ -36,7 +36,7 @@ def write_preview(report: dict, input_dir: Path, output_dir: Path, path: Path, c
     base = input_root(input_dir)
     fig, axes = plt.subplots(2, len(rows), figsize=(1.6 * len(rows) + 0.6, 3.8), squeeze=False)
     for i, row in enumerate(rows):
-        before = read_image(base / row["file"], resize)[0]
+        before = read_image(base / row["file"], resize, size)[0]
         after = np.asarray(Image.open(output_dir / row["output"]).convert("RGB"))
         truth = f"true {classes[row['true_label']]}\n" if "true_label" in row else ""
         for ax, image, title in ((axes[0, i], before.transpose(1, 2, 0), f"{truth}{row['label_before']}"),

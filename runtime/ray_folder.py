@@ -51,8 +51,8 @@ class RepairActor:
     Each output row carries the time the actor's engine was ready, from which the driver tells Ray's start-up
     apart from the repair."""
 
-    def __init__(self, make_repair: Callable[[], BatchRepair], resize: bool) -> None:
-        self.make_repair, self.resize = make_repair, resize
+    def __init__(self, make_repair: Callable[[], BatchRepair], resize: bool, size: int = SIZE) -> None:
+        self.make_repair, self.resize, self.size = make_repair, resize, size
         self.repair: BatchRepair | None = None
         self.ready_at = 0.0
 
@@ -65,7 +65,7 @@ class RepairActor:
         images, errors = [], []
         for path in batch["path"]:
             try:
-                images.append(read_image(Path(path), self.resize)[0])
+                images.append(read_image(Path(path), self.resize, self.size)[0])
                 errors.append("")
             except ImageError as e:                 # the file changed between planning and repair
                 images.append(None)
@@ -73,7 +73,7 @@ class RepairActor:
         readable = [i for i, e in enumerate(errors) if not e]
         rows = self.repair(np.stack([images[i] for i in readable])) if readable else []
         out_rows = [""] * len(errors)
-        out_images = np.zeros((len(errors), 3, SIZE, SIZE), np.float32)   # one shape in every batch, for Arrow
+        out_images = np.zeros((len(errors), 3, self.size, self.size), np.float32)   # one shape in every batch (Arrow)
         for i, row in zip(readable, rows):
             out_images[i] = row.pop("image")
             out_rows[i] = json.dumps(row)
@@ -109,7 +109,8 @@ def repair_folder_ray(make_repair: Callable[[], BatchRepair], input_dir: Path, o
             with warnings.catch_warnings():     # max_restarts goes through ray_remote_args, deprecated from 2.60
                 warnings.simplefilter("ignore", DeprecationWarning)
                 results = ray.data.from_arrow(path_blocks(plan.todo, input_root(input_dir), batch_size)).map_batches(
-                    RepairActor, fn_constructor_args=(make_repair, resize), batch_size=batch_size,
+                    RepairActor, fn_constructor_args=(make_repair, resize, config.get("size", SIZE)),
+                    batch_size=batch_size,
                     compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=worker_cpus, num_gpus=worker_gpus,
                     batch_format="numpy", max_restarts=0)   # an actor that dies fails the run: no silent retry
             with tqdm(total=len(plan.todo), unit="img", desc="repair (ray)", disable=not progress) as bar:

@@ -9,7 +9,7 @@ from .draws import batch_draws, start_noise
 
 def repair_inputs(x0: np.ndarray, seed: int, eps: float, steps: int, step_size: float,
                   views: dict[str, int | None]) -> dict[str, np.ndarray]:
-    """Feeds of the ``repair`` graph for images x0 B×3×32×32 (float32 in [0, 1]); ``views`` maps each task of the
+    """Feeds of the ``repair`` graph for images x0 B×3×S×S (float32 in [0, 1]); ``views`` maps each task of the
     graph's objective, in its order, to its number of views (None where it draws none)."""
     x0 = np.ascontiguousarray(x0, dtype=np.float32)
     feeds = {"x0": x0, "noise": start_noise(x0, seed), "eps": np.array(eps, np.float32),

@@ -27,7 +27,7 @@ def start_point(x0: np.ndarray, seed: int, eps: float) -> np.ndarray:
 
 def repair_by_steps(run_step: RunStep, x0: np.ndarray, seed: int, eps: float, steps: int, step_size: float,
                     views: dict[str, int | None]) -> tuple[np.ndarray, np.ndarray]:
-    """(repaired images B×3×32×32, trace steps×B: the objective at the start of each step, NaN after an image left).
+    """(repaired images B×3×S×S, trace steps×B: the objective at the start of each step, NaN after an image left).
 
     ``views`` maps each task of the step graph's objective, in its order, to its number of views (None where it
     draws none). An image leaves at the first step where its objective is exactly zero."""

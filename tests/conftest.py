@@ -35,6 +35,7 @@ TINY_HEADS = {
 }
 EXAMPLES = ROOT / "examples" / "clean"
 SHIPPED = ROOT / "weights"
+IMAGENETTE_SAMPLE = ROOT.parent / "shared" / "data" / "imagenette" / "sample"
 
 
 def make_tiny_weights(out: Path) -> Path:
@@ -92,16 +93,15 @@ def fake_test_set(monkeypatch):
     """load_cifar10("test") -> the 64 example images (uint8) and their labels, for eval and attack tests."""
     import csv
 
-    import engine.attack_set
-    import engine.evaluate
+    import engine.datasets
     from engine.imageio import read_image
 
     with open(EXAMPLES / "labels.csv") as f:
         rows = list(csv.DictReader(f))
     x = torch.stack([(read_image(EXAMPLES / r["file"])[0] * 255).round().to(torch.uint8) for r in rows])
     y = torch.tensor([int(r["label"]) for r in rows])
-    for module in (engine.evaluate, engine.attack_set):
-        monkeypatch.setattr(module, "load_cifar10", lambda split="test", root=None: (x, y))
+    monkeypatch.setattr(engine.datasets, "load_cifar10", lambda split="test", root=None: (x, y))
+    monkeypatch.setattr(engine.datasets, "dataset_md5", lambda root=None: {"test_batch.bin": "0" * 32})
     return x, y
 
 

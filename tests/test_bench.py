@@ -53,11 +53,8 @@ def test_attack_signal_auc_is_the_mann_whitney_statistic():
 
 
 def test_sweep_runs_each_point_once_against_its_own_noise_control(tiny_weights, fake_test_set, tmp_path, monkeypatch):
-    import engine.calibration
     from bench import sweep as sw
 
-    x, y = fake_test_set
-    monkeypatch.setattr(engine.calibration, "load_cifar10", lambda split="train", root=None: (x, y))
     rows = sw.sweep(4, "mtl:clean", [8 / 255, 16 / 255], [1], [2], tmp_path, str(tiny_weights), 32)
     assert [(r["eps_r_255"], r["steps"], r["views"]) for r in rows] == [(8, 1, 2), (16, 1, 2)]
     # the shipped (tiny) calibration has 4 views: a 2-view one was measured beside the results

@@ -7,6 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import engine.datasets as datasets
 import engine.joint as joint
 from cli import main
 from engine.pipeline import load_pipeline
@@ -16,7 +17,7 @@ from tests.conftest import patch_small_cifar
 
 @pytest.fixture
 def small_data(monkeypatch):
-    patch_small_cifar(monkeypatch, joint, 64, 20)
+    patch_small_cifar(monkeypatch, datasets, 64, 20)
     monkeypatch.setattr(joint, "HEADS", {**joint.HEADS, "contrastive-head": ("ContrastiveNet",
                                                                              {"proj_dim": 16, "bank_size": 32})})
     for name in joint.JOINT_MODELS:

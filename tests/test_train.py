@@ -7,6 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
+import engine.datasets as datasets
 import engine.train as train
 from cli import main
 from engine.weights import load_model
@@ -24,7 +25,7 @@ EXPECTED_METRICS.update({f"{task}-head": EXPECTED_METRICS[task] for task in ("ro
 
 @pytest.fixture
 def small_data(monkeypatch):
-    patch_small_cifar(monkeypatch, train, 128, 40)
+    patch_small_cifar(monkeypatch, datasets, 128, 40)
     for name, config in TINY_CONFIGS.items():
         monkeypatch.setitem(train.PROFILES["cpu"], name,
                             {**train.PROFILES["cpu"][name], "config": config, "batch": 32, "epochs": 1})

@@ -21,16 +21,16 @@ from runtime.draws import GRAY_WEIGHTS
 from runtime.draws import sample_views as draw_views
 
 
-def sample_views(batch: int, views: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def sample_views(batch: int, views: int, generator: torch.Generator, size: int = 32) -> dict[str, torch.Tensor]:
     """Random parameters of ``views`` augmented views of each of ``batch`` images, for training (the repair draws per
     image: runtime/draws.py). Drawn by numpy from a seed taken from ``generator``, so a seeded run repeats.
 
-    Returns crop_y B×V×32×32, crop_x B×V×32×32 (flip folded in), brightness B×V, contrast B×V and
+    Returns crop_y B×V×S×S, crop_x B×V×S×S (S = ``size``, flip folded in), brightness B×V, contrast B×V and
     color B×V×3×3 (saturation, hue and grayscale composed).
     """
     rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,), generator=generator)))
     return {key: torch.from_numpy(value.reshape(batch, views, *value.shape[1:]))
-            for key, value in draw_views(rng, batch * views).items()}
+            for key, value in draw_views(rng, batch * views, size).items()}
 
 
 def apply_views(x: torch.Tensor, crop_y: torch.Tensor, crop_x: torch.Tensor, brightness: torch.Tensor,

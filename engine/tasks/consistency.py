@@ -20,7 +20,7 @@ def prediction_spread(probs: torch.Tensor) -> torch.Tensor:
 
 
 class ConsistencyTask(nn.Module):
-    """Shapes: x B×3×32×32 in [0, 1], params: V views per image, as the contrastive task's (runtime/draws.py)
+    """Shapes: x B×3×S×S in [0, 1], params: V views per image, as the contrastive task's (runtime/draws.py)
     -> loss B. ``net`` is the classifier (logits N×C)."""
 
     name = "consistency"

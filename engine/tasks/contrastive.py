@@ -40,7 +40,7 @@ def nt_xent_bank(z: torch.Tensor, bank: torch.Tensor, tau: float) -> torch.Tenso
 class ContrastiveTask(nn.Module):
     """Per-image contrastive loss over ``views`` augmented views (default 4, as in Mao et al.).
 
-    Shapes: x B×3×32×32 in [0, 1], params: V views per image (runtime/draws.py) -> loss B.
+    Shapes: x B×3×S×S in [0, 1], params: V views per image (runtime/draws.py) -> loss B.
     """
 
     name = "contrastive"

@@ -16,7 +16,7 @@ from torch import nn
 
 
 class HedgeTask(nn.Module):
-    """Shapes: x B×3×32×32 in [0, 1] -> loss B. ``net`` is the classifier (logits N×C)."""
+    """Shapes: x B×3×S×S in [0, 1] -> loss B. ``net`` is the classifier (logits N×C)."""
 
     name = "hedge"
 

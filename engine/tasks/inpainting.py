@@ -1,5 +1,5 @@
 """Inpainting with a context encoder (Pathak et al., 2016): L_i(x) = ‖M ⊙ (x − G((1 − M) ⊙ x))‖²₂, M = 1 on the
-dropped region (the 16×16 centre of a 32×32 image)."""
+dropped region (the S/2 × S/2 centre of an S×S image)."""
 from __future__ import annotations
 
 import torch
@@ -8,17 +8,17 @@ from torch import nn
 from runtime import draws
 
 
-def centre_mask(batch: int, device: torch.device | str | None = None,
-                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """B×1×32×32, 1 on the central 16×16 square (dropped), 0 on the context: runtime/draws.py's mask, batched."""
-    return torch.from_numpy(draws.centre_mask()).to(device, dtype).repeat(batch, 1, 1, 1)
+def centre_mask(batch: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32,
+                size: int = draws.SIZE) -> torch.Tensor:
+    """B×1×S×S, 1 on the central S/2 × S/2 square (dropped), 0 on the context: runtime/draws.py's mask, batched."""
+    return torch.from_numpy(draws.centre_mask(size)).to(device, dtype).repeat(batch, 1, 1, 1)
 
 
 class InpaintingTask(nn.Module):
     """Per-image inpainting loss: the squared error summed over the dropped region's pixels and channels.
 
     The mask is a parameter, not a constant, so that the exported loss graph takes it as an input and other masks
-    (random patches) can be drawn without touching the loss. Shapes: x B×3×32×32 in [0, 1], mask B×1×32×32 -> B.
+    (random patches) can be drawn without touching the loss. Shapes: x B×3×S×S in [0, 1], mask B×1×S×S -> B.
     """
 
     name = "inpainting"

@@ -14,7 +14,7 @@ def rotate_all(x: torch.Tensor) -> torch.Tensor:
 class RotationTask(nn.Module):
     """Per-image rotation loss. It has no randomness: it draws no parameters.
 
-    Shapes: x B×3×32×32 in [0, 1] -> loss B.
+    Shapes: x B×3×S×S in [0, 1] -> loss B.
     """
 
     name = "rotation"
