@@ -92,6 +92,8 @@ SET_MODELS = ("classifier", "contrastive", "rotation", "inpainting")
 @click.option("--standard", is_flag=True, help="Also train an undefended classifier (classifier-standard).")
 @click.option("--calibration-n", type=click.IntRange(min=10), default=2000, show_default=True,
               help="Clean training images whose SSL losses calibrate the repair.")
+@click.option("--objective", type=click.Choice(["plain", "clean"]), default="clean", show_default=True,
+              help="The objective of the exported repair graphs (as `cli.py export --objective`).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="torch threads (default: the cores not busy by the load average).")
@@ -99,8 +101,9 @@ SET_MODELS = ("classifier", "contrastive", "rotation", "inpainting")
 @click.option("--resume", is_flag=True, help="Continue a stopped run: finished models are kept, a model stopped "
                                              "mid-way continues from its last epoch.")
 @click.option("--overwrite", is_flag=True, help="Start again, replacing a model set in --out.")
-def train_set(data_root: str, size: int, out_dir: Path, profile: str, standard: bool, calibration_n: int, seed: int,
-              threads: int | None, device: str | None, resume: bool, overwrite: bool) -> None:
+def train_set(data_root: str, size: int, out_dir: Path, profile: str, standard: bool, calibration_n: int,
+              objective: str, seed: int, threads: int | None, device: str | None, resume: bool,
+              overwrite: bool) -> None:
     """Train a whole model set on a folder of images, in order: the robust classifier (and with --standard an
     undefended one), the contrastive, rotation and inpainting networks, the clean-loss calibration, and the ONNX
     export (OUT/onnx). Every model checkpoints each epoch; --resume continues a run that was stopped."""
@@ -141,7 +144,8 @@ def train_set(data_root: str, size: int, out_dir: Path, profile: str, standard: 
             stats = measure(pipeline, calibration_n, seed, data_root)
             save_calibration(stats, calibration, f"{base} (step calibration)", overwrite=True)
         log(f"[{steps}/{steps}] ONNX export to {out_dir / 'onnx'}")
-        manifest, notes = export_all(_load(weights=out_dir), out_dir / "onnx", overwrite, f"{base} (step export)")
+        manifest, notes = export_all(_load(weights=out_dir, objective=objective), out_dir / "onnx", overwrite,
+                                     f"{base} --objective {objective} (step export)")
     except (DataError, WeightsError, ExportError, ValueError) as e:
         raise click.UsageError(str(e)) from None
     for note in notes:

@@ -30,7 +30,7 @@ from runtime.imageio import read_folder
 
 BENCH_BACKENDS = ("torch", "onnxruntime", "tensorrt", "torch-compile")
 EXIT = "+exit"
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "clean"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
 def bench_names(names: list[str]) -> list[str]:
@@ -40,9 +40,16 @@ def bench_names(names: list[str]) -> list[str]:
     return list(dict.fromkeys(wanted))
 
 
-def bench_images(n: int) -> torch.Tensor:
-    """``n`` example images (repeated where n exceeds the examples): the same inputs for every backend."""
-    x = torch.stack([torch.from_numpy(r.image) for r in read_folder(EXAMPLES) if r.image is not None])
+def bench_images(n: int, inputs: dict | None = None, folder: Path | None = None) -> torch.Tensor:
+    """``n`` images (repeated where n exceeds them) at the model set's size: the same inputs for every backend.
+    Default: the examples of the model set's data set (examples/imagenette for an Imagenette set), else the
+    CIFAR-10 examples, centre-cropped and resized to the model set's size."""
+    inputs = inputs or {"size": 32, "dataset": "cifar10"}
+    if folder is None:
+        folder = EXAMPLES / inputs["dataset"]
+        folder = folder if folder.is_dir() else EXAMPLES / "clean"
+    records = read_folder(folder, resize=True, size=int(inputs["size"]))
+    x = torch.stack([torch.from_numpy(r.image) for r in records if r.image is not None])
     return x.repeat((n + len(x) - 1) // len(x), 1, 1, 1)[:n]
 
 
@@ -135,8 +142,8 @@ def run_bench(n: int = 64, backends: list[str] = list(BENCH_BACKENDS), device: s
     ``objective``: the repair's (clean, the CLI's default, is the one an early exit can shorten)."""
     if threads:
         torch.set_num_threads(threads)
-    x = bench_images(n)
     reference = load_pipeline(weights, device, views=views, objective=objective)
+    x = bench_images(n, reference.inputs)
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
               "n": n, "steps": steps, "views": views, "objective": objective, "precision": precision,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "backends": [], "parity": []}
