@@ -428,6 +428,7 @@ def _names(text: str, known, option: str) -> list[str]:
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Clean-loss statistics for :clean and :gate (default: calibration.json beside the weights).")
 @click.option("--attack-eps", type=FRACTION, default="8/255", show_default=True)
+@click.option("--attack-step", type=FRACTION, default=None, help="Step of the PGD attacks (default: --attack-eps / 4).")
 @click.option("--attack-steps", type=click.IntRange(min=1), default=20, show_default=True)
 @click.option("--lam", type=FRACTION, default="1", show_default=True, help="λ of the defense-aware attack.")
 @click.option("--bpda-steps", type=click.IntRange(min=1), default=10, show_default=True)
@@ -458,7 +459,8 @@ def _names(text: str, known, option: str) -> list[str]:
 def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_path: Path | None,
              markdown_path: Path | None, seed: int, eps_r: float, repair_steps: int, repair_step_size: float,
              views: int, alpha: str, level: float, gate_fpr: float, gate_tasks: str, defense: str,
-             calibration: Path | None, attack_eps: float, attack_steps: int, lam: float, bpda_steps: int, eot: int,
+             calibration: Path | None, attack_eps: float, attack_step: float | None, attack_steps: int, lam: float,
+             bpda_steps: int, eot: int,
              bpda_repair_steps: int, aa_iters: int, aa_targets: int, aa_eot: int, chunk: int, weights: Path | None,
              data_root: str | None, device: str,
              backend: str, onnx_dir: Path | None, precision: str, quiet: bool) -> None:
@@ -479,6 +481,7 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_pa
         raise click.BadParameter("no repair named", param_hint="--repairs")
     config = EvalConfig(n=n, seed=seed, attacks=_names(attacks, ATTACKS, "--attacks"),
                         repairs=list(dict.fromkeys(repair_names)), attack_eps=attack_eps,
+                        attack_step=attack_eps / 4 if attack_step is None else attack_step,
                         attack_steps=attack_steps, eps_r=eps_r, repair_steps=repair_steps,
                         repair_step_size=repair_step_size, views=views,
                         alpha=list(_parse_alpha(alpha, ["contrastive", "inpainting", "rotation"]).values()),

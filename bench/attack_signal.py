@@ -10,6 +10,8 @@ calibration, the gate's score (mean over the tasks of (L_k − clean median_k) /
     python -m bench.attack_signal --n 1000 --json results/ablation/attack_signal.json
     python -m bench.attack_signal --n 1000 --weights weights/joint-robust \
         --tasks contrastive-head,inpainting-head,rotation-head,consistency,hedge --json results/joint/signal_robust.json
+    python -m bench.attack_signal --n 3925 --weights weights/imagenette --tasks contrastive,inpainting,rotation \
+        --data $IMAGENETTE_ROOT --attack-eps 4/255 --json results/imagenette/signal_eps4.json
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from engine.evaluate import eval_subset
 from engine.heads import HEAD_TASKS
 from engine.pipeline import DEFAULT_TASKS, load_pipeline
 from engine.weights import WeightsError
+from runtime.cli import FRACTION
 from runtime.files import write_json
 
 
@@ -38,7 +41,9 @@ def auc(negatives: torch.Tensor, positives: torch.Tensor) -> float:
 
 
 def measure(n: int, seed: int, eps_r: float, weights: Path | None = None, tasks: list[str] | None = None,
-            threads: int | None = None, chunk: int = 100) -> dict:
+            threads: int | None = None, chunk: int = 100, data: str | None = None,
+            attack_eps: float = 8 / 255) -> dict:
+    """``data``: the test images' folder (None: CIFAR-10); PGD-20 at ``attack_eps``, step ``attack_eps``/4."""
     if threads:
         torch.set_num_threads(threads)
     tasks = tasks or [*DEFAULT_TASKS, *HEAD_TASKS]
@@ -47,12 +52,12 @@ def measure(n: int, seed: int, eps_r: float, weights: Path | None = None, tasks:
         calibration, note = load_calibration(calibration_path(weights), tasks, p.manifests, 4), None
     except WeightsError as e:
         calibration, note = None, f"no gate score: {e}"
-    x, y, _ = eval_subset(n, seed)
+    x, y, _ = eval_subset(n, seed, data, p.inputs)
     losses: dict[str, dict[str, list[torch.Tensor]]] = {s: {t: [] for t in tasks} for s in ("clean", "pgd", "noise")}
     for start in range(0, n, chunk):
         xc, yc = x[start:start + chunk], y[start:start + chunk]
         # the attack of `cli.py eval` (same seeds for the same chunk size)
-        pgd = PGD(p.classifier, 8 / 255, 2 / 255, 20, generator=torch.Generator().manual_seed(seed + start))
+        pgd = PGD(p.classifier, attack_eps, attack_eps / 4, 20, generator=torch.Generator().manual_seed(seed + start))
         attacked = pgd(xc, yc)
         noise = torch.rand(xc.shape, generator=torch.Generator().manual_seed(seed + start))
         noisy = (xc + (2 * noise - 1) * eps_r).clamp(0, 1)
@@ -64,7 +69,8 @@ def measure(n: int, seed: int, eps_r: float, weights: Path | None = None, tasks:
     scores = {t: {s: per_set[s][t] for s in per_set} for t in tasks}
     if calibration is not None:
         scores["gate score"] = {s: calibration.score(per_set[s]) for s in per_set}
-    result = {"n": n, "seed": seed, "noise_eps": eps_r, "threads": torch.get_num_threads(), "note": note,
+    result = {"n": n, "seed": seed, "noise_eps": eps_r, "attack_eps": attack_eps, "data": data or "cifar10",
+              "size": p.size, "threads": torch.get_num_threads(), "note": note,
               "weights": {k: m["sha256"] for k, m in p.manifests.items()}, "tasks": {}}
     for name, by_set in scores.items():
         clean, pgd, noisy = by_set["clean"], by_set["pgd"], by_set["noise"]
@@ -92,10 +98,14 @@ def main() -> None:
     parser.add_argument("--weights", type=Path, default=None, help="weights folder (default: the shipped weights/)")
     parser.add_argument("--tasks", default=None, help="comma-separated (default: the six shipped networks)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--data", default=None, help="test images: a folder (default: CIFAR-10)")
+    parser.add_argument("--attack-eps", type=lambda v: FRACTION.convert(v, None, None), default=8 / 255,
+                        help="PGD-20's ε, e.g. 4/255")
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     tasks = args.tasks.split(",") if args.tasks else None
-    result = measure(args.n, args.seed, args.eps_r, args.weights, tasks, args.threads)
+    result = measure(args.n, args.seed, args.eps_r, args.weights, tasks, args.threads, data=args.data,
+                     attack_eps=args.attack_eps)
     for name, row in result["tasks"].items():
         print(f"{name:>18}: AUC clean vs PGD {row['auc_clean_vs_pgd']:.3f} (noise {row['auc_clean_vs_noise']:.3f}), "
               f"shift {row['shift_pgd_in_clean_iqr']:+.3f} clean IQR, raised for {row['fraction_raised_by_pgd']:.1%}")

@@ -18,7 +18,7 @@ Example::
     clf = PyTorchClassifier(p.classifier, loss=torch.nn.CrossEntropyLoss(), input_shape=(3, 32, 32),
                             nb_classes=10, clip_values=(0, 1),
                             preprocessing_defences=[RepairPreprocessor(p, steps=10)])
-    x_adv = ProjectedGradientDescent(clf, eps=8/255, eps_step=2/255, max_iter=20).generate(x)  # x: N×3×32×32
+    x_adv = ProjectedGradientDescent(clf, eps=8/255, eps_step=2/255, max_iter=20).generate(x)  # x: N×3×32×32 (CIFAR)
 """
 from __future__ import annotations
 
@@ -36,7 +36,7 @@ from .defended import Purifier
 
 
 class RepairPreprocessor(PreprocessorPyTorch):
-    """x N×3×32×32 float in [0, 1] -> (repaired x, y unchanged); applied on predictions (and, with
+    """x N×3×S×S float in [0, 1] -> (repaired x, y unchanged); applied on predictions (and, with
     ``apply_fit=True``, before training). ``eps``, ``steps``, ``step_size``, ``seed``: the repair's."""
 
     def __init__(self, pipeline, eps: float = 16 / 255, steps: int = 40, step_size: float = 2 / 255, seed: int = 0,

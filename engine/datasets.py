@@ -11,8 +11,9 @@
 - every image is read as the repair reads it (runtime.imageio.read_image: greyscale, palette, alpha, CMYK, 16-bit
   and EXIF-rotated images converted, centre-cropped to a square, resized bicubic to S), so a network sees in
   training what it sees in front of a user; a file that cannot be decoded is skipped and named in ``skipped``;
-- decoded once, then cached as uint8 (``$MSSL_CACHE``, default ``~/.cache/mssl-repair``) under a key of the file
-  list, their sizes and mtimes and S: an epoch, or the next command, never decodes a JPEG again.
+- decoded once, then cached as uint8 (``$MSSL_REPAIR_CACHE``, default ``~/.cache/mssl-repair``; the export cache's
+  folder) under a key of the file list, their sizes and mtimes and S: an epoch, or the next command, never decodes a
+  JPEG again.
 """
 from __future__ import annotations
 
@@ -140,7 +141,7 @@ def cache_key(folder: Path, files: list[Path], classes: list[str], size: int) ->
 
 
 def cache_root(cache_dir: str | os.PathLike | None = None) -> Path:
-    return Path(cache_dir or os.environ.get("MSSL_CACHE") or Path.home() / ".cache" / "mssl-repair").expanduser()
+    return Path(cache_dir or os.environ.get("MSSL_REPAIR_CACHE") or Path.home() / ".cache" / "mssl-repair").expanduser()
 
 
 def cached_decode(folder: Path, files: list[Path], classes: list[str], size: int,

@@ -1,5 +1,5 @@
 """The repair as a module that attack libraries can run: ``Purifier`` (x -> repaired x) and ``DefendedClassifier``
-(x -> logits of the classifier on the repaired x), both on [0, 1] inputs N×3×32×32.
+(x -> logits of the classifier on the repaired x), both on [0, 1] inputs N×3×S×S (S: the model set's size).
 
 With ``bpda=True`` the backward pass treats the repair as the identity (BPDA, Athalye et al., ICML 2018): the
 attacker's gradient is the classifier's gradient at the repaired image, the standard adaptive evaluation of a
@@ -50,7 +50,7 @@ class Purifier(nn.Module):
 
 
 class DefendedClassifier(nn.Module):
-    """x N×3×32×32 in [0, 1] -> logits N×C of ``pipeline.classifier`` on the repaired x (a ``Purifier`` with the
+    """x N×3×S×S in [0, 1] -> logits N×C of ``pipeline.classifier`` on the repaired x (a ``Purifier`` with the
     same arguments in front of it)."""
 
     def __init__(self, pipeline, bpda: bool = True, eps: float = 16 / 255, steps: int = 40,

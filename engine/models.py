@@ -156,8 +156,8 @@ class ContextEncoder(nn.Module):
 
 class RotationHead(nn.Module):
     """Rotation prediction on a classifier's backbone (Hendrycks et al., 2019; Mao et al., 2021): an MLP on the
-    last map, average-pooled to 4×4 (it is 4×4 at S = 32, and at 64 behind a stride-2 stem). The map, not the pooled vector: which way is up lives in
-    the spatial layout, which the global average pool throws away. Output: logits N×4."""
+    last map, average-pooled to 4×4 (it is 4×4 at S = 32, and at 64 behind a stride-2 stem). The map, not the pooled
+    vector: which way is up lives in the spatial layout, which the global average pool throws away. Output: N×4."""
 
     def __init__(self, widths: tuple[int, int, int] = (32, 128, 128), hidden: int = 256, mean: Stats = CIFAR_MEAN,
                  std: Stats = CIFAR_STD, stem_stride: int = 1) -> None:

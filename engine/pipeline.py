@@ -171,9 +171,8 @@ def load_pipeline(weights: str | os.PathLike | None = None, device: str | torch.
     threads (torch's are the process's: ``torch.set_num_threads``).
 
     ``classifier``: your own classifier instead of the shipped one — an ``nn.Module`` in eval mode, on ``device``,
-    taking N×3×S×S images in [0, 1] (S: the model set's size; normalize inside it), or the path of an ONNX file of such
-    a classifier
-    (``engine.foreign.OnnxClassifier``: predictions by onnxruntime, at ``threads``). The repair's
+    taking N×3×S×S images in [0, 1] (S: the model set's size; normalize inside it), or the path of an ONNX file of
+    such a classifier (``engine.foreign.OnnxClassifier``: predictions by onnxruntime, at ``threads``). The repair's
     tasks must then be ones that do not read the shipped classifier's features (not the heads); consistency and
     hedge need a PyTorch module; the backend is torch. Raises ``engine.foreign.ClassifierError`` otherwise.
 

@@ -276,7 +276,8 @@ def knn_accuracy(model: nn.Module, data: dict, device: torch.device, k: int = 20
     train_y, correct = data["train_y"], 0
     for i in range(0, len(test_f), 1000):
         sim, nn_idx = (test_f[i:i + 1000] @ train_f.T).topk(k, dim=1)
-        votes = torch.zeros(len(sim), int(train_y.max()) + 1).scatter_add_(1, train_y[nn_idx], (sim / temperature).exp())
+        votes = torch.zeros(len(sim), int(train_y.max()) + 1)
+        votes.scatter_add_(1, train_y[nn_idx], (sim / temperature).exp())
         correct += (votes.argmax(1) == data["test_y"][i:i + 1000]).sum().item()
     return correct / len(test_f)
 

@@ -42,7 +42,7 @@ def set64(tmp_path_factory):
     leaves so small that float32 rounding flips sign steps (tests/test_runtime.py says the same of random nets)."""
     monkeypatch = pytest.MonkeyPatch()
     tiny_profile(monkeypatch)
-    monkeypatch.setenv("MSSL_CACHE", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.setenv("MSSL_REPAIR_CACHE", str(tmp_path_factory.mktemp("cache")))
     out = tmp_path_factory.mktemp("set64") / "photos"
     result = CliRunner().invoke(main, ["train-set", "--data", str(IMAGENETTE_SAMPLE), "--size", "64", "--out",
                                        str(out), "--calibration-n", "50", "--threads", "1", "--objective", "plain"])
@@ -56,10 +56,10 @@ def photos(tmp_path):
     """Eight 224×224 val JPEGs, as they come, with their labels."""
     folder = tmp_path / "photos"
     folder.mkdir()
-    rows = []
-    for i, path in enumerate(sorted((IMAGENETTE_SAMPLE / "val").glob("*/*.JPEG"))[::12][:8]):
+    rows, classes = [], sorted(p.name for p in (IMAGENETTE_SAMPLE / "val").iterdir())
+    for path in sorted((IMAGENETTE_SAMPLE / "val").glob("*/*.JPEG"))[::12][:8]:
         shutil.copy(path, folder / path.name)
-        rows.append(f"{path.name},{sorted(p.name for p in (IMAGENETTE_SAMPLE / 'val').iterdir()).index(path.parent.name)}")
+        rows.append(f"{path.name},{classes.index(path.parent.name)}")
     (folder / "labels.csv").write_text("file,label\n" + "\n".join(rows) + "\n")
     return folder
 
@@ -99,7 +99,7 @@ def test_torch_and_the_runtime_repair_photos_alike(set64, photos, tmp_path):
 
 
 def test_a_stopped_training_run_resumes_into_the_same_weights(tmp_path, monkeypatch):
-    monkeypatch.setenv("MSSL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MSSL_REPAIR_CACHE", str(tmp_path / "cache"))
     tiny_profile(monkeypatch, epochs=3)
     args = ("rotation", "folder-cpu", str(IMAGENETTE_SAMPLE))
     train.train_model(*args, out_dir=str(tmp_path / "whole"), size=64)
@@ -114,7 +114,7 @@ def test_a_stopped_training_run_resumes_into_the_same_weights(tmp_path, monkeypa
     with pytest.raises(KeyboardInterrupt):
         train.train_model(*args, out_dir=str(tmp_path / "stopped"), size=64)
     monkeypatch.undo()
-    monkeypatch.setenv("MSSL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MSSL_REPAIR_CACHE", str(tmp_path / "cache"))
     tiny_profile(monkeypatch, epochs=3)
     with pytest.raises(WeightsError, match="pass --resume"):
         train.train_model(*args, out_dir=str(tmp_path / "stopped"), size=64)
@@ -166,3 +166,31 @@ def test_sizes_that_disagree_are_refused_with_both_named(set64, photos, tmp_path
         "image is 224×224, the models take 64×64 (pass --resize to scale it)"}
     with pytest.raises(ValueError, match="take 64×64 images, got 32×32"):
         load_pipeline(set64, tasks=["rotation"], objective="plain").repair(torch.rand(1, 3, 32, 32), steps=1)
+
+
+def test_heads_and_a_joint_model_at_64(set64, tmp_path, monkeypatch):
+    import engine.joint as joint
+
+    monkeypatch.setenv("MSSL_REPAIR_CACHE", str(tmp_path / "cache"))
+    base = tmp_path / "base"
+    shutil.copytree(set64, base, ignore=shutil.ignore_patterns("onnx"))
+    heads = {"rotation-head": {"hidden": 16}, "inpainting-head": {"width": 8},
+             "contrastive-head": {"proj_dim": 16, "bank_size": 64}}
+    for name, config in heads.items():
+        monkeypatch.setitem(train.PROFILES["folder-cpu"], name, {**train.PROFILES["folder-cpu"][name],
+                                                                 "config": config, "batch": 32, "epochs": 1})
+        result = CliRunner().invoke(main, ["train", name, "--profile", "folder-cpu", "--data", str(IMAGENETTE_SAMPLE),
+                                           "--size", "64", "--out", str(base)])
+        assert result.exit_code == 0, result.output
+    p = load_pipeline(base, tasks=list(heads), objective="plain")
+    assert p.size == 64 and p.repair(torch.rand(2, 3, 64, 64), steps=1).shape == (2, 3, 64, 64)
+    monkeypatch.setattr(joint, "HEADS", {**joint.HEADS, "contrastive-head": ("ContrastiveNet",
+                                                                             {"proj_dim": 16, "bank_size": 32})})
+    monkeypatch.setitem(joint.JOINT_PROFILES["cpu"], "joint-robust",
+                        {**joint.JOINT_PROFILES["cpu"]["joint-robust"], "batch": 32, "epochs": 1})
+    result = CliRunner().invoke(main, ["train", "joint-robust", "--base", str(base), "--out", str(tmp_path / "joint"),
+                                       "--data", str(IMAGENETTE_SAMPLE)])
+    assert result.exit_code == 0, result.output
+    p = load_pipeline(tmp_path / "joint", tasks=[*heads, "consistency"], objective="plain")
+    assert p.size == 64 and p.class_names[0] == "tench"
+    assert p.ssl_loss(torch.rand(2, 3, 64, 64)).shape == (2,)

@@ -132,7 +132,7 @@ def test_unlabelled_images_and_bad_data_arguments(tmp_path):
 
 
 def test_scoring_maps_folder_classes_to_the_model_sets_by_name(photo_folder, tmp_path, monkeypatch):
-    monkeypatch.setenv("MSSL_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("MSSL_REPAIR_CACHE", str(tmp_path / "cache"))
     inputs = {"size": 32, "dataset": "photos", "classes": ["dögs", "birds", "cats"]}
     x, y = datasets.model_set_split(photo_folder, "test", inputs, labelled=True)
     assert sorted(y.tolist()) == [0, 0, 0, 2, 2, 2]

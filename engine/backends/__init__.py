@@ -22,7 +22,7 @@ class ForwardBackend(Protocol):
     name: str
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        """Classifier logits N×10 of images N×3×32×32 in [0, 1]."""
+        """Classifier logits N×C of images N×3×S×S in [0, 1]."""
 
     def task_losses(self, x: torch.Tensor, params: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
         """Each task's per-image loss (Tensor[N]) with the given sampled parameters."""
