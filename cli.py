@@ -12,13 +12,13 @@ import click
 from runtime.cli import FRACTION, checked_eps, default_threads
 
 MODELS = ("classifier", "contrastive", "inpainting", "rotation", "contrastive-head", "inpainting-head",
-          "rotation-head", "classifier-standard")
+          "rotation-head", "classifier-standard", "inpainting-patches")
 PROFILES = ("cpu", "gpu", "folder-cpu")              # engine/train.py's PROFILES (tests check the two agree)
 JOINT_MODELS = ("joint-robust", "joint-standard")     # engine/joint.py (kept here: --help imports no torch)
 # engine.tasks.TASKS's names, kept here so that a mistyped argument is answered before torch loads (tests check
 # the two agree)
 TASK_NAMES = ("contrastive", "inpainting", "rotation", "contrastive-head", "inpainting-head", "rotation-head",
-              "consistency", "hedge")
+              "inpainting-patches", "consistency", "hedge")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

@@ -14,9 +14,12 @@ import time
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from runtime import draws
 
 from .attacks import PGD
 from .checkpoint import Checkpoint
@@ -44,6 +47,9 @@ PROFILES: dict[str, dict[str, dict]] = {
                          lr=0.2, weight_decay=5e-4),
         "inpainting": dict(architecture="ContextEncoder", config=dict(width=32), epochs=6, batch=256, lr=2e-3,
                            weight_decay=1e-4),
+        # The same net dropping 4 random patches of a quarter side each (runtime/draws.py's patch_mask)
+        "inpainting-patches": dict(architecture="ContextEncoder", config=dict(width=32), epochs=6, batch=256,
+                                   lr=2e-3, weight_decay=1e-4, mask="patches"),
         # Heads on the classifier's frozen backbone (engine/heads.py): only the head trains, so an epoch costs about
         # one backbone forward per view (3 min for the contrastive head, 2.5 min for rotation's four).
         # 1 rotation epoch reached 65.2 % rotation accuracy (the independent net: 83.6 %), hence 3. A head's widths
@@ -74,6 +80,8 @@ PROFILES: dict[str, dict[str, dict]] = {
                          batch=128, lr=0.1, weight_decay=5e-4),
         "inpainting": dict(architecture="ContextEncoder", config=dict(width=32), epochs=12, batch=128, lr=2e-3,
                            weight_decay=1e-4),
+        "inpainting-patches": dict(architecture="ContextEncoder", config=dict(width=32), epochs=12, batch=128,
+                                   lr=2e-3, weight_decay=1e-4, mask="patches"),
         "contrastive-head": dict(architecture="ContrastiveNet", config=dict(proj_dim=64, bank_size=4096),
                                  backbone="classifier", epochs=5, batch=128, lr=2e-3, weight_decay=1e-4, tau=0.2),
         "rotation-head": dict(architecture="RotationHead", config=dict(), backbone="classifier", epochs=5,
@@ -91,6 +99,8 @@ PROFILES: dict[str, dict[str, dict]] = {
                          lr=0.2, weight_decay=5e-4),
         "inpainting": dict(architecture="ContextEncoder", config=dict(width=64), epochs=40, batch=512, lr=2e-3,
                            weight_decay=1e-4),
+        "inpainting-patches": dict(architecture="ContextEncoder", config=dict(width=64), epochs=40, batch=512,
+                                   lr=2e-3, weight_decay=1e-4, mask="patches"),
         "contrastive-head": dict(architecture="ContrastiveNet", config=dict(proj_dim=128, bank_size=8192),
                                  backbone="classifier", epochs=20, batch=512, lr=2e-3, weight_decay=1e-4, tau=0.2),
         "rotation-head": dict(architecture="RotationHead", config=dict(), backbone="classifier", epochs=10,
@@ -287,20 +297,31 @@ def train_inpainting(model: nn.Module, cfg: dict, data: dict, generator: torch.G
 
     def masked_mse(idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         x = crop_flip(x, generator)
-        mask = centre_mask(len(x), device=device, size=x.shape[-1])
+        seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+        mask = inpainting_masks(cfg.get("mask", "centre"), len(x), x.shape[-1], seed).to(device)
         return ((model(x, mask) - x) ** 2 * mask).sum() / (mask.sum() * 3)
 
     run_epochs(model, cfg, data["train_x"], generator, device, masked_mse, adamw(model, cfg), "inpainting",
                checkpoint)
     model.eval()
-    return model, inpainting_metrics(model, data, device)
+    return model, inpainting_metrics(model, data, device, cfg.get("mask", "centre"))
 
 
-def inpainting_metrics(model: nn.Module, data: dict, device: torch.device) -> dict:
-    """Test-set squared error in the dropped centre, against filling it with the image's mean context colour."""
+def inpainting_masks(kind: str, n: int, size: int, seed: int) -> torch.Tensor:
+    """n×1×size×size: the centre hole, or (``kind`` "patches") each image's random patches drawn as the repair draws
+    them (runtime/draws.py)."""
+    if kind == "patches":
+        rng = np.random.default_rng(seed)
+        return torch.from_numpy(np.stack([draws.patch_mask(rng, size) for _ in range(n)]))
+    return centre_mask(n, size=size)
+
+
+def inpainting_metrics(model: nn.Module, data: dict, device: torch.device, kind: str = "centre") -> dict:
+    """Test-set squared error in the dropped region (the centre, or random patches drawn from a fixed seed), against
+    filling it with the image's mean context colour."""
 
     def errors(x: torch.Tensor) -> torch.Tensor:
-        mask = centre_mask(len(x), device=x.device, size=x.shape[-1])
+        mask = inpainting_masks(kind, len(x), x.shape[-1], seed=0).to(x.device)
         per_pixel = 3 * mask.sum((1, 2, 3))
         context_mean = (x * (1 - mask)).sum((2, 3), keepdim=True) / (1 - mask).sum((2, 3), keepdim=True)
         model_err = ((model(x, mask) - x) ** 2 * mask).sum((1, 2, 3)) / per_pixel
@@ -312,7 +333,8 @@ def inpainting_metrics(model: nn.Module, data: dict, device: torch.device) -> di
 
 
 RECIPES = {"classifier": train_classifier, "contrastive": train_contrastive, "rotation": train_rotation,
-           "inpainting": train_inpainting, "classifier-standard": train_classifier}
+           "inpainting": train_inpainting, "classifier-standard": train_classifier,
+           "inpainting-patches": train_inpainting}
 RECIPES.update({head: RECIPES[base_task(head)] for head in HEAD_TASKS})
 CLASSIFIERS = ("classifier", "classifier-standard")
 

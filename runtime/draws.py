@@ -122,6 +122,18 @@ def centre_mask(size: int = SIZE, hole: int | None = None) -> np.ndarray:
     return mask
 
 
+def patch_mask(rng: np.random.Generator, size: int = SIZE, patches: int = 4) -> np.ndarray:
+    """1×size×size float32, 1 on ``patches`` random squares of side size/4 (they may overlap: at most a quarter of the
+    image dropped, as the centre hole drops): the random-region masks Pathak et al. found to learn more general
+    features than one central hole, which Lawhon & Ducrest suggest for the repair's inpainting task."""
+    side = size // 4
+    mask = np.zeros((1, size, size), dtype=np.float32)
+    tops, lefts = rng.integers(0, size - side + 1, (2, patches))
+    for top, left in zip(tops, lefts):
+        mask[:, top:top + side, left:left + side] = 1
+    return mask
+
+
 def _views(rng: np.random.Generator, views: int | None, size: int) -> dict[str, np.ndarray]:
     params = sample_views(rng, views, size)
     return {key: value.reshape(views, *value.shape[1:]) for key, value in params.items()}
@@ -132,6 +144,7 @@ STEP_DRAWS = {
     "contrastive": _views,
     "consistency": _views,
     "inpainting": lambda rng, views, size: {"mask": centre_mask(size)},
+    "inpainting-patches": lambda rng, views, size: {"mask": patch_mask(rng, size)},
     "rotation": lambda rng, views, size: {},
     "hedge": lambda rng, views, size: {},
 }

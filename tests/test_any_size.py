@@ -194,3 +194,19 @@ def test_heads_and_a_joint_model_at_64(set64, tmp_path, monkeypatch):
     p = load_pipeline(tmp_path / "joint", tasks=[*heads, "consistency"], objective="plain")
     assert p.size == 64 and p.class_names[0] == "tench"
     assert p.ssl_loss(torch.rand(2, 3, 64, 64)).shape == (2,)
+
+
+def test_inpainting_with_random_patches_trains_and_repairs(set64, tmp_path, monkeypatch):
+    monkeypatch.setenv("MSSL_REPAIR_CACHE", str(tmp_path / "cache"))
+    base = tmp_path / "base"
+    shutil.copytree(set64, base, ignore=shutil.ignore_patterns("onnx"))
+    monkeypatch.setitem(train.PROFILES["folder-cpu"], "inpainting-patches",
+                        {**train.PROFILES["folder-cpu"]["inpainting-patches"], "config": {"width": 8}, "batch": 32,
+                         "epochs": 1})
+    result = CliRunner().invoke(main, ["train", "inpainting-patches", "--profile", "folder-cpu", "--data",
+                                       str(IMAGENETTE_SAMPLE), "--size", "64", "--out", str(base)])
+    assert result.exit_code == 0, result.output
+    assert json.loads((base / "inpainting-patches.json").read_text())["recipe"]["mask"] == "patches"
+    p = load_pipeline(base, tasks=["inpainting-patches", "rotation"], objective="plain")
+    x = torch.rand(2, 3, 64, 64)
+    assert not torch.equal(p.repair(x, steps=2), x)

@@ -73,3 +73,17 @@ def test_draws_run_where_torch_cannot_be_imported():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=Path(__file__).resolve().parent.parent)
     assert out.stdout.strip() == "(1, 1, 4, 32, 32)"
+
+
+def test_draws_take_the_images_size_and_patch_masks_move_each_step():
+    images = np.random.default_rng(1).random((3, 3, 64, 64), dtype=np.float32)
+    params = draws.batch_draws(images, 0, {"contrastive": 2, "inpainting": None, "inpainting-patches": None}, steps=4)
+    assert params["contrastive"]["crop_y"].shape == (4, 3, 2, 64, 64)
+    centre = params["inpainting"]["mask"]
+    assert centre.shape == (4, 3, 1, 64, 64) and (centre.sum((2, 3, 4)) == 32 * 32).all()
+    patches = params["inpainting-patches"]["mask"]
+    covered = patches.sum((2, 3, 4))
+    assert ((covered >= 16 * 16) & (covered <= 4 * 16 * 16)).all()       # 4 squares of side 16, overlap allowed
+    assert not np.array_equal(patches[0], patches[1])                    # fresh patches every step
+    again = draws.batch_draws(images[1:2], 0, {"inpainting-patches": None}, steps=4)["inpainting-patches"]["mask"]
+    np.testing.assert_array_equal(again[:, 0], patches[:, 1])            # the image's own stream
