@@ -17,6 +17,7 @@ from pathlib import Path
 
 import click
 import numpy as np
+from PIL import Image
 
 from engine.evaluate import mcnemar_exact, wilson_interval
 from runtime.imageio import read_image
@@ -36,8 +37,8 @@ def compare(out_a: Path, out_b: Path, labels: Path | None = None) -> dict:
     result = {"a": str(out_a), "b": str(out_b), "n": len(files), "only_one": len(set(a) ^ set(b)),
               "prediction_agreement": float(np.mean([a[f]["pred_after"] == b[f]["pred_after"] for f in files]))}
     # the written PNG's path: the input's, with .png (and renamed where two inputs would clash)
-    differing = [np.mean(read_image(out_a / a[f]["output"])[0] != read_image(out_b / b[f]["output"])[0])
-                 for f in files]
+    read = lambda path: read_image(path, size=Image.open(path).size[0])[0]     # a repaired PNG is S×S
+    differing = [np.mean(read(out_a / a[f]["output"]) != read(out_b / b[f]["output"])) for f in files]
     result["pixels_differing"] = {"mean": float(np.mean(differing)), "max": float(np.max(differing)),
                                   "images_identical": int(sum(d == 0 for d in differing))}
     if labels is not None:

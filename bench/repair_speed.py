@@ -33,8 +33,9 @@ def time_repair(pipeline, x: torch.Tensor, steps: int) -> float:
 @click.option("--steps", type=click.IntRange(min=1), default=40, show_default=True)
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def main(input_dir: Path, weights: str | None, steps: int, json_path: Path | None) -> None:
-    x = torch.stack([torch.from_numpy(r.image) for r in read_folder(input_dir) if r.image is not None])
     full = load_pipeline(weights, objective="plain")
+    x = torch.stack([torch.from_numpy(r.image) for r in read_folder(input_dir, resize=True, size=full.size)
+                     if r.image is not None])
     time_repair(full, x[:2], 1)                                    # warm-up: first-call allocations
     seconds = time_repair(full, x, steps)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
