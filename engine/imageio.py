@@ -8,9 +8,9 @@ import torch
 from runtime import imageio
 
 
-def read_image(path: Path, resize: bool = False) -> tuple[torch.Tensor, list[str]]:
-    """(3×32×32 float32 tensor in [0, 1], notes) or ImageError."""
-    image, notes = imageio.read_image(path, resize)
+def read_image(path: Path, resize: bool = False, size: int = imageio.SIZE) -> tuple[torch.Tensor, list[str]]:
+    """(3×size×size float32 tensor in [0, 1], notes) or ImageError."""
+    image, notes = imageio.read_image(path, resize, size)
     return torch.from_numpy(image), notes
 
 

@@ -65,3 +65,29 @@ def test_shipped_calibration_matches_the_shipped_weights():
 
     p = load_pipeline(tasks=NAMES[1:], objective="clean", gate_fpr=0.05)     # raises where stale or incomplete
     assert p.gate.threshold > 0 and all(v > 0 for v in p.objective.levels.values())
+
+
+IMAGENETTE = SHIPPED / "imagenette"
+IMAGENETTE_EXAMPLES = EXAMPLES.parent / "imagenette"
+
+
+@pytest.mark.skipif(not (IMAGENETTE / "classifier.json").exists(), reason="no weights/imagenette")
+def test_the_imagenette_set_takes_64_pixel_photos_and_meets_its_aims():
+    from engine import load_pipeline
+
+    manifests = {n: json.loads((IMAGENETTE / f"{n}.json").read_text())
+                 for n in ("classifier", "contrastive", "inpainting", "rotation")}
+    for name, manifest in manifests.items():
+        assert manifest["input"]["size"] == 64 and manifest["input"]["dataset"] == "imagenette", name
+        assert manifest["command"].startswith(f"python cli.py train {name}"), name
+    metrics = manifests["classifier"]["metrics"]
+    assert metrics["n_test"] == 3925 and metrics["pgd20_eps"] == pytest.approx(4 / 255)
+    assert metrics["clean_accuracy"] >= 0.65 and metrics["pgd20_accuracy"] >= 0.30      # issue 21's aims
+    p = load_pipeline(IMAGENETTE)                               # the CLI's default repair: calibration beside it
+    with open(IMAGENETTE_EXAMPLES / "labels.csv") as f:
+        rows = list(csv.DictReader(f))
+    x = torch.stack([read_image(IMAGENETTE_EXAMPLES / r["file"], resize=True, size=64)[0] for r in rows])
+    y = torch.tensor([int(r["label"]) for r in rows])
+    assert p.size == 64 and [p.class_names[i] for i in y[:2]] == [r["class"] for r in rows[:2]]
+    assert (p.predict(x) == y).float().mean() >= 0.6           # 79 % on the val set; 32 photos give ±0.15
+    assert p.repair(x[:4], steps=5).shape == (4, 3, 64, 64)
