@@ -56,8 +56,7 @@ def train(model: str, profile: str, data_root: str | None, size: int, resume: bo
     from engine.weights import WeightsError
 
     _check_device(device)
-    if size % 16:
-        raise click.BadParameter(f"{size} is not a multiple of 16", param_hint="--size")
+    _check_size(size)
     command = f"python cli.py train {model} --profile {profile} --out {out_dir} --seed {seed}"
     command += f" --epochs {epochs}" if epochs else ""
     command += f" --data {data_root} --size {size}" if data_root else ""
@@ -116,8 +115,7 @@ def train_set(data_root: str, size: int, out_dir: Path, profile: str, standard: 
     from export.onnx_export import ExportError, export_all
 
     _check_device(device)
-    if size % 16:
-        raise click.BadParameter(f"{size} is not a multiple of 16", param_hint="--size")
+    _check_size(size)
     if resume and overwrite:
         raise click.UsageError("--resume continues a run, --overwrite starts it again: pass one of them")
     models = [*SET_MODELS[:1], *(["classifier-standard"] if standard else []), *SET_MODELS[1:]]
@@ -639,6 +637,13 @@ def _load(**kwargs):
         return load_exported_pipeline(**kwargs)
     except (ValueError, WeightsError, BackendUnavailable) as e:
         raise click.UsageError(str(e)) from None
+
+
+def _check_size(size: int) -> None:
+    """A usage error before torch loads where --size is no multiple of 16 (engine.datasets.check_size's rule; the
+    range 32–224 is the option's own)."""
+    if size % 16:
+        raise click.BadParameter(f"{size} is not a multiple of 16", param_hint="--size")
 
 
 def _check_device(device: str | None) -> None:

@@ -14,6 +14,15 @@ from .weights import WeightsError
 HEAD_TASKS = ("contrastive-head", "inpainting-head", "rotation-head")
 
 
+# The config keys that make a backbone: a head's copy of the classifier's backbone must be built with the same.
+BACKBONE_KEYS = ("widths", "mean", "std", "stem_stride")
+
+
+def backbone_config(classifier_config: dict) -> dict:
+    """The part of a classifier's config that its backbone is built from (a head's config takes it over)."""
+    return {k: v for k, v in classifier_config.items() if k in BACKBONE_KEYS}
+
+
 def base_task(name: str) -> str:
     """The task a network name computes: ``rotation-head`` -> ``rotation``."""
     return name.removesuffix("-head")

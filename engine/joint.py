@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .datasets import model_set_split
+from .heads import backbone_config
 from .models import build_model, num_params
 from .tasks import augment
 from .tasks.consistency import prediction_spread
@@ -104,7 +105,7 @@ def load_base(base_dir: str | os.PathLike) -> tuple[JointNets, dict]:
     classifier, manifest = load_model("classifier", base_dir)
     if manifest["architecture"] != "Classifier":
         raise WeightsError(f"{base_dir / 'classifier.json'} is a {manifest['architecture']}, not a Classifier")
-    backbone = {k: v for k, v in manifest["config"].items() if k in ("widths", "mean", "std", "stem_stride")}
+    backbone = backbone_config(manifest["config"])
     heads, configs = {}, {}
     for name, (architecture, config) in HEADS.items():
         configs[name] = {**config, **backbone}

@@ -30,7 +30,7 @@ from .tasks import augment
 from .tasks.contrastive import nt_xent_pairs
 from .tasks.inpainting import centre_mask
 from .tasks.rotation import rotate_all
-from .heads import HEAD_TASKS, attach_backbone, base_task
+from .heads import HEAD_TASKS, attach_backbone, backbone_config, base_task
 from .weights import WeightsError, load_model, model_input, save_model
 
 PROFILES: dict[str, dict[str, dict]] = {
@@ -61,8 +61,8 @@ PROFILES: dict[str, dict[str, dict]] = {
         "inpainting-head": dict(architecture="InpaintingHead", config=dict(width=64),
                                 backbone="classifier", epochs=3, batch=256, lr=2e-3, weight_decay=1e-4),
     },
-    # A folder of ~10,000 photos (Imagenette: 9,469) at S = 64, on the 2-core machine, ~80 min for the four models
-    # at 2 threads. Every backbone halves the image in its stem (stem_stride 2): its maps are then CIFAR's 32 -> 4
+    # A folder of ~10,000 photos (Imagenette: 9,469) at S = 64, on the 2-core machine: the four models of
+    # weights/imagenette took 164 min of 1-thread runs, two at a time (docs/imagenette.md). Every backbone halves the image in its stem (stem_stride 2): its maps are then CIFAR's 32 -> 4
     # and a step costs what it costs at S = 32 (FGSM training 129 against 39 images/s with the full-size stem).
     # Ten times fewer images than CIFAR-10 per epoch, so more epochs for the same number of steps.
     "folder-cpu": {
@@ -391,8 +391,7 @@ def train_model(name: str, profile: str = "cpu", data_root: str | None = None, o
         if model_input(classifier_manifest)["size"] != size:
             raise WeightsError(f"the classifier in {out_dir} takes {model_input(classifier_manifest)['size']}-pixel "
                                f"images; this head was asked for --size {size}")
-        cfg["config"] = {**cfg["config"], **{k: v for k, v in classifier_manifest["config"].items()
-                                              if k in ("widths", "mean", "std", "stem_stride")}}
+        cfg["config"] = {**cfg["config"], **backbone_config(classifier_manifest["config"])}
         model = build_model(cfg["architecture"], cfg["config"])
         extra["backbone"] = attach_backbone(model, classifier, classifier_manifest)
     else:
