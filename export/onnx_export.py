@@ -116,7 +116,9 @@ def graph_specs(pipeline: Pipeline) -> list[GraphSpec]:
 def export_graph(spec: GraphSpec, path: Path) -> None:
     """torch.onnx (dynamo) export of one graph to ``path`` (atomically), then the full ONNX checker."""
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    axes = [None if name == "alpha" else {0: batch} for name in spec.inputs]
+    # α's axis is static: {} rather than None, which torch.export's structure check misreads as a tuple of one None
+    # (the multitask graph of a single task without draws, whose only extra input is α)
+    axes = [{} if name == "alpha" else {0: batch} for name in spec.inputs]
     # torch.export sees forward(x, *params) as two arguments, x and a (non-empty) tuple: dynamic_shapes mirrors it
     takes_varargs = any(p.kind is p.VAR_POSITIONAL for p in inspect.signature(spec.module.forward).parameters.values())
     dynamic = (axes[0], tuple(axes[1:])) if takes_varargs and len(axes) > 1 else tuple(axes)

@@ -72,6 +72,52 @@ def tiny_pipeline(tiny_weights):
     return load_pipeline(tiny_weights, objective="plain")
 
 
+# The clean-level objective (the CLI's default, the one whose images can leave the loop early) for the tests of the
+# repair graphs and the bench: two tasks (a transposed convolution, max-pooling, both sign paths; quick to trace).
+# The tiny rotation net's clean losses hardly spread (IQR ≈ 2e-5), so its 1/IQR weight would multiply float rounding
+# by 60,000: α 1e-4 brings that weight to ≈ 6. (With the contrastive net too, whose IQR is ≈ 7e-6, losses sit within
+# float noise of their clean levels and the engines' early exits part ways: the plain objective is used there.)
+CLEAN_TASKS = ["inpainting", "rotation"]
+CLEAN_ALPHA = {"rotation": 1e-4}
+CLEAN_OPTIONS = ["--tasks", "inpainting,rotation", "--objective", "clean", "--alpha", "1,1e-4"]   # the same, for the CLI
+
+
+def tiny_clean_pipeline(weights: Path, **kwargs):
+    return load_pipeline(weights, tasks=CLEAN_TASKS, objective="clean", alpha=CLEAN_ALPHA, **kwargs)
+
+
+def export_once(pipeline, out: Path) -> Path:
+    from export.onnx_export import export_all
+
+    export_all(pipeline, out, command="tests/conftest.py")
+    return out
+
+
+# Tracing the repair graphs is most of a minute, so the tests share two exports, each made once per session and read
+# only: a test that exports, repairs with --onnx-dir or damages files works on a copy.
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_weights, tmp_path_factory) -> Path:
+    """The tiny networks' graphs for the plain objective of the three tasks (views, a mask and no draws: every kind
+    of parameter), with the gate's clean statistics: test_onnx, test_runtime, test_tensorrt. The plain objective
+    because the clean-level one divides by the clean losses' IQRs, ~1e-5 for these random networks (see above)."""
+    pipeline = load_pipeline(tiny_weights, objective="plain", calibration=tiny_weights / CALIBRATION_FILE)
+    return export_once(pipeline, tmp_path_factory.mktemp("tiny_bundle"))
+
+
+@pytest.fixture(scope="session")
+def tiny_clean_bundle(tiny_weights, tmp_path_factory) -> Path:
+    """tiny_clean_pipeline's graphs: test_repair_graphs, test_bench."""
+    return export_once(tiny_clean_pipeline(tiny_weights), tmp_path_factory.mktemp("tiny_clean_bundle"))
+
+
+@pytest.fixture
+def bundle_copy(tiny_bundle, tmp_path) -> Path:
+    """A copy of the session's tiny bundle that a test may change."""
+    import shutil
+
+    return Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+
+
 @pytest.fixture(scope="session")
 def images() -> torch.Tensor:
     """8 real CIFAR-10 test images from examples/, float in [0, 1]."""

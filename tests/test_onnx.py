@@ -22,10 +22,8 @@ GOLDEN = Path(__file__).parent / "golden"
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_pipeline, tmp_path_factory):
-    out = tmp_path_factory.mktemp("onnx")
-    manifest, notes = export_all(tiny_pipeline, out, command="test")
-    return out, manifest
+def exported(tiny_bundle):
+    return tiny_bundle, json.loads((tiny_bundle / "manifest.json").read_text())
 
 
 def test_export_writes_checked_graphs_and_a_manifest(exported):
@@ -44,18 +42,20 @@ def test_export_writes_checked_graphs_and_a_manifest(exported):
     assert manifest["graphs"]["contrastive_loss"]["sources"]["contrastive_views"] == 4
 
 
-def test_exporting_again_keeps_and_reproduces_the_same_graphs(tiny_pipeline, exported, tmp_path):
-    out, manifest = exported
-    _, notes = export_all(tiny_pipeline, out)
+def test_exporting_again_keeps_and_reproduces_the_same_graphs(tiny_weights, tiny_pipeline, exported, bundle_copy,
+                                                             tmp_path):
+    _, manifest = exported
+    _, notes = export_all(tiny_pipeline, bundle_copy)
     assert all("up to date" in n for n in notes) and len(notes) == len(GRAPHS | REPAIR_GRAPHS)
-    again, _ = export_all(tiny_pipeline, tmp_path / "again", repair_graphs=False)
-    for name in GRAPHS:       # a fresh export is byte-identical
+    # a fresh export is byte-identical (one task's pipeline: its classifier and loss graph are the same graphs)
+    one_task = load_pipeline(tiny_weights, tasks=["rotation"], objective="plain")
+    again, _ = export_all(one_task, tmp_path / "again", repair_graphs=False)
+    for name in ("classifier", "rotation_loss"):
         assert again["graphs"][name]["sha256"] == manifest["graphs"][name]["sha256"]
 
 
-def test_a_corrupt_graph_is_re_exported_with_a_note(tiny_pipeline, exported, tmp_path):
-    out = tmp_path / "copy"
-    shutil.copytree(exported[0], out)
+def test_a_corrupt_graph_is_re_exported_with_a_note(tiny_pipeline, exported, bundle_copy):
+    out = bundle_copy
     (out / "rotation_loss.onnx").write_bytes(b"garbage")
     manifest, notes = export_all(tiny_pipeline, out)
     assert any("rotation_loss.onnx: did not match its manifest" in n for n in notes)
@@ -114,14 +114,14 @@ def test_cpu_machines_ask_for_the_cpu_provider_only():
     assert choose_providers(torch.device("cpu")) == ["CPUExecutionProvider"]
 
 
-def test_repair_with_the_onnxruntime_backend_predicts_like_torch(tiny_weights, exported, tmp_path):
+def test_repair_with_the_onnxruntime_backend_predicts_like_torch(tiny_weights, bundle_copy, tmp_path):
     from tests.conftest import EXAMPLES
 
     reports = {}
     for backend in ("torch", "onnxruntime"):
         out = tmp_path / backend
         args = ["repair", "--input", str(EXAMPLES), "--output", str(out), "--weights", str(tiny_weights),
-                "--steps", "2", "--quiet", "--backend", backend, "--onnx-dir", str(exported[0])]
+                "--steps", "2", "--quiet", "--backend", backend, "--onnx-dir", str(bundle_copy)]
         result = CliRunner().invoke(main, args)
         assert result.exit_code == 0, result.output
         reports[backend] = json.loads((out / "report.json").read_text())

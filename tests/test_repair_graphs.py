@@ -1,5 +1,7 @@
 """The whole repair in ONNX Runtime (export/repair_graphs.py): the backward-op rewrites against autograd, and the
 Loop graph's repair against the PyTorch reference with the same draws (tiny models)."""
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -11,9 +13,9 @@ from engine.pipeline import load_pipeline
 from engine.repair import reverse_attack
 from export.grad_decompositions import (_convolution_backward, _max_pool2d_backward, _max_pool2d_with_indices,
                                         _upsample_bilinear2d_backward)
-from export.onnx_export import export_all
+from tests.conftest import CLEAN_TASKS, tiny_clean_pipeline
 
-TASKS = ["inpainting", "rotation"]       # a transposed convolution, max-pooling, both sign paths; quick to trace
+TASKS = CLEAN_TASKS
 
 
 def input_gradient(fn, x: torch.Tensor, grad_out: torch.Tensor) -> torch.Tensor:
@@ -59,19 +61,10 @@ def test_bilinear_backward_rewrite_matches_autograd():
     torch.testing.assert_close(ours, input_gradient(up, x, g), rtol=1e-5, atol=1e-5)
 
 
-def clean_pipeline(weights, **kwargs):
-    """The clean-level objective (the CLI's default, the one whose images can leave the loop early). The tiny
-    rotation net's clean losses hardly spread (IQR ≈ 2e-5), so its 1/IQR weight would multiply float rounding by
-    60,000: α 1e-4 brings that weight to ≈ 6."""
-    return load_pipeline(weights, tasks=TASKS, objective="clean", alpha={"rotation": 1e-4}, **kwargs)
-
-
 @pytest.fixture(scope="module")
-def exported_repair(tiny_weights, tmp_path_factory):
-    pipeline = clean_pipeline(tiny_weights)
-    out = tmp_path_factory.mktemp("repair_onnx")
-    manifest, _ = export_all(pipeline, out)
-    return pipeline, out, manifest
+def exported_repair(tiny_weights, tiny_clean_bundle):
+    manifest = json.loads((tiny_clean_bundle / "manifest.json").read_text())
+    return tiny_clean_pipeline(tiny_weights), tiny_clean_bundle, manifest
 
 
 def test_repair_graphs_are_checked_and_have_a_dynamic_batch(exported_repair):
@@ -124,7 +117,7 @@ def test_onnxruntime_early_exit_matches_the_torch_reference(exported_repair, ima
 def test_the_pipeline_uses_the_graph_only_for_the_objective_it_was_exported_for(exported_repair, tiny_weights,
                                                                               images):
     pipeline, out, _ = exported_repair
-    accelerated = clean_pipeline(tiny_weights, backend="onnxruntime", onnx_dir=out)
+    accelerated = tiny_clean_pipeline(tiny_weights, backend="onnxruntime", onnx_dir=out)
     assert accelerated.backend.can_repair(accelerated.objective)
     torch.testing.assert_close(accelerated.repair(images[:2], steps=2), pipeline.repair(images[:2], steps=2))
     other = load_pipeline(tiny_weights, tasks=TASKS, objective="clean")

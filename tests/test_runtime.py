@@ -13,8 +13,6 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cli import main
-from engine.pipeline import load_pipeline
-from export.onnx_export import export_all
 
 ROOT = Path(__file__).resolve().parent.parent
 TASKS = ["contrastive", "inpainting", "rotation"]      # views, a mask and no draws: every kind of parameter
@@ -22,14 +20,10 @@ REPAIR = ["--steps", "3", "--seed", "1", "--batch-size", "4", "--quiet"]
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_weights, tmp_path_factory):
-    # the plain objective: the tiny random networks' clean-loss IQRs are ~1e-5, so the clean-level objective's α
-    # (1/IQR) would blow float32 rounding differences up to sign flips; the shipped models' are well conditioned
-    pipeline = load_pipeline(tiny_weights, tasks=TASKS, objective="plain",
-                             calibration=tiny_weights / "calibration.json")      # the gate's statistics too
-    out = tmp_path_factory.mktemp("bundle")
-    export_all(pipeline, out)
-    return out
+def bundle(tiny_bundle):
+    """The session's tiny bundle (tests/conftest.py): the plain objective of the three tasks, with the gate's
+    statistics."""
+    return tiny_bundle
 
 
 def run_without_torch(*args: str) -> subprocess.CompletedProcess:

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from cli import main
 from engine.backends import BackendUnavailable
 from engine.backends import tensorrt_engines as trt_export
+from engine.pipeline import load_pipeline
 from export.onnx_export import export_all
 from export.parity import TOLERANCES, compare
 
@@ -21,10 +22,8 @@ needs_tensorrt = pytest.mark.skipif(not (HAS_TENSORRT and torch.cuda.is_availabl
 
 
 @pytest.fixture(scope="module")
-def exported(tiny_pipeline, tmp_path_factory):
-    out = tmp_path_factory.mktemp("onnx_trt")
-    export_all(tiny_pipeline, out, repair_graphs=False)
-    return out
+def exported(tiny_bundle):
+    return tiny_bundle          # read only: the session's tiny bundle (tests/conftest.py)
 
 
 def key(onnx_path, **changes):
@@ -143,8 +142,10 @@ def test_fp16_graph_keeps_fp32_io_and_agrees_with_fp32(tiny_pipeline, exported, 
     assert np.isfinite(outs["fp16"].numpy()).all()
 
 
-def test_fp16_export_records_its_precision(tiny_pipeline, tmp_path):
-    manifest, _ = export_all(tiny_pipeline, tmp_path, precision="fp16")
+def test_fp16_export_records_its_precision(tiny_weights, tmp_path):
+    one_task = load_pipeline(tiny_weights, tasks=["rotation"], objective="plain")       # every kind of graph, quickly
+    manifest, _ = export_all(one_task, tmp_path, precision="fp16")
+    assert set(manifest["graphs"]) == {"classifier", "rotation_loss", "multitask_loss"}
     assert {g["precision"] for g in manifest["graphs"].values()} == {"fp16"}
     assert all(g["inputs"][0]["dtype"] == "float32" for g in manifest["graphs"].values())
 
@@ -166,7 +167,6 @@ def test_unavailable_tensorrt_says_why(tiny_weights, tmp_path):
 @needs_tensorrt
 def test_tensorrt_engines_match_torch(tiny_pipeline, exported, tmp_path, images):
     from engine.backends.tensorrt_backend import TensorRTBackend
-    from engine.pipeline import load_pipeline
     from tests.conftest import make_tiny_weights
 
     pipeline = load_pipeline(make_tiny_weights(tmp_path / "w"), device="cuda", objective="plain")
