@@ -88,7 +88,7 @@ def repair_batch(pipeline: Pipeline, x: torch.Tensor, config: RepairConfig) -> l
     gate = {} if result.score is None else {"gate_score": [round(v, 6) for v in result.score.tolist()],
                                              "gated_out": (~result.repaired).tolist()}
     numpy = lambda losses: {t: v.cpu().numpy() for t, v in losses.items()}
-    return folder.image_rows(repaired.cpu().numpy(), x.cpu().numpy(), pipeline.predict(x).tolist(),
-                             pipeline.predict(repaired).tolist(), numpy(before), numpy(after),
+    return folder.image_rows(repaired.cpu().numpy(), x.cpu().numpy(), pipeline.logits(x).cpu().numpy(),
+                             pipeline.logits(repaired).cpu().numpy(), numpy(before), numpy(after),
                              objective.combine(before).cpu().numpy(), objective.combine(after).cpu().numpy(),
-                             pipeline.class_names, gate)
+                             pipeline.class_names, gate, result.trace.cpu().numpy())

@@ -86,9 +86,13 @@ class Pipeline:
             raise ValueError(f"expected images in [0, 1], got values from {low.item():.3g} to {high.item():.3g}{hint}")
         return x.to(self.device, torch.float32)
 
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """The classifier's logits N×C (float32), from the forward backend."""
+        return self.backend.logits(self._to_device(x)).float()
+
     def predict(self, x: torch.Tensor) -> torch.Tensor:
         """Predicted classes N (int64), from the forward backend."""
-        return self.backend.logits(self._to_device(x)).argmax(1).to(self.device)
+        return self.logits(x).argmax(1).to(self.device)
 
     def task_losses(self, x: torch.Tensor, seed: int = 0, tasks: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Each task's (or each of ``tasks``') per-image loss (forward backend), with parameters drawn from the

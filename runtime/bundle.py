@@ -10,13 +10,14 @@ Example::
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .draws import batch_draws
 from .files import sha256sum
-from .folder import image_rows
+from .folder import BatchRepair, image_rows
 from .imageio import quantize
 from .repair_inputs import repair_inputs
 from .step_loop import repair_by_steps, start_point
@@ -128,14 +129,46 @@ class Bundle:
         params = self.draws(x, seed)
         before = self.task_losses(x, params)
         repaired, gate = x.copy(), None
+        trace = np.full((steps, len(x)), np.nan)
         flagged = np.ones(len(x), dtype=bool)
         if gate_fpr is not None:
             score = self.gate_score(before)
             flagged = score > self.gate_threshold(gate_fpr)
             gate = {"gate_score": [round(float(v), 6) for v in score], "gated_out": (~flagged).tolist()}
         if flagged.any():                  # an image's repair is its own: repairing a subset changes nothing
-            repaired[flagged] = self.repair(x[flagged], seed, eps, steps, step_size, early_exit)[0]
+            repaired[flagged], trace[:, flagged] = self.repair(x[flagged], seed, eps, steps, step_size, early_exit)
         repaired = quantize(repaired)
         after = self.task_losses(repaired, params)
-        return image_rows(repaired, x, self.logits(x).argmax(1).tolist(), self.logits(repaired).argmax(1).tolist(),
-                          before, after, self.combine(before), self.combine(after), self.classes, gate)
+        return image_rows(repaired, x, self.logits(x), self.logits(repaired), before, after, self.combine(before),
+                          self.combine(after), self.classes, gate, trace)
+
+
+@dataclass
+class BundleRepair:
+    """A bundle's batch repair with fixed settings, built where it runs (a Ray Serve replica): picklable, and it
+    opens the bundle (onnxruntime sessions, ``threads`` intra-op threads) only when called."""
+    folder: str
+    threads: int | None
+    seed: int = 0
+    eps: float = 16 / 255
+    steps: int = 40
+    step_size: float = 2 / 255
+    gate_fpr: float | None = None
+    early_exit: bool = True
+
+    def __call__(self) -> BatchRepair:
+        return self.on(Bundle(self.folder, self.threads))
+
+    def on(self, bundle: Bundle) -> BatchRepair:
+        return lambda x: bundle.repair_batch(x, self.seed, self.eps, self.steps, self.step_size, self.gate_fpr,
+                                             self.early_exit)
+
+    def config(self, bundle: Bundle, batch_size: int) -> dict:
+        """The repair's settings as a report records them (runtime/folder.py), for ``bundle`` (this folder's)."""
+        gate = None if self.gate_fpr is None else {"fpr": self.gate_fpr, "tasks": bundle.tasks,
+                                                   "threshold": bundle.gate_threshold(self.gate_fpr)}
+        return {"eps": self.eps, "steps": self.steps, "step_size": self.step_size, "seed": self.seed,
+                "batch_size": batch_size, "early_exit": self.early_exit, "size": bundle.size, "backend": bundle.name,
+                "tasks": bundle.tasks, "alpha": [bundle.alpha[t] for t in bundle.tasks], "device": "cpu",
+                "objective": "plain" if bundle.levels is None else "clean", "levels": bundle.levels, "gate": gate,
+                "weights": bundle.manifest["weights"], "threads": self.threads}

@@ -99,7 +99,7 @@ def repair(bundle_dir: Path, input_dir: Path, output_dir: Path, eps: float, step
            batch_size: int, gate_fpr: float | None, early_exit: bool, threads: int | None,
            allow_large_eps: bool, resize: bool | None, overwrite: bool, resume: bool, quiet: bool) -> None:
     """Repair every image under INPUT into OUTPUT (same relative paths, lossless PNG) with a report."""
-    from .bundle import Bundle
+    from .bundle import Bundle, BundleRepair
     from .folder import check_folders, repair_folder, summary_lines
 
     steps, note = checked_eps(eps, steps, allow_large_eps)
@@ -107,20 +107,15 @@ def repair(bundle_dir: Path, input_dir: Path, output_dir: Path, eps: float, step
         click.echo(note, err=True)
     try:
         check_folders(input_dir, output_dir, overwrite, resume)
-        bundle = Bundle(bundle_dir, threads or default_threads())   # the config records what was asked
-        gate = None if gate_fpr is None else {"fpr": gate_fpr, "tasks": bundle.tasks,
-                                              "threshold": bundle.gate_threshold(gate_fpr)}
+        bundle = Bundle(bundle_dir, threads or default_threads())
+        settings = BundleRepair(str(bundle_dir), threads, seed, eps, steps, step_size, gate_fpr, early_exit)
+        config = settings.config(bundle, batch_size)    # the config records what was asked
     except ValueError as e:                # BundleError too
         raise click.UsageError(str(e)) from None
     resize = bundle.resize if resize is None else resize
-    config = {"eps": eps, "steps": steps, "step_size": step_size, "seed": seed, "batch_size": batch_size,
-              "early_exit": early_exit, "size": bundle.size, "backend": bundle.name, "tasks": bundle.tasks,
-              "alpha": [bundle.alpha[t] for t in bundle.tasks], "device": "cpu",
-              "objective": "plain" if bundle.levels is None else "clean", "levels": bundle.levels,
-              "gate": gate, "weights": bundle.manifest["weights"], "threads": threads}
     try:
-        report = repair_folder(lambda x: bundle.repair_batch(x, seed, eps, steps, step_size, gate_fpr, early_exit),
-                               input_dir, output_dir, config, batch_size, resize, overwrite, not quiet, resume)
+        report = repair_folder(settings.on(bundle), input_dir, output_dir, config, batch_size, resize, overwrite,
+                               not quiet, resume)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     for line, to_stderr in summary_lines(report, output_dir):

@@ -122,6 +122,7 @@ def save_repaired(plan: FolderPlan, rel: str, row: dict, output_dir: Path) -> No
     """Write one repaired image (``row["image"]``) to its output and fill in its report row (in the journal first:
     a run stopped between the two repairs the image again)."""
     png = encode_png(row.pop("image"))
+    row.pop("detail", None)
     plan.rows[rel].update(row, status="repaired", output=plan.outputs[rel].relative_to(output_dir).as_posix())
     plan.journal.record(plan.rows[rel], png)
     write_png(plan.outputs[rel], png)
@@ -171,11 +172,17 @@ def repair_folder(repair_batch: BatchRepair, input_dir: Path, output_dir: Path, 
     return finish_report(plan, config, output_dir, time.time() - start)
 
 
-def image_rows(repaired: np.ndarray, x: np.ndarray, pred_before: list[int], pred_after: list[int],
+def image_rows(repaired: np.ndarray, x: np.ndarray, logits_before: np.ndarray, logits_after: np.ndarray,
                before: dict[str, np.ndarray], after: dict[str, np.ndarray], total_before: np.ndarray,
-               total_after: np.ndarray, classes: list[str], gate: dict[str, list] | None = None) -> list[dict]:
-    """The report fields of a repaired batch (8-bit ``repaired`` and inputs ``x``, N×3×S×S), per image."""
+               total_after: np.ndarray, classes: list[str], gate: dict[str, list] | None = None,
+               trace: np.ndarray | None = None) -> list[dict]:
+    """The report fields of a repaired batch (8-bit ``repaired`` and inputs ``x``, N×3×S×S), per image, and under
+    "detail" what only the service answers with (class probabilities, the objective at each step run: ``trace``,
+    steps×N, NaN where an image did not run a step); the folder's report leaves "detail" out."""
     linf = np.abs(repaired - x).max(axis=(1, 2, 3))
+    pred_before, pred_after = logits_before.argmax(1), logits_after.argmax(1)
+    probs_before, probs_after = softmax(logits_before), softmax(logits_after)
+    trace = np.full((0, len(x)), np.nan) if trace is None else trace
     return [{
         "image": repaired[i],
         "pred_before": int(pred_before[i]), "pred_after": int(pred_after[i]),
@@ -185,7 +192,15 @@ def image_rows(repaired: np.ndarray, x: np.ndarray, pred_before: list[int], pred
         "task_losses_after": {t: round(float(v[i]), 6) for t, v in after.items()},
         "linf": round(float(linf[i]), 6),
         **{k: v[i] for k, v in (gate or {}).items()},
+        "detail": {"probs_before": [round(float(p), 6) for p in probs_before[i]],
+                   "probs_after": [round(float(p), 6) for p in probs_after[i]],
+                   "objective": [round(float(v), 6) for v in trace[:, i] if np.isfinite(v)]},
     } for i in range(len(x))]
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    z = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return z / z.sum(axis=1, keepdims=True)
 
 
 def read_labels(path: Path) -> dict[str, int]:

@@ -4,6 +4,7 @@ written atomically."""
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,8 +19,17 @@ METADATA_FILES = ("labels.csv", "attack.json", "report.json", "report.csv", "rep
 SIZE = 32                                     # the shipped CIFAR-10 set's side; a model set's manifest gives its own
 
 
+# Smaller images are refused rather than scaled up more than this: a 4×4 thumbnail blown up to 32×32 (or 16×16 to
+# 64×64) is a few blurred blocks, nothing a classifier or the repair's tasks can read.
+MAX_UPSCALE = 4
+
+
 class ImageError(ValueError):
     """This file cannot be used as an input; the message says why."""
+
+
+class UnreadableImage(ImageError):
+    """The data is not an image that can be decoded (a service answers 415; an image it cannot take, 422)."""
 
 
 @dataclass
@@ -85,18 +95,29 @@ def read_image(path: Path, resize: bool = False, size: int = SIZE) -> tuple[np.n
     if not is_image_name(path):
         raise ImageError(f"not an image file ({path.suffix or 'no extension'}); "
                          f"readable types: {', '.join(IMAGE_EXTENSIONS)}")
+    return decode_image(path, resize, size)
+
+
+def decode_image(source: Path | bytes, resize: bool = False, size: int = SIZE) -> tuple[np.ndarray, list[str]]:
+    """``read_image`` of a file, or of its bytes (an upload to the service): the one decoding every engine and entry
+    point shares, so that the same image gives the same pixels wherever it comes in. UnreadableImage where the data
+    is not an image, ImageError where it is one the models cannot take."""
     notes: list[str] = []
     try:
-        with Image.open(path) as img:
+        with Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as img:
             img.load()
             rgb = to_rgb8(upright(img, notes), notes)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"cannot read image: {e}") from None
+        raise UnreadableImage(f"cannot read image: {e}") from None
     if rgb.size != (size, size):
         if not resize:
             raise ImageError(f"image is {rgb.size[0]}×{rgb.size[1]}, the models take {size}×{size} "
                              "(pass --resize to scale it)")
         w, h = rgb.size
+        if min(w, h) < size / MAX_UPSCALE:
+            raise ImageError(f"image is {w}×{h}: too small for {size}×{size} models (they take images with a short "
+                             f"side of at least {math.ceil(size / MAX_UPSCALE)} pixels, scaled up at most "
+                             f"{MAX_UPSCALE}×)")
         square = centre_square(rgb)
         cropped = f"centre-cropped to {square.size[0]}×{square.size[1]} and " if square.size != rgb.size else ""
         notes.append(f"{cropped}resized from {w}×{h} to {size}×{size}")

@@ -76,6 +76,7 @@ class RepairActor:
         out_images = np.zeros((len(errors), 3, self.size, self.size), np.float32)   # one shape in every batch (Arrow)
         for i, row in zip(readable, rows):
             out_images[i] = row.pop("image")
+            row.pop("detail", None)                 # the service's, not the report's
             out_rows[i] = json.dumps(row)
         return {"file": batch["file"], "image": out_images, "row": np.array(out_rows), "error": np.array(errors),
                 "ready_at": np.full(len(errors), self.ready_at)}

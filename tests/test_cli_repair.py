@@ -106,6 +106,17 @@ def test_resize_scales_odd_sizes(tiny_weights, tmp_path):
     assert (tmp_path / "out" / "big.png").exists()
 
 
+def test_resize_refuses_images_too_small_to_scale_up(tmp_path):
+    from runtime.imageio import ImageError, UnreadableImage, decode_image
+
+    Image.new("RGB", (30, 7), (9, 9, 9)).save(tmp_path / "strip.png")
+    with pytest.raises(ImageError, match="30×7: too small for 32×32 models .* at least 8 pixels"):
+        decode_image(tmp_path / "strip.png", resize=True, size=32)
+    assert decode_image(tmp_path / "strip.png", resize=True, size=28)[0].shape == (3, 28, 28)   # 7 ≥ 28 / 4
+    with pytest.raises(UnreadableImage, match="cannot read image"):
+        decode_image(b"not an image", resize=True)
+
+
 def test_resize_keeps_the_aspect_ratio(tmp_path):
     from runtime.imageio import read_image
 
