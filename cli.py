@@ -173,61 +173,75 @@ def _parse_alpha(text: str | None, tasks: list[str]) -> dict[str, float]:
     return dict(zip(tasks, values))
 
 
+# The repair's settings: `repair` and `serve` take the same ones, so that a served image is repaired as `cli.py repair`
+# repairs it.
+REPAIR_SETTINGS = [
+    click.option("--weights", type=click.Path(file_okay=False, path_type=Path), default=None,
+                 help="Weights folder (default: the shipped weights/)."),
+    click.option("--tasks", default="contrastive,inpainting,rotation", show_default=True,
+                 help="SSL tasks of the repair loss, comma-separated."),
+    click.option("--classifier", "classifier_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                 help="Your own classifier as an ONNX file (N×3×S×S in [0, 1] -> logits, S the model set's size): "
+                      "the report gives its predictions before and after the repair (tasks that do not read the "
+                      "shipped classifier only)."),
+    click.option("--alpha", default=None, help="Weight per task, comma-separated, in --tasks order (default: all 1)."),
+    click.option("--eps", type=FRACTION, default="16/255", show_default=True, help="L∞ bound of the repair."),
+    click.option("--steps", type=click.IntRange(min=0), default=40, show_default=True,
+                 help="PGD steps (0: random start only, the noise control)."),
+    click.option("--step-size", type=FRACTION, default="2/255", show_default=True),
+    click.option("--views", type=click.IntRange(min=2), default=4, show_default=True,
+                 help="Augmented views per image for the contrastive loss."),
+    click.option("--objective", type=click.Choice(["plain", "clean"]), default="clean", show_default=True,
+                 help="clean: each task hinged at its clean-image level, α from clean statistics (the measured best: "
+                      "same PGD accuracy as plain, smaller clean cost; docs/results.md) — the default everywhere "
+                      "(load_pipeline(), eval's mtl:clean:exit); plain: Σ α_k L_k."),
+    click.option("--level", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5, show_default=True,
+                 help="--objective clean: the quantile of clean-image losses each task is aimed at."),
+    click.option("--gate", "gate_fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
+                 help="Repair only inputs whose SSL losses exceed what this fraction of clean images exceeds "
+                      "(e.g. 0.05); the rest are written unchanged."),
+    click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                 help="Clean-loss statistics for --objective clean and --gate (default: calibration.json beside "
+                      "the weights; made by `cli.py calibrate`)."),
+    click.option("--seed", type=int, default=0, show_default=True),
+    click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
+    click.option("--early-exit/--no-early-exit", default=True, show_default=True,
+                 help="An image leaves the loop once its objective is zero (every task at its clean level): the same "
+                      "accuracy in a fraction of the steps (docs/repair-graphs.md). No effect with --objective plain."),
+    click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
+                 show_default=True,
+                 help="Engine (auto: the fastest present). onnxruntime runs the whole repair in its exported graphs "
+                      "where they were exported for this objective; tensorrt runs the forward-only passes, the "
+                      "gradient loop staying in PyTorch."),
+    click.option("--threads", type=click.IntRange(min=1), default=None,
+                 help="torch and onnxruntime intra-op threads (default: the cores not busy by the load average; with "
+                      "--ray, --worker-cpus). On a shared 2-core machine 2 threads ran 8–25× slower than 1."),
+    click.option("--onnx-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                 help="Exported graphs for --backend onnxruntime/tensorrt (default: exported on first use into a "
+                      "cache)."),
+    click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
+                 help="Precision of TensorRT engines."),
+    click.option("--allow-large-eps", is_flag=True, help="Accept --eps above 64/255."),
+    click.option("--resize/--no-resize", default=None,
+                 help="Centre-crop and scale images that are not S×S (S: the model set's size) instead of reporting "
+                      "an error. Default: as the model set was trained (on for a set trained on a folder of photos, "
+                      "off for CIFAR-10's)."),
+]
+
+
+def _repair_settings(command):
+    for option in reversed(REPAIR_SETTINGS):
+        command = option(command)
+    return command
+
+
 @main.command()
 @click.option("--input", "input_dir", type=click.Path(path_type=Path), required=True,
               help="Folder of images (searched recursively).")
 @click.option("--output", "output_dir", type=click.Path(path_type=Path), required=True,
               help="Folder for the repaired PNGs and report.json/report.csv (outside --input).")
-@click.option("--weights", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Weights folder (default: the shipped weights/).")
-@click.option("--tasks", default="contrastive,inpainting,rotation", show_default=True,
-              help="SSL tasks of the repair loss, comma-separated.")
-@click.option("--classifier", "classifier_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Your own classifier as an ONNX file (N×3×S×S in [0, 1] -> logits, S the model set's size): the "
-                   "report gives its "
-                   "predictions before and after the repair (tasks that do not read the shipped classifier only).")
-@click.option("--alpha", default=None, help="Weight per task, comma-separated, in --tasks order (default: all 1).")
-@click.option("--eps", type=FRACTION, default="16/255", show_default=True, help="L∞ bound of the repair.")
-@click.option("--steps", type=click.IntRange(min=0), default=40, show_default=True,
-              help="PGD steps (0: random start only, the noise control).")
-@click.option("--step-size", type=FRACTION, default="2/255", show_default=True)
-@click.option("--views", type=click.IntRange(min=2), default=4, show_default=True,
-              help="Augmented views per image for the contrastive loss.")
-@click.option("--objective", type=click.Choice(["plain", "clean"]), default="clean", show_default=True,
-              help="clean: each task hinged at its clean-image level, α from clean statistics (the measured best: "
-                   "same PGD accuracy as plain, smaller clean cost; docs/results.md) — the default everywhere "
-                   "(load_pipeline(), eval's mtl:clean:exit); plain: Σ α_k L_k.")
-@click.option("--level", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5, show_default=True,
-              help="--objective clean: the quantile of clean-image losses each task is aimed at.")
-@click.option("--gate", "gate_fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
-              help="Repair only inputs whose SSL losses exceed what this fraction of clean images exceeds "
-                   "(e.g. 0.05); the rest are written unchanged.")
-@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Clean-loss statistics for --objective clean and --gate (default: calibration.json beside "
-                   "the weights; made by `cli.py calibrate`).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@_repair_settings
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
-@click.option("--early-exit/--no-early-exit", default=True, show_default=True,
-              help="An image leaves the loop once its objective is zero (every task at its clean level): the same "
-                   "accuracy in a fraction of the steps (docs/repair-graphs.md). No effect with --objective plain.")
-@click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
-              show_default=True,
-              help="Engine (auto: the fastest present). onnxruntime runs the whole repair in its exported graphs "
-                   "where they were exported for this objective; tensorrt runs the forward-only passes, the "
-                   "gradient loop staying in PyTorch.")
-@click.option("--threads", type=click.IntRange(min=1), default=None,
-              help="torch and onnxruntime intra-op threads (default: the cores not busy by the load average; with "
-                   "--ray, --worker-cpus). On a shared 2-core machine 2 threads ran 8–25× slower than 1.")
-@click.option("--onnx-dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Exported graphs for --backend onnxruntime/tensorrt (default: exported on first use into a cache).")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
-              help="Precision of TensorRT engines.")
-@click.option("--allow-large-eps", is_flag=True, help="Accept --eps above 64/255.")
-@click.option("--resize/--no-resize", default=None,
-              help="Centre-crop and scale images that are not S×S (S: the model set's size) instead of reporting an "
-                   "error. Default: as the model set was trained (on for a set trained on a folder of photos, off "
-                   "for CIFAR-10's).")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs and reports.")
 @click.option("--preview", "preview_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write a before/after picture (PNG) of the first --preview-n repaired images with their "
@@ -280,15 +294,12 @@ def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, 
         raise click.UsageError(str(e)) from None
     from engine.folder import RepairConfig, repair_folder       # torch: only once the arguments are known good
 
-    import torch
-
     threads = threads or (max(1, int(worker_cpus)) if use_ray else default_threads())
-    torch.set_num_threads(threads)
     load_options = dict(weights=weights, device=device, tasks=task_list, alpha=alphas, views=views, backend=backend,
                         onnx_dir=onnx_dir, precision=precision, objective=objective, level=level,
                         gate_fpr=gate_fpr, calibration=calibration, threads=threads,
                         classifier=None if classifier_file is None else str(classifier_file))
-    pipeline = _load(**load_options)
+    pipeline = _load_with_threads(load_options)
     resize = pipeline.inputs["resize"] if resize is None else resize
     config = RepairConfig(eps=eps, steps=steps, step_size=step_size, seed=seed, batch_size=batch_size,
                           early_exit=early_exit)
@@ -316,6 +327,135 @@ def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, 
                               pipeline.size)
         click.echo(f"preview of {shown} image(s): {preview_file}" if shown else "no repaired image to preview")
     sys.exit(1 if report["summary"]["n_error"] else 0)
+
+
+# Settings of a served repair that a bundle fixes at its export (the rest apply with or without --bundle)
+BUNDLE_FIXED = ("weights", "tasks", "classifier_file", "alpha", "views", "objective", "level", "calibration", "device",
+                "backend", "onnx_dir", "precision")
+
+
+@main.command()
+@_repair_settings
+@click.option("--bundle", "bundle_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Serve an exported bundle (`cli.py export`): the replicas run it in onnxruntime without importing "
+                   "PyTorch; tasks, α, objective and weights are the bundle's.")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--replicas", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--replica-cpus", type=click.FloatRange(min=0, min_open=True), default=1, show_default=True,
+              help="CPUs per replica (also its threads, unless --threads).")
+@click.option("--replica-gpus", type=click.FloatRange(min=0), default=None,
+              help="GPUs per replica (default: 1 with --device cuda, else 0).")
+@click.option("--max-batch-size", type=click.IntRange(1, 1024), default=64, show_default=True,
+              help="Requests repaired together at most.")
+@click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=10, show_default=True,
+              help="How long a batch that is not full waits for more requests.")
+@click.option("--max-queued", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Requests that may wait for a busy replica; more are refused at once (503 with Retry-After).")
+@click.option("--timeout-s", type=click.FloatRange(min=0, min_open=True), default=60, show_default=True,
+              help="A request not repaired within this time is answered 504.")
+@click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=20, show_default=True,
+              help="Larger request bodies are refused (413).")
+@click.option("--ray-address", default=None,
+              help="The Ray cluster to join (auto: the one running here; default: start a local one).")
+@click.pass_context
+def serve(ctx: click.Context, bundle_dir: Path | None, host: str, port: int, replicas: int, replica_cpus: float,
+          replica_gpus: float | None, max_batch_size: int, batch_wait_ms: float, max_queued: int, timeout_s: float,
+          max_body_mb: float, ray_address: str | None, **repair_settings) -> None:
+    """Serve the repair over HTTP on Ray Serve until Ctrl-C: POST /v1/repair (an image -> its repaired PNG),
+    POST /v1/classify, GET /v1/info, GET /healthz and a page at / (docs/serving.md). A served image is repaired as
+    `cli.py repair` repairs it, byte for byte, whatever it is batched with."""
+    import time
+
+    try:
+        from runtime import serve as service
+    except ImportError as e:
+        raise click.UsageError(f"serve needs Ray Serve, which is not installed ({e}): "
+                               "pip install 'mssl-repair[serve]'") from None
+    settings = dict(repair_settings)
+    steps, note = checked_eps(settings["eps"], settings["steps"], settings.pop("allow_large_eps"))
+    if note:
+        click.echo(note, err=True)
+    settings.update(steps=steps, threads=settings["threads"] or max(1, int(replica_cpus)))
+    _check_device(settings["device"])
+    gpus = replica_gpus if replica_gpus is not None else (1 if settings["device"] == "cuda" else 0)
+    limits = dict(max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, timeout_s=timeout_s,
+                  max_body_bytes=int(max_body_mb * 2**20))
+    make_repair, service_settings = (_bundle_service(ctx, bundle_dir, settings, limits) if bundle_dir
+                                     else _torch_service(settings, limits))
+    where = service.Deployment(host, port, replicas, replica_cpus, gpus, max_queued)
+    click.echo(f"starting {replicas} replica(s) of the repair ({service_settings.repair['backend']}, "
+               f"{service_settings.size}×{service_settings.size}) ...")
+    start = time.perf_counter()
+    try:
+        url = service.start(make_repair, service_settings, where, ray_address)
+        click.echo(f"serving on {url} (ready in {time.perf_counter() - start:.1f} s); Ctrl-C stops it")
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        click.echo("stopping")
+    finally:
+        service.stop()
+
+
+def _service_settings(service, size: int, resize: bool | None, default_resize: bool, classes: list[str],
+                      config: dict, limits: dict):
+    return service.ServiceSettings(size=size, resize=default_resize if resize is None else resize, classes=classes,
+                                   repair=config, info={"versions": service.info_versions()}, **limits)
+
+
+def _bundle_service(ctx: click.Context, bundle_dir: Path, settings: dict, limits: dict):
+    """(make_repair, ServiceSettings) of a bundle service; settings the bundle fixes are refused if given."""
+    from runtime import serve as service
+    from runtime.bundle import Bundle, BundleRepair
+
+    given = [f"--{name.removesuffix('_file').replace('_', '-')}" for name in BUNDLE_FIXED
+             if ctx.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT]
+    if given:
+        raise click.UsageError(f"{', '.join(given)}: fixed by the bundle's export (cli.py export); leave them out "
+                               "with --bundle, or serve the weights without --bundle")
+    make_repair = BundleRepair(str(bundle_dir), settings["threads"], settings["seed"], settings["eps"],
+                               settings["steps"], settings["step_size"], settings["gate_fpr"], settings["early_exit"])
+    try:
+        bundle = Bundle(bundle_dir, 1)
+        config = make_repair.config(bundle, limits["max_batch_size"])
+    except ValueError as e:                 # BundleError too
+        raise click.UsageError(str(e)) from None
+    return make_repair, _service_settings(service, bundle.size, settings["resize"], bundle.resize, bundle.classes,
+                                          config, limits)
+
+
+def _torch_service(settings: dict, limits: dict):
+    """(make_repair, ServiceSettings) of a PyTorch service: the pipeline is loaded here once (usage errors answered
+    before Ray starts), then by each replica."""
+    import functools
+
+    from engine.folder import BatchRepairFactory, RepairConfig, report_config
+    from export.onnx_export import load_exported_pipeline
+    from runtime import serve as service
+
+    task_list = _parse_tasks(settings["tasks"])
+    load_options = dict(weights=settings["weights"], device=settings["device"], tasks=task_list,
+                        alpha=_parse_alpha(settings["alpha"], task_list), views=settings["views"],
+                        backend=settings["backend"], onnx_dir=settings["onnx_dir"], precision=settings["precision"],
+                        objective=settings["objective"], level=settings["level"], gate_fpr=settings["gate_fpr"],
+                        calibration=settings["calibration"], threads=settings["threads"],
+                        classifier=None if settings["classifier_file"] is None else str(settings["classifier_file"]))
+    pipeline = _load_with_threads(load_options)
+    config = RepairConfig(eps=settings["eps"], steps=settings["steps"], step_size=settings["step_size"],
+                          seed=settings["seed"], batch_size=limits["max_batch_size"], early_exit=settings["early_exit"])
+    make_repair = BatchRepairFactory(functools.partial(load_exported_pipeline, **load_options), config,
+                                     settings["threads"])
+    return make_repair, _service_settings(service, pipeline.size, settings["resize"], pipeline.inputs["resize"],
+                                          pipeline.class_names, report_config(pipeline, config), limits)
+
+
+def _load_with_threads(load_options: dict):
+    """The repair's pipeline, loaded with torch's threads set first (``load_options["threads"]``)."""
+    import torch
+
+    torch.set_num_threads(load_options["threads"])
+    return _load(**load_options)
 
 
 def _ray_options(use_ray: bool, address: str | None, workers: int | None, worker_cpus: float,
@@ -381,6 +521,17 @@ def attack(output_dir: Path, n: int, attack: str, eps: float, steps: int, step_s
     click.echo(f"wrote {n} attacked images to {output_dir}; accuracy: clean {100 * summary['accuracy_clean']:.1f} %, "
                f"attacked {100 * summary['accuracy_attacked_float']:.1f} % in float, "
                f"{100 * summary['accuracy_attacked_png']:.1f} % as 8-bit PNG")
+
+
+def _parse_batches(text: str) -> tuple[int, ...]:
+    try:
+        batches = tuple(int(b) for b in text.split(","))
+    except ValueError:
+        batches = ()
+    if not batches or min(batches) < 1:
+        raise click.BadParameter(f"{text!r} is not a comma-separated list of positive batch sizes",
+                                 param_hint="--graph-batches")
+    return batches
 
 
 def _names(text: str, known, option: str) -> list[str]:
@@ -482,7 +633,7 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_pa
                         attack_step=attack_eps / 4 if attack_step is None else attack_step,
                         attack_steps=attack_steps, eps_r=eps_r, repair_steps=repair_steps,
                         repair_step_size=repair_step_size, views=views,
-                        alpha=list(_parse_alpha(alpha, ["contrastive", "inpainting", "rotation"]).values()),
+                        alpha=list(_parse_alpha(alpha, list(TASK_NAMES[:3])).values()),
                         level=level, gate_fpr=gate_fpr, gate_tasks=_parse_tasks(gate_tasks, "--gate-tasks"),
                         defense=defense, aware_lambda=lam, bpda_steps=bpda_steps,
                         bpda_eot=eot, bpda_repair_steps=bpda_repair_steps, autoattack_iters=aa_iters,
@@ -594,13 +745,19 @@ def export_command(weights: Path | None, out_dir: Path, tasks: str, views: int, 
               help="torch and onnxruntime intra-op threads (default: torch's). Measure 1 and 2 on a shared machine.")
 @click.option("--objective", type=click.Choice(["plain", "clean"]), default="clean", show_default=True,
               help="The repair's objective (clean: cli.py repair's default).")
+@click.option("--tasks", default="contrastive,inpainting,rotation", show_default=True,
+              help="The repair's tasks, comma-separated (as cli.py repair's).")
+@click.option("--alpha", default=None, help="Weight per task, comma-separated, in --tasks order (default: all 1).")
 @click.option("--latency-images", type=click.IntRange(min=0), default=8, show_default=True,
               help="Images repaired one at a time for the p50/p95 single-image latency (0: skip).")
+@click.option("--graph-batches", default="64,256", show_default=True,
+              help="Batch sizes of the per-graph forward throughput, comma-separated.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 def bench(n: int, backends: str, steps: int, device: str, precision: str, weights: Path | None,
-          onnx_dir: Path | None, views: int, threads: int | None, objective: str, latency_images: int,
-          json_path: Path | None, plot_path: Path | None) -> None:
+          onnx_dir: Path | None, views: int, threads: int | None, objective: str, tasks: str,
+          alpha: str | None,
+          latency_images: int, graph_batches: str, json_path: Path | None, plot_path: Path | None) -> None:
     """Full-repair throughput, single-image latency and per-graph forward throughput of each backend, with parity
     against torch. A backend named with +exit (e.g. onnxruntime+exit) repairs with the early exit; speed-ups are
     against torch without it."""
@@ -610,9 +767,13 @@ def bench(n: int, backends: str, steps: int, device: str, precision: str, weight
 
     _check_device(device)
     names = _names(backends, [*BENCH_BACKENDS, *(b + EXIT for b in BENCH_BACKENDS)], "--backends")
+    task_list = _parse_tasks(tasks)
+    alphas = _parse_alpha(alpha, task_list)
+    batches = _parse_batches(graph_batches)
     try:
-        result = run_bench(n, names, device, steps, weights, onnx_dir, precision, threads=threads,
-                           latency_images=latency_images, views=views, objective=objective)
+        result = run_bench(n, names, device, steps, weights, onnx_dir, precision, batches, threads=threads,
+                           latency_images=latency_images, views=views, objective=objective, tasks=task_list,
+                           alpha=alphas)
     except WeightsError as e:
         raise click.UsageError(str(e)) from None
     for b in result["backends"]:                  # the summary; the whole result goes to --json

@@ -23,7 +23,7 @@ import torch
 
 from engine.backends import BackendUnavailable
 from engine.folder import RepairConfig, repair_batch
-from engine.pipeline import Pipeline, load_pipeline
+from engine.pipeline import DEFAULT_TASKS, Pipeline, load_pipeline
 from export.onnx_export import load_exported_pipeline
 from export.parity import TOLERANCES, agreement, compare
 from runtime.imageio import read_folder
@@ -69,17 +69,19 @@ def timed(fn, repeat: int = 1) -> float:
 
 
 def make_pipeline(name: str, weights, device: str, onnx_dir, threads: int | None, views: int = 4,
-                  objective: str = "clean") -> tuple[Pipeline, float]:
+                  objective: str = "clean", tasks: list[str] | None = None,
+                  alpha: dict[str, float] | None = None) -> tuple[Pipeline, float]:
     """(pipeline, seconds it took to make: export, engine build or compilation included)."""
     start = time.perf_counter()
+    options = dict(views=views, objective=objective, tasks=tasks or DEFAULT_TASKS, alpha=alpha)
     if name == "torch-compile":
-        pipeline = load_pipeline(weights, device, views=views, objective=objective)
+        pipeline = load_pipeline(weights, device, **options)
         if device == "cpu":     # inductor looks for a CUDA toolkit and warns that there is none: not news on a CPU
             logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
         pipeline.objective = torch.compile(pipeline.objective)
     else:
-        pipeline = load_exported_pipeline(weights=weights, device=device, views=views, backend=name,
-                                          onnx_dir=onnx_dir, threads=threads, objective=objective)
+        pipeline = load_exported_pipeline(weights=weights, device=device, backend=name, onnx_dir=onnx_dir,
+                                          threads=threads, **options)
     return pipeline, time.perf_counter() - start
 
 
@@ -136,16 +138,19 @@ def parity_rows(name: str, reference: Pipeline, candidate: Pipeline, x: torch.Te
 def run_bench(n: int = 64, backends: list[str] = list(BENCH_BACKENDS), device: str = "cpu", steps: int = 40,
               weights=None, onnx_dir=None, precision: str = "fp32", batches: tuple[int, ...] = (64, 256),
               threads: int | None = None, latency_images: int = 8, views: int = 4, objective: str = "clean",
-              log=print) -> dict:
+              tasks: list[str] | None = None, alpha: dict[str, float] | None = None, log=print) -> dict:
     """``threads``: torch's and onnxruntime's intra-op threads (default: torch's current setting). On a shared
     machine, 2 threads can run many times slower than 1 when anything else is busy: always say which.
-    ``objective``: the repair's (clean, the CLI's default, is the one an early exit can shorten)."""
+    ``objective``: the repair's (clean, the CLI's default, is the one an early exit can shorten); ``tasks`` and
+    ``alpha``: its tasks (default: the three) and their weights (default: all 1). ``batches``: the batch sizes of the per-graph forward throughput."""
     if threads:
         torch.set_num_threads(threads)
-    reference = load_pipeline(weights, device, views=views, objective=objective)
+    reference, _ = make_pipeline("torch", weights, device, onnx_dir, threads, views, objective, tasks, alpha)
     x = bench_images(n, reference.inputs)
     result = {"device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
-              "n": n, "steps": steps, "views": views, "objective": objective, "precision": precision,
+              "n": n, "steps": steps, "views": views, "objective": objective,
+              "tasks": reference.tasks,
+              "alpha": {t: (alpha or {}).get(t, 1.0) for t in reference.tasks}, "precision": precision,
               "torch": torch.__version__, "threads": torch.get_num_threads(), "backends": [], "parity": []}
     ref_rows: dict[bool, list[dict]] = {}
     pipelines: dict[str, Pipeline] = {"torch": reference}
@@ -155,7 +160,8 @@ def run_bench(n: int = 64, backends: list[str] = list(BENCH_BACKENDS), device: s
         entry = {"name": name, "available": False, "reason": None, "images_per_s": None}
         try:
             if engine not in pipelines:
-                pipelines[engine], setup = make_pipeline(engine, weights, device, onnx_dir, threads, views, objective)
+                pipelines[engine], setup = make_pipeline(engine, weights, device, onnx_dir, threads, views, objective,
+                                                         tasks, alpha)
                 entry["setup_seconds"] = round(setup, 1)
         except BackendUnavailable as e:
             entry["reason"] = str(e)

@@ -1,5 +1,6 @@
 """`cli.py bench` on tiny models: every backend listed (an absent one with its reason), parity next to speed."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -8,24 +9,28 @@ import torch
 from click.testing import CliRunner
 
 from cli import main
+from tests.conftest import CLEAN_OPTIONS
 
 
-def test_bench_lists_every_backend_with_parity(tiny_weights, tmp_path):
-    out = tmp_path / "bench.json"
+def test_bench_lists_every_backend_with_parity(tiny_weights, tiny_clean_bundle, tmp_path):
+    out, onnx_dir = tmp_path / "bench.json", shutil.copytree(tiny_clean_bundle, tmp_path / "onnx")
+    # the session's bundle for the same tasks, objective and α (tests/conftest.py): every graph is up to date
     result = CliRunner().invoke(main, ["bench", "--n", "4", "--steps", "2", "--backends",
                                        "torch,onnxruntime,onnxruntime+exit,tensorrt", "--latency-images", "2",
-                                       "--weights", str(tiny_weights), "--onnx-dir", str(tmp_path / "onnx"),
-                                       "--json", str(out), "--plot", str(tmp_path / "bench.png")])
+                                       "--graph-batches", "4,8", *CLEAN_OPTIONS, "--weights", str(tiny_weights),
+                                       "--onnx-dir", str(onnx_dir), "--json", str(out), "--plot",
+                                       str(tmp_path / "bench.png")])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
     names = [b["name"] for b in report["backends"]]
     # torch+exit joins as the parity reference of onnxruntime+exit
     assert names == ["torch", "torch+exit", "onnxruntime", "onnxruntime+exit", "tensorrt"]
-    assert report["objective"] == "clean"
+    assert report["objective"] == "clean" and report["alpha"] == {"inpainting": 1.0, "rotation": 1e-4}
     by_name = {b["name"]: b for b in report["backends"]}
     assert by_name["torch"]["available"] and by_name["torch"]["images_per_s"] > 0
-    assert set(by_name["onnxruntime"]["graphs"]) == {"classifier", "contrastive_loss", "inpainting_loss",
-                                                     "rotation_loss"}
+    assert set(by_name["onnxruntime"]["graphs"]) == {"classifier", "inpainting_loss", "rotation_loss"}
+    assert set(by_name["onnxruntime"]["graphs"]["classifier"]) == {"4", "8"}
+    assert by_name["onnxruntime+exit"]["whole_repair_graph"]          # the bundle's Loop graph, not a fallback
     if not by_name["tensorrt"]["available"]:
         assert by_name["tensorrt"]["reason"] and by_name["tensorrt"]["images_per_s"] is None
     for name in ("onnxruntime", "onnxruntime+exit"):

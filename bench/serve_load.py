@@ -1,0 +1,275 @@
+"""Load on the online repair (`cli.py serve`, runtime/serve.py), measured on 127.0.0.1 against the offline batch job
+on the same images and threads (docs/serving.md).
+
+    python -m bench.serve_load --weights weights --threads 1 --json results/serve/load.json
+
+It starts the service itself (one replica, ``--threads`` threads; or ``--bundle``), then:
+
+1. the offline batch job: ``repair_folder`` over the same images (its images/s is the target's yardstick);
+2. a closed-loop sweep: C clients, each sending its next request when the last is answered, for C in ``--clients``;
+3. an open loop: Poisson arrivals at 50 %, 80 % and 120 % of the saturated throughput of step 2;
+4. a replica killed under load (``--kill``, two replicas): the requests that failed and the time until Serve has
+   both replicas running again.
+
+Every answer is checked against the batch job's PNG for its image (a wrong answer counts, whatever its status);
+every run stops by itself (``--seconds`` per point). Results: requests/s, latency p50/p95/p99 of the answered
+requests, the realised batch size, the 503 rate and how fast a 503 came.
+"""
+from __future__ import annotations
+
+import argparse
+import random
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import requests
+
+from runtime.files import write_json
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return round(values[min(len(values) - 1, int(q * len(values)))], 1)
+
+
+class Client:
+    """Sends images to the service and records, per request: status, latency (ms), batch size, and whether the
+    PNG is the batch job's."""
+
+    def __init__(self, url: str, images: list[tuple[bytes, bytes]]) -> None:
+        self.url, self.images = url, images
+        self.records: list[dict] = []
+        self.lock = threading.Lock()
+        self.local = threading.local()
+
+    def send(self, i: int) -> None:
+        session = getattr(self.local, "session", None) or requests.Session()
+        self.local.session = session
+        image, expected = self.images[i % len(self.images)]
+        start = time.perf_counter()
+        try:
+            answer = session.post(self.url + "/v1/repair", data=image, headers={"Content-Type": "image/png"},
+                                  timeout=120)
+            status, body, batch = answer.status_code, answer.content, answer.headers.get("x-batch-size")
+        except requests.RequestException:
+            status, body, batch = 0, b"", None              # the connection failed: counted as an error
+        record = {"status": status, "ms": 1000 * (time.perf_counter() - start), "start": start,
+                  "batch": int(batch) if batch else None, "wrong": status == 200 and body != expected}
+        with self.lock:
+            self.records.append(record)
+
+    def take(self) -> list[dict]:
+        with self.lock:
+            records, self.records = self.records, []
+        return records
+
+
+def summary(records: list[dict], seconds: float) -> dict:
+    ok = [r for r in records if r["status"] == 200]
+    refused = [r for r in records if r["status"] == 503]
+    return {"requests": len(records), "answered": len(ok), "requests_per_s": round(len(ok) / seconds, 3),
+            "p50_ms": percentile([r["ms"] for r in ok], 0.5), "p95_ms": percentile([r["ms"] for r in ok], 0.95),
+            "p99_ms": percentile([r["ms"] for r in ok], 0.99),
+            "batch_size": round(statistics.mean(r["batch"] for r in ok if r["batch"]), 2) if ok else None,
+            "refused_503": len(refused), "refused_rate": round(len(refused) / max(1, len(records)), 4),
+            "refusal_p99_ms": percentile([r["ms"] for r in refused], 0.99),
+            "other_errors": sorted({r["status"] for r in records} - {200, 503}),
+            "wrong": sum(r["wrong"] for r in records)}
+
+
+def closed_loop(client: Client, clients: int, seconds: float) -> dict:
+    """``clients`` threads, each sending its next request as soon as the last is answered, for ``seconds``."""
+    records, elapsed = run_closed(client, clients, seconds)
+    return {"clients": clients, **summary(records, elapsed)}
+
+
+def run_closed(client: Client, clients: int, seconds: float) -> tuple[list[dict], float]:
+    stop = time.perf_counter() + seconds
+    counter = iter(range(10**9))
+
+    def loop() -> None:
+        while time.perf_counter() < stop:
+            client.send(next(counter))
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        for _ in range(clients):
+            pool.submit(loop)
+    return client.take(), time.perf_counter() - start
+
+
+def open_loop(client: Client, rate: float, seconds: float, seed: int = 0) -> dict:
+    """Poisson arrivals at ``rate`` requests/s for ``seconds``, each sent at its time whatever the others do."""
+    rng = random.Random(seed)
+    start = time.perf_counter()
+    with ThreadPoolExecutor(256) as pool:
+        at, i = 0.0, 0
+        while at < seconds:
+            delay = start + at - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+            pool.submit(client.send, i)
+            at, i = at + rng.expovariate(rate), i + 1
+    return {"rate": round(rate, 3), **summary(client.take(), time.perf_counter() - start)}
+
+
+def offline(make_repair, settings, folder: Path, out: Path) -> tuple[float, list[tuple[bytes, bytes]]]:
+    """The batch job on ``folder`` (images/s, once its engine is built) and (input, repaired PNG) per image."""
+    from runtime.folder import repair_folder
+
+    repair = make_repair()
+    start = time.perf_counter()
+    report = repair_folder(repair, folder, out, settings.repair, settings.max_batch_size, settings.resize,
+                           progress=False)
+    seconds = time.perf_counter() - start
+    pairs = [((folder / row["file"]).read_bytes(), (out / row["output"]).read_bytes()) for row in report["images"]
+             if row["status"] == "repaired"]
+    return len(pairs) / seconds, pairs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--weights", default=None)
+    parser.add_argument("--bundle", default=None, help="serve this exported bundle instead (no PyTorch in replicas)")
+    parser.add_argument("--images", type=Path, default=None,
+                        help="folder of images (default: the model set's examples: examples/attacked for CIFAR-10)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--max-batch-size", type=int, default=64)
+    parser.add_argument("--batch-wait-ms", type=float, default=10)
+    parser.add_argument("--max-queued", type=int, default=64)
+    parser.add_argument("--clients", default="1,2,4,8,16,32,64")
+    parser.add_argument("--loads", default="0.5,0.8,1.2", help="open-loop rates, as fractions of the capacity")
+    parser.add_argument("--seconds", type=float, default=30, help="per point")
+    parser.add_argument("--kill", action="store_true", help="also kill one of two replicas under load")
+    parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--json", type=Path, required=True)
+    args = parser.parse_args()
+
+    from runtime import serve as service
+
+    make_repair, settings, started = build(args)
+    folder = args.images or (EXAMPLES / ("attacked" if settings.size == 32 else "imagenette"))
+    work = Path(tempfile.mkdtemp())
+    inputs = work / "in"
+    inputs.mkdir()
+    for path in sorted(folder.glob("*")):
+        if path.suffix.lower() in (".png", ".jpg", ".jpeg"):
+            shutil.copy(path, inputs / path.name)
+    images_per_s, pairs = offline(make_repair, settings, inputs, work / "out")
+    result = {"threads": args.threads, "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
+              "max_queued": args.max_queued, "backend": settings.repair["backend"], "size": settings.size,
+              "images": len(pairs), "offline_images_per_s": round(images_per_s, 3)}
+    print(f"offline batch job: {images_per_s:.3f} images/s on {len(pairs)} images")
+    where = service.Deployment(port=args.port, replica_cpus=args.threads, max_queued=args.max_queued)
+    t0 = time.perf_counter()
+    service.start_serve(where, settings.timeout_s)
+    t1 = time.perf_counter()
+    service.deploy(make_repair, settings, where)
+    url = f"http://{where.host}:{where.port}"
+    result.update(serves=started, ray_and_proxy_start_s=round(t1 - t0, 2),
+                  replica_start_s=round(time.perf_counter() - t1, 2))
+    print(f"Ray and the proxy up in {result['ray_and_proxy_start_s']} s, the replica ({started}) in "
+          f"{result['replica_start_s']} s")
+    try:
+        client = Client(url, pairs)
+        client.send(0)
+        client.take()                                              # warm
+        result["closed_loop"] = []
+        for clients in map(int, args.clients.split(",")):
+            point = closed_loop(client, clients, args.seconds)
+            result["closed_loop"].append(point)
+            print(point)
+        capacity = max(p["requests_per_s"] for p in result["closed_loop"])
+        result["capacity_requests_per_s"] = capacity
+        result["open_loop"] = []
+        for load in map(float, args.loads.split(",")):
+            point = {"load": load, **open_loop(client, load * capacity, args.seconds)}
+            result["open_loop"].append(point)
+            print(point)
+        if args.kill:
+            result["replica_kill"] = kill_one_replica(client, where, make_repair, settings, args.seconds)
+            print(result["replica_kill"])
+    finally:
+        service.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    write_json(args.json, result)
+    print(f"wrote {args.json}")
+
+
+def build(args):
+    """(make_repair, ServiceSettings, what it serves) from the command line, as `cli.py serve` builds them."""
+    from cli import _bundle_service, _torch_service
+
+    settings = dict(weights=args.weights, tasks="contrastive,inpainting,rotation", alpha=None, views=4,
+                    backend="torch", onnx_dir=None, precision="fp32", objective="clean", level=0.5, gate_fpr=None,
+                    calibration=None, threads=args.threads, classifier_file=None, device="cpu", eps=16 / 255,
+                    steps=40, step_size=2 / 255, seed=0, early_exit=True, resize=None)
+    limits = dict(max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, timeout_s=120,
+                  max_body_bytes=20 * 2**20)
+    if args.bundle:
+        import click
+
+        context = click.Context(click.Command("serve"))        # no option given on the command line
+        context.get_parameter_source = lambda name: click.core.ParameterSource.DEFAULT
+        make_repair, service_settings = _bundle_service(context, Path(args.bundle), settings, limits)
+        return make_repair, service_settings, f"bundle {args.bundle}"
+    make_repair, service_settings = _torch_service(settings, limits)
+    return make_repair, service_settings, f"weights {args.weights or 'weights'} (torch)"
+
+
+def kill_one_replica(client: Client, where, make_repair, settings, seconds: float) -> dict:
+    """Two replicas under a closed loop of 8 clients; one replica's process is killed a third of the way in.
+    Returns the failed requests and the time until Serve ran two replicas again."""
+    import dataclasses
+    import os
+    import signal
+
+    from ray import serve
+    from ray.util.state import list_actors
+
+    from runtime import serve as service
+
+    service.deploy(make_repair, settings, dataclasses.replace(where, replicas=2))
+
+    def running() -> int:
+        status = serve.status().applications[service.APP_NAME].deployments["RepairService"]
+        return status.replica_states.get("RUNNING", 0)
+
+    done = threading.Event()
+    outcome: dict = {}
+
+    def killer() -> None:
+        time.sleep(seconds / 3)
+        victim = next(a for a in list_actors(filters=[("state", "=", "ALIVE")])
+                      if "RepairService" in a.class_name and a.pid)
+        outcome["killed_at"] = time.perf_counter()
+        os.kill(victim.pid, signal.SIGKILL)
+        time.sleep(0.5)
+        while running() < 2 and not done.is_set():
+            time.sleep(0.1)
+        outcome["recovered_at"] = time.perf_counter()
+
+    thread = threading.Thread(target=killer)
+    thread.start()
+    records, elapsed = run_closed(client, 8, seconds)
+    done.set()
+    thread.join()
+    killed, recovered = outcome["killed_at"], outcome["recovered_at"]
+    failed = [r for r in records if r["status"] != 200]
+    return {"clients": 8, **summary(records, elapsed), "recovery_s": round(recovered - killed, 2),
+            "failed_sent_before_kill": sum(r["start"] < killed for r in failed),
+            "failed_sent_during_recovery": sum(killed <= r["start"] < recovered for r in failed),
+            "failed_sent_after_recovery": sum(r["start"] >= recovered for r in failed)}
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,309 @@
+"""The online repair: a Ray Serve deployment that repairs images posted over HTTP, in dynamic batches, with the same
+bytes as ``cli.py repair`` (docs/serving.md).
+
+Each replica builds its engine's batch repair once (``make_repair()``: the PyTorch pipeline of engine/folder.py, or
+an exported bundle here in the runtime, which never imports PyTorch) and answers:
+
+- ``POST /v1/repair``: the image as the raw body or as a multipart file -> the repaired PNG, with the predictions
+  before and after, the gate's decision, the steps run and the server time in headers (``?format=json``: all of it
+  as JSON, the PNG in base64);
+- ``POST /v1/classify``: the defended prediction (the classifier on the repaired image) and the undefended one, with
+  class probabilities;
+- ``GET /v1/info`` (settings, weights' sha256, versions), ``GET /healthz``, and ``GET /`` (a page to try it).
+
+Requests that arrive together are repaired as one batch (``@serve.batch``) on a worker thread, so the event loop
+collects the next batch meanwhile. An image's repair never depends on its batch-mates (docs/design.md, principle 3):
+a served PNG is the CLI's, whatever it was batched with. Bad input is answered with a status and a message and never
+reaches a batch; a batch that fails is repaired again one image at a time, so only the image at fault fails.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from email.parser import BytesParser
+from email.policy import HTTP
+from pathlib import Path
+from typing import Callable
+from urllib.parse import quote
+
+import numpy as np
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, JSONResponse, Response
+
+from .folder import BatchRepair
+from .imageio import ImageError, UnreadableImage, decode_image, encode_png
+
+PAGE = Path(__file__).with_name("serve_page.html")
+
+
+@dataclass
+class ServiceSettings:
+    """What a replica needs besides its engine: the images it takes, the batching, the limits, and what
+    ``/v1/info`` reports (``repair``: the repair's settings as the CLI's report records them)."""
+    size: int
+    resize: bool
+    classes: list[str]
+    repair: dict
+    max_batch_size: int = 64
+    batch_wait_ms: float = 10.0
+    max_body_bytes: int = 20 * 2**20
+    timeout_s: float = 60.0
+    info: dict = field(default_factory=dict)
+
+
+class RequestError(Exception):
+    """A request the service refuses: HTTP ``status`` and a message for the client."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def image_bytes(body: bytes, content_type: str) -> bytes:
+    """The image in a request body: the body itself, or the first file part of a multipart/form-data body."""
+    if not content_type.lower().startswith("multipart/"):
+        return body
+    message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body)
+    for part in message.iter_parts() if message.is_multipart() else []:
+        if part.get_filename() is not None or part.get_content_maintype() == "image":
+            return part.get_payload(decode=True) or b""
+    raise RequestError(415, "the multipart body has no file part: send the image as a file field, or as the raw body")
+
+
+def decode_upload(data: bytes, settings: ServiceSettings) -> tuple[np.ndarray, list[str]]:
+    """(3×S×S float32, notes) as ``cli.py repair`` reads the same file, or RequestError: 415 where the data is not an
+    image, 422 where it is one the model set cannot take."""
+    if not data:
+        raise RequestError(415, "empty body: send the image (PNG, JPEG, ...) as the request body")
+    try:
+        return decode_image(data, settings.resize, settings.size)
+    except UnreadableImage as e:
+        raise RequestError(415, str(e)) from None
+    except ImageError as e:
+        raise RequestError(422, str(e).replace("pass --resize", "the service was started with --no-resize")) from None
+
+
+def error_response(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message, "status": status}, status_code=status)
+
+
+def header_text(value: object) -> str:
+    """An HTTP header value: ASCII, other characters percent-encoded (class names may be any text)."""
+    return quote(str(value), safe=" !#$&'()*+,-./:;<=>?@[]^_`{|}~")
+
+
+class RepairService:
+    """One replica (see the module docstring). ``make_repair`` builds the batch repair on the replica's worker
+    thread, the one that then runs every batch (torch's OpenMP threads belong to the thread that made them)."""
+
+    def __init__(self, make_repair: Callable[[], BatchRepair], settings: ServiceSettings) -> None:
+        self.settings = settings
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="repair")
+        self.repair: BatchRepair = self.worker.submit(make_repair).result()
+        self.repair_many.set_max_batch_size(settings.max_batch_size)
+        self.repair_many.set_batch_wait_timeout_s(settings.batch_wait_ms / 1000)
+
+    async def __call__(self, request: Request) -> Response:
+        start = time.perf_counter()
+        route = ROUTES.get((request.method, request.url.path))
+        if route is None:
+            known = sorted({path for _, path in ROUTES})
+            status = 405 if any(path == request.url.path for _, path in ROUTES) else 404
+            return error_response(status, f"{request.method} {request.url.path}: not a route of this service "
+                                          f"({', '.join(known)})")
+        try:
+            return await route(self, request, start)
+        except RequestError as e:
+            return error_response(e.status, str(e))
+
+    # --- routes ----------------------------------------------------------------------------------------------------
+
+    async def repair_route(self, request: Request, start: float) -> Response:
+        fmt = request.query_params.get("format", "png")
+        if fmt not in ("png", "json"):
+            raise RequestError(422, f"format={fmt!r}: choose png (the default) or json")
+        row, notes = await self.repaired(request)
+        png = encode_png(row["image"])
+        facts = self.facts(row, notes, start)
+        if fmt == "json":
+            return JSONResponse({**facts, "image_png_base64": base64.b64encode(png).decode()})
+        headers = {f"X-{name.replace('_', '-').title()}": header_text(value) for name, value in facts.items()
+                   if name in HEADER_FACTS and value is not None}
+        return Response(png, media_type="image/png", headers=headers)
+
+    async def classify_route(self, request: Request, start: float) -> Response:
+        row, notes = await self.repaired(request)
+        detail, classes = row["detail"], self.settings.classes
+        prediction = lambda pred, probs: {"class": pred, "label": classes[pred], "probabilities": probs}
+        return JSONResponse({"defended": prediction(row["pred_after"], detail["probs_after"]),
+                             "undefended": prediction(row["pred_before"], detail["probs_before"]),
+                             "classes": classes, "notes": notes, "gated_out": row.get("gated_out"),
+                             "server_ms": round(1000 * (time.perf_counter() - start), 1)})
+
+    async def info_route(self, request: Request, start: float) -> Response:
+        return JSONResponse({"size": self.settings.size, "resize": self.settings.resize,
+                             "classes": self.settings.classes, "repair": self.settings.repair,
+                             "service": {k: v for k, v in asdict(self.settings).items()
+                                         if k in ("max_batch_size", "batch_wait_ms", "max_body_bytes", "timeout_s")},
+                             # the replica that answered: a bundle's never loads PyTorch
+                             "replica": {"pid": os.getpid(), "torch_loaded": "torch" in sys.modules},
+                             **self.settings.info})
+
+    async def health_route(self, request: Request, start: float) -> Response:
+        return Response("ok\n", media_type="text/plain")
+
+    async def page_route(self, request: Request, start: float) -> Response:
+        return HTMLResponse(PAGE.read_text())
+
+    # --- the repair --------------------------------------------------------------------------------------------------
+
+    async def repaired(self, request: Request) -> tuple[dict, list[str]]:
+        """The request's image decoded and repaired (in a batch with whatever arrives with it): (row, notes)."""
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > self.settings.max_body_bytes:
+            raise RequestError(413, f"body of {int(declared)} bytes is over the limit of "
+                                    f"{self.settings.max_body_bytes} (--max-body-mb)")
+        body = await self.read_body(request)
+        image, notes = decode_upload(image_bytes(body, request.headers.get("content-type", "")), self.settings)
+        # shielded: a client that leaves (its handler cancelled) must not cancel its place in a batch, whose
+        # bookkeeping the other requests of that batch share
+        pending = asyncio.ensure_future(self.repair_many(image))
+        try:
+            row = await asyncio.wait_for(asyncio.shield(pending), self.settings.timeout_s)
+        except asyncio.TimeoutError:
+            raise RequestError(504, f"not repaired within {self.settings.timeout_s} s (--timeout-s): the service "
+                                    "is overloaded, try again later") from None
+        if isinstance(row, Exception):
+            raise RequestError(500, f"the repair failed on this image: {row}")
+        return row, notes
+
+    async def read_body(self, request: Request) -> bytes:
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.settings.max_body_bytes:
+                raise RequestError(413, f"body is over the limit of {self.settings.max_body_bytes} bytes "
+                                        "(--max-body-mb)")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.01)
+    async def repair_many(self, images: list[np.ndarray]) -> list[dict | Exception]:
+        return await asyncio.get_running_loop().run_in_executor(self.worker, self.repair_isolated, images)
+
+    def repair_isolated(self, images: list[np.ndarray]) -> list[dict | Exception]:
+        """The batch's rows; where the batch fails, each image repaired alone, so only the one at fault fails."""
+        try:
+            rows = self.repair(np.stack(images))
+        except Exception as e:  # noqa: BLE001  (each error goes back to its own request, as a 500 with its text)
+            rows = [e] if len(images) == 1 else [self.repair_alone(image) for image in images]
+        for row in rows:
+            if isinstance(row, dict):
+                row["batch_size"] = len(images)
+        return rows
+
+    def repair_alone(self, image: np.ndarray) -> dict | Exception:
+        try:
+            return self.repair(image[None])[0]
+        except Exception as e:  # noqa: BLE001
+            return e
+
+    def facts(self, row: dict, notes: list[str], start: float) -> dict:
+        detail = row["detail"]
+        return {"pred_before": row["pred_before"], "pred_after": row["pred_after"],
+                "label_before": row["label_before"], "label_after": row["label_after"],
+                "gated_out": row.get("gated_out"), "steps_run": len(detail["objective"]),
+                "objective": detail["objective"], "ssl_loss_before": row["ssl_loss_before"],
+                "ssl_loss_after": row["ssl_loss_after"], "linf": row["linf"], "notes": notes,
+                "classes": self.settings.classes, "batch_size": row["batch_size"],
+                "server_ms": round(1000 * (time.perf_counter() - start), 1)}
+
+
+# the facts that go into headers of a PNG answer (the rest, lists, only with ?format=json)
+HEADER_FACTS = ("pred_before", "pred_after", "label_before", "label_after", "gated_out", "steps_run", "batch_size",
+                "server_ms")
+ROUTES = {("POST", "/v1/repair"): RepairService.repair_route, ("POST", "/v1/classify"): RepairService.classify_route,
+          ("GET", "/v1/info"): RepairService.info_route, ("GET", "/healthz"): RepairService.health_route,
+          ("GET", "/"): RepairService.page_route}
+
+
+def info_versions() -> dict:
+    """The versions /v1/info reports (of the driver that deployed the service: replicas run the same install)."""
+    import platform
+    from importlib import metadata
+
+    versions = {"python": platform.python_version()}
+    for package in ("mssl-repair", "numpy", "onnxruntime", "onnxruntime-gpu", "ray", "torch"):
+        if package == "torch" and "torch" not in sys.modules:
+            continue                            # a bundle service: no PyTorch anywhere
+        try:
+            versions[package.removesuffix("-gpu")] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            pass
+    return versions
+
+
+@dataclass
+class Deployment:
+    """How the service is spread over the cluster, and where it listens."""
+    host: str = "127.0.0.1"
+    port: int = 8000
+    replicas: int = 1
+    replica_cpus: float = 1
+    replica_gpus: float = 0
+    max_queued: int = 64
+    retry_after_s: float = 1
+
+
+APP_NAME = "mssl-repair"
+
+
+def start(make_repair: Callable[[], BatchRepair], settings: ServiceSettings, where: Deployment,
+          ray_address: str | None = None) -> str:
+    """Start (or join, with ``ray_address``) Ray and Serve, deploy the service and return its URL once every replica
+    is up."""
+    start_serve(where, settings.timeout_s, ray_address)
+    deploy(make_repair, settings, where)
+    return f"http://{where.host}:{where.port}"
+
+
+def start_serve(where: Deployment, timeout_s: float, ray_address: str | None = None) -> None:
+    """Ray (a local cluster, or the one at ``ray_address``) and Serve's proxy on ``where.host:where.port``."""
+    import logging
+
+    import ray
+    from ray.serve.config import HTTPOptions
+
+    if not ray.is_initialized():
+        os.environ.setdefault("RAY_worker_niceness", "0")      # as runtime/ray_folder.py: the replicas are the job
+        ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    # past the timeout, a request at a replica is answered 504 by it; one still waiting for a replica, 408 by the proxy
+    serve.start(http_options=HTTPOptions(host=where.host, port=where.port, request_timeout_s=timeout_s + 1))
+
+
+def deploy(make_repair: Callable[[], BatchRepair], settings: ServiceSettings, where: Deployment) -> None:
+    """(Re)deploy the service's replicas and wait until they are all up. Requests past ``where.max_queued`` waiting
+    in front of busy replicas are refused at once with 503 and a Retry-After header; a replica takes up to two
+    batches at a time (one repairing, the next being collected)."""
+    from ray.serve.config import BackpressureConfig
+
+    deployment = serve.deployment(RepairService).options(
+        name="RepairService", num_replicas=where.replicas,
+        ray_actor_options={"num_cpus": where.replica_cpus, "num_gpus": where.replica_gpus},
+        max_ongoing_requests=2 * settings.max_batch_size, max_queued_requests=where.max_queued,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=where.retry_after_s))
+    serve.run(deployment.bind(make_repair, settings), name=APP_NAME, route_prefix="/", blocking=False)
+
+
+def stop() -> None:
+    """Take the service down and leave Ray (a cluster this process started stops with it)."""
+    import ray
+
+    serve.shutdown()
+    ray.shutdown()

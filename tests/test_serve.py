@@ -1,0 +1,239 @@
+"""`cli.py serve` (runtime/serve.py) on a real local Ray Serve at 127.0.0.1: concurrent clients get the CLI's PNGs
+byte for byte, whatever they are batched with; every bad input gets its status; a poisoned image fails alone in its
+batch; a client that leaves wedges nothing; nothing is left running."""
+import json
+import os
+import shutil
+import socket
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from types import SimpleNamespace
+
+import click
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from cli import main
+from tests.conftest import EXAMPLES
+
+pytest.importorskip("ray.serve", reason="needs Ray Serve (pip install 'mssl-repair[serve]')")
+requests = pytest.importorskip("requests")
+
+ROOT = Path(__file__).resolve().parent.parent
+STEPS = 3
+SLOW_S = 6            # how long the stand-in engine takes over a white image: past the service's timeout
+TIMEOUT_S = 3
+
+
+class FaultyRepair:
+    """The real batch repair, except that a batch holding an all-black image fails (a poisoned request) and one
+    holding an all-white image first sleeps SLOW_S (a request past --timeout-s)."""
+
+    def __init__(self, make_repair):
+        self.make_repair = make_repair
+
+    def __call__(self):
+        repair = self.make_repair()
+
+        def faulty(x: np.ndarray) -> list[dict]:
+            if (x.reshape(len(x), -1).max(1) == 0).any():
+                raise RuntimeError("poisoned batch")
+            if (x.reshape(len(x), -1).min(1) == 1).any():
+                time.sleep(SLOW_S)
+            return repair(x)
+        return faulty
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def service(tiny_weights, tmp_path_factory):
+    """One replica of the tiny weights' repair (3 steps, batches of up to 4 gathered for 300 ms: 8 requests on the
+    replica at most, 8 more waiting for it), behind FaultyRepair; the replicas import this module, so the repository is on their path."""
+    import ray
+
+    from cli import _torch_service
+    from runtime import serve as service_module
+
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    os.environ.setdefault("RAY_worker_niceness", "0")
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    settings = dict(weights=tiny_weights, tasks="contrastive,inpainting,rotation", alpha=None, views=4,
+                    backend="torch", onnx_dir=None, precision="fp32", objective="clean", level=0.5, gate_fpr=None,
+                    calibration=None, threads=1, classifier_file=None, device="cpu", eps=16 / 255, steps=STEPS,
+                    step_size=2 / 255, seed=0, early_exit=True, resize=None)
+    limits = dict(max_batch_size=4, batch_wait_ms=300, timeout_s=TIMEOUT_S, max_body_bytes=100_000)
+    make_repair, settings = _torch_service(settings, limits)
+    where = service_module.Deployment(port=free_port(), replica_cpus=1, max_queued=8)
+    try:
+        service_module.start(FaultyRepair(make_repair), settings, where)
+        yield f"http://{where.host}:{where.port}"
+    finally:
+        service_module.stop()
+
+
+@pytest.fixture(scope="module")
+def cli_outputs(tiny_weights, tmp_path_factory):
+    """`cli.py repair` on 8 attacked examples with the service's settings: the PNGs it writes."""
+    src, out = tmp_path_factory.mktemp("in"), tmp_path_factory.mktemp("cli") / "out"
+    for path in sorted((ROOT / "examples" / "attacked").glob("*.png"))[:8]:
+        shutil.copy(path, src / path.name)
+    result = CliRunner().invoke(main, ["repair", "--input", str(src), "--output", str(out), "--weights",
+                                       str(tiny_weights), "--steps", str(STEPS), "--backend", "torch", "--threads",
+                                       "1", "--quiet"])
+    assert result.exit_code == 0, result.output
+    return {p.name: (p.read_bytes(), (out / p.name).read_bytes()) for p in sorted(src.glob("*.png"))}
+
+
+def post(url: str, data: bytes, path: str = "/v1/repair", **kwargs) -> requests.Response:
+    return requests.post(url + path, data=data, headers={"Content-Type": "image/png"}, timeout=60, **kwargs)
+
+
+def png_bytes(array: np.ndarray) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_concurrent_clients_get_the_cli_bytes_whatever_their_batch(service, cli_outputs):
+    names = list(cli_outputs) * 2                        # 16 requests from 8 clients: batches of mixed images
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda name: post(service, cli_outputs[name][0]), names))
+    assert [a.status_code for a in answers] == [200] * len(names), [a.text for a in answers if a.status_code != 200]
+    for name, answer in zip(names, answers):
+        assert answer.headers["content-type"] == "image/png"
+        assert answer.content == cli_outputs[name][1], name
+    assert max(int(a.headers["x-batch-size"]) for a in answers) > 1          # they were batched
+    first = answers[0].headers
+    assert {"x-pred-before", "x-pred-after", "x-label-after", "x-steps-run", "x-server-ms"} <= set(first)
+
+
+def test_json_and_multipart_and_classify_agree_with_the_png(service, cli_outputs):
+    import base64
+
+    name, (image, repaired) = next(iter(cli_outputs.items()))
+    as_json = post(service, image, params={"format": "json"}).json()
+    assert base64.b64decode(as_json["image_png_base64"]) == repaired
+    assert 0 < as_json["steps_run"] == len(as_json["objective"]) <= STEPS and len(as_json["classes"]) == 10
+    multipart = requests.post(service + "/v1/repair", files={"image": (name, image, "image/png")}, timeout=60)
+    assert multipart.status_code == 200 and multipart.content == repaired
+    classified = post(service, image, "/v1/classify").json()
+    assert classified["defended"]["class"] == as_json["pred_after"]
+    assert classified["undefended"]["class"] == as_json["pred_before"]
+    assert sum(classified["defended"]["probabilities"]) == pytest.approx(1, abs=1e-4)
+
+
+def test_bad_requests_get_their_status_and_the_service_stays_up(service, cli_outputs):
+    image = next(iter(cli_outputs.values()))[0]
+    cases = {
+        "over the size limit": (post(service, b"\0" * 200_000), 413),
+        "not an image": (post(service, b"hello"), 415),
+        "an empty body": (post(service, b""), 415),
+        "another size, no resize": (post(service, png_bytes(np.zeros((40, 48, 3), np.uint8) + 9)), 422),
+        "a bad parameter": (post(service, image, params={"format": "xml"}), 422),
+        "an unknown route": (post(service, image, "/v2/repair"), 404),
+        "a wrong method": (requests.get(service + "/v1/repair", timeout=10), 405),
+    }
+    for case, (answer, status) in cases.items():
+        assert answer.status_code == status, (case, answer.text)
+        assert answer.json()["error"], case
+    assert post(service, image).status_code == 200
+
+
+def test_a_poisoned_image_fails_alone_in_its_batch(service, cli_outputs):
+    black = png_bytes(np.zeros((32, 32, 3), np.uint8))
+    images = [image for image, _ in list(cli_outputs.values())[:3]]
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda data: post(service, data), [images[0], black, images[1], images[2]]))
+    assert answers[1].status_code == 500 and "poisoned batch" in answers[1].json()["error"]
+    expected = [repaired for _, repaired in list(cli_outputs.values())[:3]]
+    assert [a.content for a in (answers[0], answers[2], answers[3])] == expected
+    assert max(int(a.headers["x-batch-size"]) for a in (answers[0], answers[2], answers[3])) > 1
+
+
+def test_a_slow_request_times_out_and_a_client_that_leaves_wedges_nothing(service, cli_outputs):
+    white = png_bytes(np.full((32, 32, 3), 255, np.uint8))
+    start = time.perf_counter()
+    slow = post(service, white)
+    assert slow.status_code == 504 and "--timeout-s" in slow.json()["error"]
+    assert time.perf_counter() - start < SLOW_S
+    time.sleep(SLOW_S - (time.perf_counter() - start) + 0.5)          # the engine is done with the white image
+    # a client that sends a request and hangs up at once, while its batch is being gathered
+    image, repaired = next(iter(cli_outputs.values()))
+    host, port = service.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(b"POST /v1/repair HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                  + f"Content-Length: {len(image)}\r\n\r\n".encode() + image)
+    time.sleep(0.1)
+    later = [post(service, image) for _ in range(3)]
+    assert [a.status_code for a in later] == [200] * 3 and all(a.content == repaired for a in later)
+
+
+def test_overload_is_refused_at_once_with_retry_after(service, cli_outputs):
+    images = [image for image, _ in cli_outputs.values()]
+    white = png_bytes(np.full((32, 32, 3), 255, np.uint8))      # keeps the replica busy for SLOW_S
+    with ThreadPoolExecutor(33) as pool:
+        blocker = pool.submit(post, service, white)
+        time.sleep(0.5)
+        answers = list(pool.map(lambda i: (time.perf_counter(), post(service, images[i % len(images)]),
+                                           time.perf_counter()), range(32)))
+        blocker.result()
+    refused = [(t1 - t0, a) for t0, a, t1 in answers if a.status_code == 503]
+    assert refused, [a.status_code for _, a, _ in answers]
+    assert all(a.headers.get("retry-after") for _, a in refused)
+    assert all(seconds < 1.0 for seconds, _ in refused)                 # refused at once, not after a wait
+    # the rest waited behind the slow image: answered, or past the timeout (504 from the replica; 408 from Serve's
+    # proxy for one still waiting for the replica)
+    late = [a for _, a, _ in answers if a.status_code != 503]
+    assert {a.status_code for a in late} <= {200, 504, 408}, [(a.status_code, a.text) for a in late]
+    time.sleep(SLOW_S)                                                   # let the replica drain
+
+
+def test_info_reports_the_settings_weights_and_versions(service, tiny_weights):
+    info = requests.get(service + "/v1/info", timeout=10).json()
+    assert info["size"] == 32 and info["repair"]["steps"] == STEPS and info["repair"]["backend"] == "torch"
+    manifest = json.loads((tiny_weights / "classifier.json").read_text())
+    assert info["repair"]["weights"]["classifier"] == manifest["sha256"]
+    assert {"python", "numpy", "ray", "torch"} <= set(info["versions"])
+    assert info["service"]["max_batch_size"] == 4
+    assert requests.get(service + "/healthz", timeout=10).text == "ok\n"
+    page = requests.get(service + "/", timeout=10)
+    assert page.status_code == 200 and "/v1/repair?format=json" in page.text
+
+
+def test_a_bundle_service_repairs_as_the_runtime_without_pytorch(service, tiny_bundle, cli_outputs, tmp_path):
+    """The same Serve, redeployed with the session's tiny bundle: its replica never loads PyTorch, and its PNGs are
+    `python -m runtime repair`'s (run where importing torch fails)."""
+    from cli import _bundle_service
+    from runtime import serve as service_module
+    from tests.test_runtime import run_without_torch
+
+    src = tmp_path / "in"
+    src.mkdir()
+    for name, (image, _) in list(cli_outputs.items())[:4]:
+        (src / name).write_bytes(image)
+    reference = run_without_torch("repair", "--bundle", str(tiny_bundle), "--input", str(src), "--output",
+                                  str(tmp_path / "rt"), "--steps", str(STEPS), "--threads", "1", "--quiet")
+    assert reference.returncode == 0, reference.stderr
+    context = SimpleNamespace(get_parameter_source=lambda name: click.core.ParameterSource.DEFAULT)
+    settings = dict(eps=16 / 255, steps=STEPS, step_size=2 / 255, seed=0, gate_fpr=None, early_exit=True, threads=1,
+                    resize=None)
+    make_repair, service_settings = _bundle_service(context, tiny_bundle, settings, dict(
+        max_batch_size=4, batch_wait_ms=300, timeout_s=TIMEOUT_S, max_body_bytes=100_000))
+    host, port = service.removeprefix("http://").split(":")
+    service_module.deploy(make_repair, service_settings, service_module.Deployment(host, int(port)))
+    info = requests.get(service + "/v1/info", timeout=10).json()
+    assert info["repair"]["backend"] == "runtime" and info["replica"]["torch_loaded"] is False
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(lambda path: post(service, path.read_bytes()), sorted(src.glob("*.png"))))
+    assert [a.status_code for a in answers] == [200] * 4
+    assert [a.content for a in answers] == [(tmp_path / "rt" / p.name).read_bytes() for p in sorted(src.glob("*.png"))]
