@@ -347,11 +347,14 @@ BUNDLE_FIXED = ("weights", "tasks", "classifier_file", "alpha", "views", "object
 @click.option("--replica-gpus", type=click.FloatRange(min=0), default=None,
               help="GPUs per replica (default: 1 with --device cuda, else 0).")
 @click.option("--max-batch-size", type=click.IntRange(1, 1024), default=64, show_default=True,
-              help="Requests repaired together at most.")
+              help="Requests repaired together at most (on a CPU the default repair costs the same per image alone "
+                   "or in a batch: a smaller one bounds the wait; docs/serving.md).")
 @click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=10, show_default=True,
               help="How long a batch that is not full waits for more requests.")
-@click.option("--max-queued", type=click.IntRange(min=1), default=64, show_default=True,
-              help="Requests that may wait for a busy replica; more are refused at once (503 with Retry-After).")
+@click.option("--max-queued", type=click.IntRange(min=1), default=None,
+              help="Requests that may wait for a busy replica; more are refused at once (503 with Retry-After). "
+                   "Default: --max-batch-size, so that an accepted request waits at most about three batches (a "
+                   "replica holds two: one repairing, one gathering).")
 @click.option("--timeout-s", type=click.FloatRange(min=0, min_open=True), default=60, show_default=True,
               help="A request not repaired within this time is answered 504.")
 @click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=20, show_default=True,
@@ -360,8 +363,8 @@ BUNDLE_FIXED = ("weights", "tasks", "classifier_file", "alpha", "views", "object
               help="The Ray cluster to join (auto: the one running here; default: start a local one).")
 @click.pass_context
 def serve(ctx: click.Context, bundle_dir: Path | None, host: str, port: int, replicas: int, replica_cpus: float,
-          replica_gpus: float | None, max_batch_size: int, batch_wait_ms: float, max_queued: int, timeout_s: float,
-          max_body_mb: float, ray_address: str | None, **repair_settings) -> None:
+          replica_gpus: float | None, max_batch_size: int, batch_wait_ms: float, max_queued: int | None,
+          timeout_s: float, max_body_mb: float, ray_address: str | None, **repair_settings) -> None:
     """Serve the repair over HTTP on Ray Serve until Ctrl-C: POST /v1/repair (an image -> its repaired PNG),
     POST /v1/classify, GET /v1/info, GET /healthz and a page at / (docs/serving.md). A served image is repaired as
     `cli.py repair` repairs it, byte for byte, whatever it is batched with."""
@@ -383,7 +386,7 @@ def serve(ctx: click.Context, bundle_dir: Path | None, host: str, port: int, rep
                   max_body_bytes=int(max_body_mb * 2**20))
     make_repair, service_settings = (_bundle_service(ctx, bundle_dir, settings, limits) if bundle_dir
                                      else _torch_service(settings, limits))
-    where = service.Deployment(host, port, replicas, replica_cpus, gpus, max_queued)
+    where = service.Deployment(host, port, replicas, replica_cpus, gpus, max_queued or max_batch_size)
     click.echo(f"starting {replicas} replica(s) of the repair ({service_settings.repair['backend']}, "
                f"{service_settings.size}×{service_settings.size}) ...")
     start = time.perf_counter()
