@@ -83,6 +83,9 @@ def test_the_imagenette_set_takes_64_pixel_photos_and_meets_its_aims():
     metrics = manifests["classifier"]["metrics"]
     assert metrics["n_test"] == 3925 and metrics["pgd20_eps"] == pytest.approx(4 / 255)
     assert metrics["clean_accuracy"] >= 0.65 and metrics["pgd20_accuracy"] >= 0.30      # issue 21's aims
+    standard = json.loads((IMAGENETTE / "classifier-standard.json").read_text())      # the undefended one beside it
+    assert standard["input"]["size"] == 64 and standard["recipe"]["fgsm_step"] == 0
+    assert standard["metrics"]["n_test"] == 3925 and standard["metrics"]["clean_accuracy"] >= 0.80     # the aim
     p = load_pipeline(IMAGENETTE)                               # the CLI's default repair: calibration beside it
     with open(IMAGENETTE_EXAMPLES / "labels.csv") as f:
         rows = list(csv.DictReader(f))
