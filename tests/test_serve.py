@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cli import main
-from tests.conftest import EXAMPLES
+from tests.webdriver import CHROMEDRIVER, CHROMIUM, Browser
 
 pytest.importorskip("ray.serve", reason="needs Ray Serve (pip install 'mssl-repair[serve]')")
 requests = pytest.importorskip("requests")
@@ -208,6 +208,32 @@ def test_info_reports_the_settings_weights_and_versions(service, tiny_weights):
     assert requests.get(service + "/healthz", timeout=10).text == "ok\n"
     page = requests.get(service + "/", timeout=10)
     assert page.status_code == 200 and "/v1/repair?format=json" in page.text
+
+
+@pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                    reason="needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; "
+                           ".ci/run installs them)")
+def test_the_page_repairs_a_picked_image_in_headless_chromium(service, cli_outputs, tmp_path):
+    import base64
+
+    name, (image, repaired) = next(iter(cli_outputs.items()))
+    (tmp_path / name).write_bytes(image)
+    (tmp_path / "notes.png").write_text("not an image")
+    expected = post(service, image, params={"format": "json"}).json()
+    with Browser(tmp_path / "profile") as browser:
+        browser.open(service + "/")
+        browser.type("#file", str(tmp_path / name))
+        shown = "const r = document.getElementById('result'); return r.hidden ? '' : "
+        assert browser.wait_for(shown + "document.getElementById('label-after').textContent") == \
+            expected["label_after"]
+        assert browser.script("return document.getElementById('label-before').textContent") == \
+            expected["label_before"]
+        after = browser.script("return document.getElementById('after').src")
+        assert base64.b64decode(after.split(",", 1)[1]) == repaired              # the served PNG, magnified
+        points = browser.script("return document.getElementById('line').getAttribute('points')")
+        assert len(points.split()) == expected["steps_run"] > 0                  # the objective per step
+        browser.type("#file", str(tmp_path / "notes.png"))
+        assert browser.wait_for("return document.getElementById('error').textContent").startswith("415: ")
 
 
 def test_a_bundle_service_repairs_as_the_runtime_without_pytorch(service, tiny_bundle, cli_outputs, tmp_path):
