@@ -347,8 +347,8 @@ BUNDLE_FIXED = ("weights", "tasks", "classifier_file", "alpha", "views", "object
 @click.option("--replica-gpus", type=click.FloatRange(min=0), default=None,
               help="GPUs per replica (default: 1 with --device cuda, else 0).")
 @click.option("--max-batch-size", type=click.IntRange(1, 1024), default=64, show_default=True,
-              help="Requests repaired together at most (on a CPU the default repair costs the same per image alone "
-                   "or in a batch: a smaller one bounds the wait; docs/serving.md).")
+              help="Requests repaired together at most (a smaller batch also shortens the longest wait: "
+                   "docs/serving.md).")
 @click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=10, show_default=True,
               help="How long a batch that is not full waits for more requests.")
 @click.option("--max-queued", type=click.IntRange(min=1), default=None,

@@ -59,10 +59,16 @@ class Client:
             async with session.post(self.url + "/v1/repair", data=image,
                                     headers={"Content-Type": "image/png"}) as answer:
                 status, body, batch = answer.status, await answer.read(), answer.headers.get("x-batch-size")
+                replica_ms = answer.headers.get("x-server-ms")
+                receive_ms = answer.headers.get("x-receive-ms")
+                waiting = answer.headers.get("x-waiting")
         except (aiohttp.ClientError, asyncio.TimeoutError):
-            status, body, batch = 0, b"", None              # the connection failed: counted as an error
+            status, body, batch, replica_ms, receive_ms, waiting = 0, b"", None, None, None, None   # an error
         self.records.append({"status": status, "ms": 1000 * (time.perf_counter() - start), "start": start,
-                             "batch": int(batch) if batch else None, "wrong": status == 200 and body != expected})
+                             "batch": int(batch) if batch else None, "wrong": status == 200 and body != expected,
+                             "replica_ms": float(replica_ms) if replica_ms else None,
+                             "receive_ms": float(receive_ms) if receive_ms else None,
+                             "waiting": int(waiting) if waiting else None})
 
     def take(self) -> list[dict]:
         records, self.records = self.records, []
@@ -83,6 +89,14 @@ def summary(records: list[dict], seconds: float) -> dict:
             "p50_ms": percentile([r["ms"] for r in ok], 0.5), "p95_ms": percentile([r["ms"] for r in ok], 0.95),
             "p99_ms": percentile([r["ms"] for r in ok], 0.99),
             "batch_size": round(statistics.mean(r["batch"] for r in ok if r["batch"]), 2) if ok else None,
+            # the part of the latency spent on the replica (from its handler's start): the rest is Serve's proxy and
+            # router, and the network
+            "replica_p50_ms": percentile([r["replica_ms"] for r in ok if r["replica_ms"] is not None], 0.5),
+            "replica_p99_ms": percentile([r["replica_ms"] for r in ok if r["replica_ms"] is not None], 0.99),
+            "receive_p50_ms": percentile([r["receive_ms"] for r in ok if r["receive_ms"] is not None], 0.5),
+            # requests waiting on the replica as each answered one's batch started
+            "waiting_at_batch_start": round(statistics.mean(r["waiting"] for r in ok if r["waiting"] is not None), 2)
+            if ok else None,
             "refused_503": len(refused), "refused_rate": round(len(refused) / max(1, len(records)), 4),
             "refusal_p99_ms": percentile([r["ms"] for r in refused], 0.99),
             "other_errors": sorted({r["status"] for r in records} - {200, 503}),
