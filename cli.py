@@ -235,6 +235,9 @@ def _repair_settings(command):
     return command
 
 
+REPAIR_SETTING_NAMES = {param.name for param in _repair_settings(click.Command("settings")).params}
+
+
 @main.command()
 @click.option("--input", "input_dir", type=click.Path(path_type=Path), required=True,
               help="Folder of images (searched recursively).")
@@ -263,14 +266,9 @@ def _repair_settings(command):
 @click.option("--worker-gpus", type=click.FloatRange(min=0), default=None,
               help="--ray: GPUs per actor (default: 1 with --device cuda, else 0).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, classifier_file: Path | None,
-           alpha: str | None, eps: float,
-           steps: int, step_size: float, views: int, objective: str, level: float, gate_fpr: float | None,
-           calibration: Path | None, seed: int, batch_size: int, device: str, early_exit: bool, backend: str,
-           threads: int | None, onnx_dir: Path | None, precision: str, allow_large_eps: bool, resize: bool | None,
-           overwrite: bool, preview_file: Path | None, preview_n: int, resume: bool, use_ray: bool,
-           ray_address: str | None, workers: int | None, worker_cpus: float, worker_gpus: float | None,
-           quiet: bool) -> None:
+def repair(input_dir: Path, output_dir: Path, batch_size: int, overwrite: bool, preview_file: Path | None,
+           preview_n: int, resume: bool, use_ray: bool, ray_address: str | None, workers: int | None,
+           worker_cpus: float, worker_gpus: float | None, quiet: bool, **settings) -> None:
     """Repair every image under INPUT into OUTPUT (same relative paths, lossless PNG) with a report.
 
     Exit status: 0 when every input was repaired, 1 when some failed (see the report), 2 on usage errors.
@@ -278,14 +276,14 @@ def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, 
     from runtime.folder import check_folders, summary_lines
     from runtime.preview import check_preview_path
 
-    steps, note = checked_eps(eps, steps, allow_large_eps)
+    steps, note = checked_eps(settings["eps"], settings["steps"], settings["allow_large_eps"])
     if note:
         click.echo(note, err=True)
 
-    _check_device(device)
-    task_list = _parse_tasks(tasks)
-    alphas = _parse_alpha(alpha, task_list)
-    ray_options = _ray_options(use_ray, ray_address, workers, worker_cpus, worker_gpus, device)
+    _check_device(settings["device"])
+    ray_options = _ray_options(use_ray, ray_address, workers, worker_cpus, worker_gpus, settings["device"])
+    load_options = _load_options(settings, settings["threads"] or (max(1, int(worker_cpus)) if use_ray
+                                                                   else default_threads()))
     try:
         check_folders(input_dir, output_dir, overwrite, resume)
         if preview_file:
@@ -294,15 +292,10 @@ def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, 
         raise click.UsageError(str(e)) from None
     from engine.folder import RepairConfig, repair_folder       # torch: only once the arguments are known good
 
-    threads = threads or (max(1, int(worker_cpus)) if use_ray else default_threads())
-    load_options = dict(weights=weights, device=device, tasks=task_list, alpha=alphas, views=views, backend=backend,
-                        onnx_dir=onnx_dir, precision=precision, objective=objective, level=level,
-                        gate_fpr=gate_fpr, calibration=calibration, threads=threads,
-                        classifier=None if classifier_file is None else str(classifier_file))
     pipeline = _load_with_threads(load_options)
-    resize = pipeline.inputs["resize"] if resize is None else resize
-    config = RepairConfig(eps=eps, steps=steps, step_size=step_size, seed=seed, batch_size=batch_size,
-                          early_exit=early_exit)
+    resize = pipeline.inputs["resize"] if settings["resize"] is None else settings["resize"]
+    config = RepairConfig(eps=settings["eps"], steps=steps, step_size=settings["step_size"], seed=settings["seed"],
+                          batch_size=batch_size, early_exit=settings["early_exit"])
     try:
         if ray_options is None:
             report = repair_folder(pipeline, input_dir, output_dir, config, resize, overwrite, not quiet, resume)
@@ -315,7 +308,7 @@ def repair(input_dir: Path, output_dir: Path, weights: Path | None, tasks: str, 
             # each actor loads what the driver loaded (the export cache, if any, is already written)
             load = functools.partial(load_exported_pipeline, **load_options)
             report = repair_folder_on_ray(pipeline, load, input_dir, output_dir, config, resize, overwrite,
-                                          not quiet, threads, resume, **ray_options)
+                                          not quiet, load_options["threads"], resume, **ray_options)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     for line, to_stderr in summary_lines(report, output_dir):
@@ -362,36 +355,20 @@ BUNDLE_FIXED = ("weights", "tasks", "classifier_file", "alpha", "views", "object
 @click.option("--ray-address", default=None,
               help="The Ray cluster to join (auto: the one running here; default: start a local one).")
 @click.pass_context
-def serve(ctx: click.Context, bundle_dir: Path | None, host: str, port: int, replicas: int, replica_cpus: float,
-          replica_gpus: float | None, max_batch_size: int, batch_wait_ms: float, max_queued: int | None,
-          timeout_s: float, max_body_mb: float, ray_address: str | None, **repair_settings) -> None:
+def serve(ctx: click.Context, **options) -> None:
     """Serve the repair over HTTP on Ray Serve until Ctrl-C: POST /v1/repair (an image -> its repaired PNG),
     POST /v1/classify, GET /v1/info, GET /healthz and a page at / (docs/serving.md). A served image is repaired as
     `cli.py repair` repairs it, byte for byte, whatever it is batched with."""
     import time
 
-    try:
-        from runtime import serve as service
-    except ImportError as e:
-        raise click.UsageError(f"serve needs Ray Serve, which is not installed ({e}): "
-                               "pip install 'mssl-repair[serve]'") from None
-    settings = dict(repair_settings)
-    steps, note = checked_eps(settings["eps"], settings["steps"], settings.pop("allow_large_eps"))
-    if note:
-        click.echo(note, err=True)
-    settings.update(steps=steps, threads=settings["threads"] or max(1, int(replica_cpus)))
-    _check_device(settings["device"])
-    gpus = replica_gpus if replica_gpus is not None else (1 if settings["device"] == "cuda" else 0)
-    limits = dict(max_batch_size=max_batch_size, batch_wait_ms=batch_wait_ms, timeout_s=timeout_s,
-                  max_body_bytes=int(max_body_mb * 2**20))
-    make_repair, service_settings = (_bundle_service(ctx, bundle_dir, settings, limits) if bundle_dir
-                                     else _torch_service(settings, limits))
-    where = service.Deployment(host, port, replicas, replica_cpus, gpus, max_queued or max_batch_size)
-    click.echo(f"starting {replicas} replica(s) of the repair ({service_settings.repair['backend']}, "
-               f"{service_settings.size}×{service_settings.size}) ...")
+    from runtime import serve as service
+
+    make_repair, settings, where = _serving(ctx)
+    click.echo(f"starting {where.replicas} replica(s) of the repair ({settings.repair['backend']}, "
+               f"{settings.size}×{settings.size}) ...")
     start = time.perf_counter()
     try:
-        url = service.start(make_repair, service_settings, where, ray_address)
+        url = service.start(make_repair, settings, where, options["ray_address"])
         click.echo(f"serving on {url} (ready in {time.perf_counter() - start:.1f} s); Ctrl-C stops it")
         while True:
             time.sleep(3600)
@@ -399,6 +376,38 @@ def serve(ctx: click.Context, bundle_dir: Path | None, host: str, port: int, rep
         click.echo("stopping")
     finally:
         service.stop()
+
+
+def serving(options: list[str]):
+    """What `cli.py serve OPTIONS` deploys: (make_repair, ServiceSettings, Deployment). bench.serve_load and the tests
+    build their service with it, so that they serve exactly what the command serves."""
+    with serve.make_context("serve", list(options)) as ctx:
+        return _serving(ctx)
+
+
+def _serving(ctx: click.Context):
+    """(make_repair, ServiceSettings, Deployment) from `serve`'s parsed options; usage errors before Ray starts."""
+    try:
+        from runtime import serve as service
+    except ImportError as e:
+        raise click.UsageError(f"serve needs Ray Serve, which is not installed ({e}): "
+                               "pip install 'mssl-repair[serve]'") from None
+    options = dict(ctx.params)
+    settings = {name: options.pop(name) for name in REPAIR_SETTING_NAMES}
+    steps, note = checked_eps(settings["eps"], settings["steps"], settings.pop("allow_large_eps"))
+    if note:
+        click.echo(note, err=True)
+    settings.update(steps=steps, threads=settings["threads"] or max(1, int(options["replica_cpus"])))
+    _check_device(settings["device"])
+    gpus = options["replica_gpus"] if options["replica_gpus"] is not None else int(settings["device"] == "cuda")
+    limits = dict(max_batch_size=options["max_batch_size"], batch_wait_ms=options["batch_wait_ms"],
+                  timeout_s=options["timeout_s"], max_body_bytes=int(options["max_body_mb"] * 2**20))
+    make_repair, service_settings = (_bundle_service(ctx, options["bundle_dir"], settings, limits)
+                                     if options["bundle_dir"] else _torch_service(settings, limits))
+    queued = options["max_queued"] if options["max_queued"] is not None else options["max_batch_size"]
+    where = service.Deployment(options["host"], options["port"], options["replicas"], options["replica_cpus"], gpus,
+                               queued)
+    return make_repair, service_settings, where
 
 
 def _service_settings(service, size: int, resize: bool | None, default_resize: bool, classes: list[str],
@@ -437,13 +446,7 @@ def _torch_service(settings: dict, limits: dict):
     from export.onnx_export import load_exported_pipeline
     from runtime import serve as service
 
-    task_list = _parse_tasks(settings["tasks"])
-    load_options = dict(weights=settings["weights"], device=settings["device"], tasks=task_list,
-                        alpha=_parse_alpha(settings["alpha"], task_list), views=settings["views"],
-                        backend=settings["backend"], onnx_dir=settings["onnx_dir"], precision=settings["precision"],
-                        objective=settings["objective"], level=settings["level"], gate_fpr=settings["gate_fpr"],
-                        calibration=settings["calibration"], threads=settings["threads"],
-                        classifier=None if settings["classifier_file"] is None else str(settings["classifier_file"]))
+    load_options = _load_options(settings, settings["threads"])
     pipeline = _load_with_threads(load_options)
     config = RepairConfig(eps=settings["eps"], steps=settings["steps"], step_size=settings["step_size"],
                           seed=settings["seed"], batch_size=limits["max_batch_size"], early_exit=settings["early_exit"])
@@ -451,6 +454,18 @@ def _torch_service(settings: dict, limits: dict):
                                      settings["threads"])
     return make_repair, _service_settings(service, pipeline.size, settings["resize"], pipeline.inputs["resize"],
                                           pipeline.class_names, report_config(pipeline, config), limits)
+
+
+def _load_options(settings: dict, threads: int) -> dict:
+    """The arguments of the pipeline's loader from the repair settings (REPAIR_SETTINGS' names), with ``threads``; the
+    task and α lists checked (usage errors)."""
+    tasks = _parse_tasks(settings["tasks"])
+    return dict(weights=settings["weights"], device=settings["device"], tasks=tasks,
+                alpha=_parse_alpha(settings["alpha"], tasks), views=settings["views"], backend=settings["backend"],
+                onnx_dir=settings["onnx_dir"], precision=settings["precision"], objective=settings["objective"],
+                level=settings["level"], gate_fpr=settings["gate_fpr"], calibration=settings["calibration"],
+                threads=threads,
+                classifier=None if settings["classifier_file"] is None else str(settings["classifier_file"]))
 
 
 def _load_with_threads(load_options: dict):

@@ -186,7 +186,7 @@ def main() -> None:
 
     from runtime import serve as service
 
-    make_repair, settings, started = build(args)
+    make_repair, settings, where, started = build(args)
     folder = args.images or (EXAMPLES / ("attacked" if settings.size == 32 else "imagenette"))
     work = Path(tempfile.mkdtemp())
     inputs = work / "in"
@@ -199,7 +199,6 @@ def main() -> None:
               "max_queued": args.max_queued, "backend": settings.repair["backend"], "size": settings.size,
               "images": len(pairs), "batch_job": batch_job}
     print(f"batch job on {len(pairs)} images: {batch_job}")
-    where = service.Deployment(port=args.port, replica_cpus=args.threads, max_queued=args.max_queued)
     t0 = time.perf_counter()
     service.start_serve(where, settings.timeout_s)
     t1 = time.perf_counter()
@@ -235,24 +234,16 @@ def main() -> None:
 
 
 def build(args):
-    """(make_repair, ServiceSettings, what it serves) from the command line, as `cli.py serve` builds them."""
-    from cli import _bundle_service, _torch_service
+    """(make_repair, ServiceSettings, Deployment, what it serves): what `cli.py serve` deploys with these options."""
+    from cli import serving
 
-    settings = dict(weights=args.weights, tasks="contrastive,inpainting,rotation", alpha=None, views=4,
-                    backend="torch", onnx_dir=None, precision="fp32", objective="clean", level=0.5, gate_fpr=None,
-                    calibration=None, threads=args.threads, classifier_file=None, device="cpu", eps=16 / 255,
-                    steps=40, step_size=2 / 255, seed=0, early_exit=True, resize=None)
-    limits = dict(max_batch_size=args.max_batch_size, batch_wait_ms=args.batch_wait_ms, timeout_s=120,
-                  max_body_bytes=20 * 2**20)
+    options = ["--threads", str(args.threads), "--replica-cpus", str(args.threads), "--max-batch-size",
+               str(args.max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms), "--max-queued",
+               str(args.max_queued), "--timeout-s", "120", "--port", str(args.port)]
     if args.bundle:
-        import click
-
-        context = click.Context(click.Command("serve"))        # no option given on the command line
-        context.get_parameter_source = lambda name: click.core.ParameterSource.DEFAULT
-        make_repair, service_settings = _bundle_service(context, Path(args.bundle), settings, limits)
-        return make_repair, service_settings, f"bundle {args.bundle}"
-    make_repair, service_settings = _torch_service(settings, limits)
-    return make_repair, service_settings, f"weights {args.weights or 'weights'} (torch)"
+        return (*serving(options + ["--bundle", args.bundle]), f"bundle {args.bundle}")
+    weights = args.weights or "weights"
+    return (*serving(options + ["--weights", weights]), f"weights {weights} (torch)")
 
 
 def kill_one_replica(client: Client, where, make_repair, settings, seconds: float) -> dict:

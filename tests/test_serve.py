@@ -1,6 +1,7 @@
 """`cli.py serve` (runtime/serve.py) on a real local Ray Serve at 127.0.0.1: concurrent clients get the CLI's PNGs
 byte for byte, whatever they are batched with; every bad input gets its status; a poisoned image fails alone in its
 batch; a client that leaves wedges nothing; nothing is left running."""
+import asyncio
 import json
 import os
 import shutil
@@ -8,9 +9,7 @@ import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from types import SimpleNamespace
 
-import click
 import numpy as np
 import pytest
 from click.testing import CliRunner
@@ -26,6 +25,10 @@ ROOT = Path(__file__).resolve().parent.parent
 STEPS = 3
 SLOW_S = 6            # how long the stand-in engine takes over a white image: past the service's timeout
 TIMEOUT_S = 3
+# the service's options beside the weights and port: batches of up to 4 gathered for 300 ms, 8 requests on the
+# replica at most and 8 more waiting for it, bodies up to 0.1 MiB
+SERVICE = ["--steps", str(STEPS), "--threads", "1", "--replica-cpus", "1", "--max-batch-size", "4", "--batch-wait-ms",
+           "300", "--max-queued", "8", "--timeout-s", str(TIMEOUT_S), "--max-body-mb", "0.1"]
 
 
 class FaultyRepair:
@@ -55,23 +58,17 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def service(tiny_weights, tmp_path_factory):
-    """One replica of the tiny weights' repair (3 steps, batches of up to 4 gathered for 300 ms: 8 requests on the
-    replica at most, 8 more waiting for it), behind FaultyRepair; the replicas import this module, so the repository is on their path."""
+    """One replica of the tiny weights' repair with the SERVICE options, behind FaultyRepair; the replicas import
+    this module, so the repository is on their path."""
     import ray
 
-    from cli import _torch_service
+    from cli import serving
     from runtime import serve as service_module
 
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
     os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    settings = dict(weights=tiny_weights, tasks="contrastive,inpainting,rotation", alpha=None, views=4,
-                    backend="torch", onnx_dir=None, precision="fp32", objective="clean", level=0.5, gate_fpr=None,
-                    calibration=None, threads=1, classifier_file=None, device="cpu", eps=16 / 255, steps=STEPS,
-                    step_size=2 / 255, seed=0, early_exit=True, resize=None)
-    limits = dict(max_batch_size=4, batch_wait_ms=300, timeout_s=TIMEOUT_S, max_body_bytes=100_000)
-    make_repair, settings = _torch_service(settings, limits)
-    where = service_module.Deployment(port=free_port(), replica_cpus=1, max_queued=8)
+    make_repair, settings, where = serving(["--weights", str(tiny_weights), "--port", str(free_port()), *SERVICE])
     try:
         service_module.start(FaultyRepair(make_repair), settings, where)
         yield f"http://{where.host}:{where.port}"
@@ -102,6 +99,30 @@ def png_bytes(array: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(array).save(buffer, "PNG")
     return buffer.getvalue()
+
+
+def test_the_batcher_batches_what_waits_and_drops_a_request_cancelled_before_its_batch():
+    from runtime.serve import Batcher
+
+    batches = []
+
+    async def run(items: list[int]) -> list[int]:
+        batches.append(items)
+        await asyncio.sleep(0.05)
+        return [10 * i for i in items]
+
+    async def requests_meanwhile() -> list:
+        batcher = Batcher(run, max_size=3, wait_s=0.01)
+        first = asyncio.ensure_future(batcher.submit(0))
+        await asyncio.sleep(0.02)                      # its batch is running: the next four wait
+        later = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2, 3, 4)]
+        await asyncio.sleep(0)
+        later[1].cancel()                              # its client leaves before its batch starts
+        return await asyncio.gather(first, later[0], later[2], later[3])
+
+    answers = asyncio.run(requests_meanwhile())
+    assert batches == [[0], [1, 3], [4]]               # the next batch took the three waiting first, one had left
+    assert answers == [(0, 1), (10, 3), (30, 3), (40, 1)]     # (result, requests waiting when its batch started)
 
 
 def test_concurrent_clients_get_the_cli_bytes_whatever_their_batch(service, cli_outputs):
@@ -239,7 +260,7 @@ def test_the_page_repairs_a_picked_image_in_headless_chromium(service, cli_outpu
 def test_a_bundle_service_repairs_as_the_runtime_without_pytorch(service, tiny_bundle, cli_outputs, tmp_path):
     """The same Serve, redeployed with the session's tiny bundle: its replica never loads PyTorch, and its PNGs are
     `python -m runtime repair`'s (run where importing torch fails)."""
-    from cli import _bundle_service
+    from cli import serving
     from runtime import serve as service_module
     from tests.test_runtime import run_without_torch
 
@@ -250,13 +271,9 @@ def test_a_bundle_service_repairs_as_the_runtime_without_pytorch(service, tiny_b
     reference = run_without_torch("repair", "--bundle", str(tiny_bundle), "--input", str(src), "--output",
                                   str(tmp_path / "rt"), "--steps", str(STEPS), "--threads", "1", "--quiet")
     assert reference.returncode == 0, reference.stderr
-    context = SimpleNamespace(get_parameter_source=lambda name: click.core.ParameterSource.DEFAULT)
-    settings = dict(eps=16 / 255, steps=STEPS, step_size=2 / 255, seed=0, gate_fpr=None, early_exit=True, threads=1,
-                    resize=None)
-    make_repair, service_settings = _bundle_service(context, tiny_bundle, settings, dict(
-        max_batch_size=4, batch_wait_ms=300, timeout_s=TIMEOUT_S, max_body_bytes=100_000))
     host, port = service.removeprefix("http://").split(":")
-    service_module.deploy(make_repair, service_settings, service_module.Deployment(host, int(port)))
+    make_repair, service_settings, where = serving(["--bundle", str(tiny_bundle), "--port", port, *SERVICE])
+    service_module.deploy(make_repair, service_settings, where)
     info = requests.get(service + "/v1/info", timeout=10).json()
     assert info["repair"]["backend"] == "runtime" and info["replica"]["torch_loaded"] is False
     with ThreadPoolExecutor(4) as pool:
