@@ -344,10 +344,11 @@ BUNDLE_FIXED = ("weights", "tasks", "classifier_file", "alpha", "views", "object
                    "docs/serving.md).")
 @click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=10, show_default=True,
               help="How long a batch that is not full waits for more requests.")
-@click.option("--max-queued", type=click.IntRange(min=1), default=None,
-              help="Requests that may wait for a busy replica; more are refused at once (503 with Retry-After). "
-                   "Default: --max-batch-size, so that an accepted request waits at most about three batches (a "
-                   "replica holds two: one repairing, one gathering).")
+@click.option("--max-queued", type=click.IntRange(min=0), default=None,
+              help="Requests that may wait on a replica beyond the batch it is repairing; more are refused at once "
+                   "(503 with Retry-After). Default: --max-batch-size, so that an accepted request waits for two "
+                   "batches at most (the one being repaired and its own); each --max-batch-size more adds a batch "
+                   "to the longest wait.")
 @click.option("--timeout-s", type=click.FloatRange(min=0, min_open=True), default=60, show_default=True,
               help="A request not repaired within this time is answered 504.")
 @click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=20, show_default=True,
@@ -400,13 +401,12 @@ def _serving(ctx: click.Context):
     settings.update(steps=steps, threads=settings["threads"] or max(1, int(options["replica_cpus"])))
     _check_device(settings["device"])
     gpus = options["replica_gpus"] if options["replica_gpus"] is not None else int(settings["device"] == "cuda")
-    limits = dict(max_batch_size=options["max_batch_size"], batch_wait_ms=options["batch_wait_ms"],
+    queued = options["max_queued"] if options["max_queued"] is not None else options["max_batch_size"]
+    limits = dict(max_batch_size=options["max_batch_size"], batch_wait_ms=options["batch_wait_ms"], max_queued=queued,
                   timeout_s=options["timeout_s"], max_body_bytes=int(options["max_body_mb"] * 2**20))
     make_repair, service_settings = (_bundle_service(ctx, options["bundle_dir"], settings, limits)
                                      if options["bundle_dir"] else _torch_service(settings, limits))
-    queued = options["max_queued"] if options["max_queued"] is not None else options["max_batch_size"]
-    where = service.Deployment(options["host"], options["port"], options["replicas"], options["replica_cpus"], gpus,
-                               queued)
+    where = service.Deployment(options["host"], options["port"], options["replicas"], options["replica_cpus"], gpus)
     return make_repair, service_settings, where
 
 

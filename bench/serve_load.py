@@ -46,8 +46,8 @@ class Client:
     takes as little of the machine as it can) and records, per request: status, latency (ms), batch size, and whether
     the PNG is the batch job's."""
 
-    def __init__(self, url: str, images: list[tuple[bytes, bytes]]) -> None:
-        self.url, self.images = url, images
+    def __init__(self, url: str, images: list[tuple[bytes, bytes]], full_batch: int) -> None:
+        self.url, self.images, self.full_batch = url, images, full_batch
         self.records: list[dict] = []
 
     async def send(self, session, i: int) -> None:
@@ -58,21 +58,22 @@ class Client:
         try:
             async with session.post(self.url + "/v1/repair", data=image,
                                     headers={"Content-Type": "image/png"}) as answer:
-                status, body, batch = answer.status, await answer.read(), answer.headers.get("x-batch-size")
-                replica_ms = answer.headers.get("x-server-ms")
-                receive_ms = answer.headers.get("x-receive-ms")
-                waiting = answer.headers.get("x-waiting")
+                status, body = answer.status, await answer.read()
+                facts = {name: float(answer.headers[header]) if header in answer.headers else None
+                         for name, header in FACT_HEADERS.items()}
         except (aiohttp.ClientError, asyncio.TimeoutError):
-            status, body, batch, replica_ms, receive_ms, waiting = 0, b"", None, None, None, None   # an error
+            status, body, facts = 0, b"", dict.fromkeys(FACT_HEADERS)                     # an error
         self.records.append({"status": status, "ms": 1000 * (time.perf_counter() - start), "start": start,
-                             "batch": int(batch) if batch else None, "wrong": status == 200 and body != expected,
-                             "replica_ms": float(replica_ms) if replica_ms else None,
-                             "receive_ms": float(receive_ms) if receive_ms else None,
-                             "waiting": int(waiting) if waiting else None})
+                             "wrong": status == 200 and body != expected, **facts})
 
     def take(self) -> list[dict]:
         records, self.records = self.records, []
         return records
+
+
+# what the service says of each answer, as recorded
+FACT_HEADERS = {"batch": "x-batch-size", "replica_ms": "x-server-ms", "receive_ms": "x-receive-ms",
+                "waiting": "x-waiting", "batch_ms": "x-batch-ms"}
 
 
 def session():
@@ -82,21 +83,29 @@ def session():
                                  timeout=aiohttp.ClientTimeout(total=300))
 
 
-def summary(records: list[dict], seconds: float) -> dict:
+def summary(records: list[dict], seconds: float, full_batch: int) -> dict:
     ok = [r for r in records if r["status"] == 200]
     refused = [r for r in records if r["status"] == 503]
+
+    def of_answered(name: str, q: float | None = None, where=lambda r: True):
+        values = [r[name] for r in ok if r[name] is not None and where(r)]
+        if q is not None:
+            return percentile(values, q)
+        return round(statistics.mean(values), 2) if values else None
+
+    full = lambda r: r["batch"] == full_batch
     return {"requests": len(records), "answered": len(ok), "requests_per_s": round(len(ok) / seconds, 3),
-            "p50_ms": percentile([r["ms"] for r in ok], 0.5), "p95_ms": percentile([r["ms"] for r in ok], 0.95),
-            "p99_ms": percentile([r["ms"] for r in ok], 0.99),
-            "batch_size": round(statistics.mean(r["batch"] for r in ok if r["batch"]), 2) if ok else None,
+            "p50_ms": of_answered("ms", 0.5), "p95_ms": of_answered("ms", 0.95), "p99_ms": of_answered("ms", 0.99),
+            "batch_size": of_answered("batch"),
             # the part of the latency spent on the replica (from its handler's start): the rest is Serve's proxy and
             # router, and the network
-            "replica_p50_ms": percentile([r["replica_ms"] for r in ok if r["replica_ms"] is not None], 0.5),
-            "replica_p99_ms": percentile([r["replica_ms"] for r in ok if r["replica_ms"] is not None], 0.99),
-            "receive_p50_ms": percentile([r["receive_ms"] for r in ok if r["receive_ms"] is not None], 0.5),
+            "replica_p50_ms": of_answered("replica_ms", 0.5), "replica_p99_ms": of_answered("replica_ms", 0.99),
+            "receive_p50_ms": of_answered("receive_ms", 0.5),
             # requests waiting on the replica as each answered one's batch started
-            "waiting_at_batch_start": round(statistics.mean(r["waiting"] for r in ok if r["waiting"] is not None), 2)
-            if ok else None,
+            "waiting_at_batch_start": of_answered("waiting"),
+            # how long the repair of a full batch took on the replica (over the answers it held)
+            "full_batch_p50_ms": of_answered("batch_ms", 0.5, full),
+            "full_batch_p99_ms": of_answered("batch_ms", 0.99, full),
             "refused_503": len(refused), "refused_rate": round(len(refused) / max(1, len(records)), 4),
             "refusal_p99_ms": percentile([r["ms"] for r in refused], 0.99),
             "other_errors": sorted({r["status"] for r in records} - {200, 503}),
@@ -106,7 +115,7 @@ def summary(records: list[dict], seconds: float) -> dict:
 def closed_loop(client: Client, clients: int, seconds: float) -> dict:
     """``clients`` threads, each sending its next request as soon as the last is answered, for ``seconds``."""
     records, elapsed = run_closed(client, clients, seconds)
-    return {"clients": clients, **summary(records, elapsed)}
+    return {"clients": clients, **summary(records, elapsed, client.full_batch)}
 
 
 def run_closed(client: Client, clients: int, seconds: float) -> tuple[list[dict], float]:
@@ -138,14 +147,12 @@ def open_loop(client: Client, rate: float, seconds: float, seed: int = 0) -> dic
 
     start = time.perf_counter()
     asyncio.run(run())
-    return {"rate": round(rate, 3), **summary(client.take(), time.perf_counter() - start)}
+    return {"rate": round(rate, 3), **summary(client.take(), time.perf_counter() - start, client.full_batch)}
 
 
 def offline(make_repair, settings, folder: Path, out: Path) -> tuple[dict, list[tuple[bytes, bytes]]]:
     """The batch job on ``folder`` (images/s once its engine is built; the p50 time of one image repaired alone,
-    over 16) and (input, repaired PNG) per image."""
-    import numpy as np
-
+    over 16; the p50 and longest time of a full batch) and (input, repaired PNG) per image."""
     from runtime.folder import repair_folder
     from runtime.imageio import read_folder
 
@@ -156,12 +163,20 @@ def offline(make_repair, settings, folder: Path, out: Path) -> tuple[dict, list[
     seconds = time.perf_counter() - start
     pairs = [((folder / row["file"]).read_bytes(), (out / row["output"]).read_bytes()) for row in report["images"]
              if row["status"] == "repaired"]
-    single = []
-    for record in read_folder(folder, settings.resize, size=settings.size)[:16]:
-        t0 = time.perf_counter()
-        repair(np.stack([record.image]))
-        single.append(1000 * (time.perf_counter() - t0))
-    return {"images_per_s": round(len(pairs) / seconds, 3), "single_image_p50_ms": percentile(single, 0.5)}, pairs
+    images = [record.image for record in read_folder(folder, settings.resize, size=settings.size)]
+    single = [timed_ms(repair, images[i:i + 1]) for i in range(min(16, len(images)))]
+    full = settings.max_batch_size
+    batches = [timed_ms(repair, images[i:i + full]) for i in range(0, len(images) - full + 1, full)]
+    return {"images_per_s": round(len(pairs) / seconds, 3), "single_image_p50_ms": percentile(single, 0.5),
+            "full_batch_p50_ms": percentile(batches, 0.5), "full_batch_max_ms": percentile(batches, 1.0)}, pairs
+
+
+def timed_ms(repair, images: list) -> float:
+    import numpy as np
+
+    start = time.perf_counter()
+    repair(np.stack(images))
+    return 1000 * (time.perf_counter() - start)
 
 
 def main() -> None:
@@ -173,9 +188,11 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--max-batch-size", type=int, default=64)
     parser.add_argument("--batch-wait-ms", type=float, default=10)
-    parser.add_argument("--max-queued", type=int, default=64)
+    parser.add_argument("--max-queued", type=int, default=None, help="default: --max-batch-size, as cli.py serve")
     parser.add_argument("--clients", default="1,2,4,8,16,32,64", help="closed-loop points ('': none)")
     parser.add_argument("--loads", default="0.5,0.8,1.2", help="open-loop rates, as fractions of the capacity")
+    parser.add_argument("--capacity", type=float, default=None,
+                        help="requests/s the open loop's fractions are of (default: the closed loop's best)")
     parser.add_argument("--seconds", type=float, default=30, help="per closed-loop point, and the replica kill")
     parser.add_argument("--open-seconds", type=float, default=60,
                         help="per open-loop point (long enough for the queue to fill at 120 %%)")
@@ -196,7 +213,7 @@ def main() -> None:
             shutil.copy(path, inputs / path.name)
     batch_job, pairs = offline(make_repair, settings, inputs, work / "out")
     result = {"threads": args.threads, "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
-              "max_queued": args.max_queued, "backend": settings.repair["backend"], "size": settings.size,
+              "max_queued": settings.max_queued, "backend": settings.repair["backend"], "size": settings.size,
               "images": len(pairs), "batch_job": batch_job}
     print(f"batch job on {len(pairs)} images: {batch_job}")
     t0 = time.perf_counter()
@@ -209,14 +226,14 @@ def main() -> None:
     print(f"Ray and the proxy up in {result['ray_and_proxy_start_s']} s, the replica ({started}) in "
           f"{result['replica_start_s']} s")
     try:
-        client = Client(url, pairs)
+        client = Client(url, pairs, settings.max_batch_size)
         run_closed(client, 1, 1)                                  # warm
         result["closed_loop"] = []
         for clients in [int(c) for c in args.clients.split(",") if c]:
             point = closed_loop(client, clients, args.seconds)
             result["closed_loop"].append(point)
             print(point)
-        capacity = max((p["requests_per_s"] for p in result["closed_loop"]), default=None)
+        capacity = args.capacity or max((p["requests_per_s"] for p in result["closed_loop"]), default=None)
         result["capacity_requests_per_s"] = capacity
         result["open_loop"] = []
         for load in [float(x) for x in args.loads.split(",") if x and capacity]:
@@ -238,8 +255,8 @@ def build(args):
     from cli import serving
 
     options = ["--threads", str(args.threads), "--replica-cpus", str(args.threads), "--max-batch-size",
-               str(args.max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms), "--max-queued",
-               str(args.max_queued), "--timeout-s", "120", "--port", str(args.port)]
+               str(args.max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms), "--timeout-s", "120",
+               "--port", str(args.port)] + ([] if args.max_queued is None else ["--max-queued", str(args.max_queued)])
     if args.bundle:
         return (*serving(options + ["--bundle", args.bundle]), f"bundle {args.bundle}")
     weights = args.weights or "weights"
@@ -288,7 +305,7 @@ def kill_one_replica(client: Client, where, make_repair, settings, seconds: floa
     thread.join()
     killed, recovered = outcome["killed_at"], outcome["recovered_at"]
     failed = [r for r in records if r["status"] != 200]
-    return {"clients": 8, **summary(records, elapsed), "recovery_s": round(recovered - killed, 2),
+    return {"clients": 8, **summary(records, elapsed, client.full_batch), "recovery_s": round(recovered - killed, 2),
             "failed_sent_before_kill": sum(r["start"] < killed for r in failed),
             "failed_sent_during_recovery": sum(killed <= r["start"] < recovered for r in failed),
             "failed_sent_after_recovery": sum(r["start"] >= recovered for r in failed)}
