@@ -676,6 +676,88 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_pa
         plot(result, plot_path)
 
 
+@main.command("worst-case")
+@click.option("--repair", "defense", default="mtl:clean:exit", show_default=True,
+              help="The defense (an eval repair name); the default is `cli.py repair`'s default repair.")
+@click.option("--control", default="noise", show_default=True,
+              help="Evaluated beside it the same way: the repair's random start only ('' for none).")
+@click.option("--n", type=click.IntRange(min=1, max=10000), default=1000, show_default=True,
+              help="Test images (the eval's seeded subset: the same images as `cli.py eval --n`).")
+@click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Skip the subset's first K images (to extend a run over new images).")
+@click.option("--eps", type=FRACTION, default="8/255", show_default=True, help="The attacker's L∞ budget.")
+@click.option("--iterations", type=click.IntRange(min=1), default=100, show_default=True,
+              help="APGD and FAB iterations, and the defense-aware PGD's steps (AutoAttack's standard: 100).")
+@click.option("--eot", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Repair samples averaged per APGD step through the defense.")
+@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
+              help="Scorings of each final image on the real defense (seeds 0, 7919, …); robust = right every time.")
+@click.option("--targets", type=click.IntRange(1, 9), default=9, show_default=True,
+              help="Target classes of APGD-T and FAB-T (standard: 9).")
+@click.option("--base-queries", type=click.IntRange(min=1), default=5000, show_default=True,
+              help="Square's queries on the classifier alone (AutoAttack's standard: 5000).")
+@click.option("--square-queries", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Square's queries on the defense: each runs the real repair.")
+@click.option("--surrogate-steps", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Repair steps in the forward of the BPDA attacks (the scored repair runs all its steps).")
+@click.option("--lam", type=FRACTION, default="1", show_default=True, help="λ of the defense-aware attack.")
+@click.option("--chunk", type=click.IntRange(min=1), default=25, show_default=True,
+              help="Images per unit of work (and of saved progress).")
+@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the results here; partial results go beside it and an interrupted run resumes.")
+@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--weights", type=click.Path(file_okay=False, path_type=Path), default=None)
+@click.option("--data", "data_root", default=None, help="As `cli.py eval --data` (default: CIFAR-10).")
+@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None)
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads (default: the idle cores).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def worst_case(defense: str, control: str, n: int, offset: int, eps: float, iterations: int, eot: int, repeats: int,
+               targets: int, base_queries: int, square_queries: int, surrogate_steps: int, lam: float, chunk: int,
+               json_path: Path | None, markdown_path: Path | None, seed: int, weights: Path | None,
+               data_root: str | None, calibration: Path | None, threads: int | None, quiet: bool) -> None:
+    """Does the repair help the classifier? The worst case per image over AutoAttack on the classifier alone, its
+    transfer, APGD-CE/DLR through the repair (BPDA + EOT), the defense-aware attack and Square on the defense, each
+    final image scored REPEATS times on the real repair; Wilson intervals, McNemar against the base and a verdict
+    (docs/results.md)."""
+    import torch
+
+    from engine.data import DataError
+    from engine.evaluate import EvalConfig, needs_calibration, tasks_needed
+    from engine.repair_spec import parse_repair
+    from engine.worst_case import WorstCaseConfig, markdown_table, run_worst_case
+
+    names = [name for name in (defense, control) if name]
+    for name, option in zip(names, ("--repair", "--control")):
+        try:
+            parse_repair(name)
+        except ValueError as e:
+            raise click.BadParameter(str(e), param_hint=option) from None
+    try:
+        import pyautoattack  # noqa: F401
+    except ImportError:
+        raise click.UsageError("worst-case needs AutoAttack: pip install -e '.[attacks]'") from None
+    torch.set_num_threads(threads or default_threads())
+    config = WorstCaseConfig(n=n, offset=offset, seed=seed, eps=eps, defenses=list(dict.fromkeys(names)),
+                             iterations=iterations, targets=targets, base_queries=base_queries,
+                             square_queries=square_queries, eot=eot, repeats=repeats, surrogate_steps=surrogate_steps,
+                             aware_lambda=lam, chunk=chunk)
+    as_eval = EvalConfig(repairs=config.defenses, attacks=["none"])
+    if needs_calibration(as_eval):
+        from engine.calibration import calibration_path
+
+        calibration = calibration_path(weights, calibration)
+    pipeline = _load(weights=weights, tasks=tasks_needed(as_eval), objective="plain", calibration=calibration)
+    try:
+        result = run_worst_case(pipeline, config, json_path, data_root, progress=not quiet)
+    except (ValueError, DataError) as e:
+        raise click.UsageError(str(e)) from None
+    table = markdown_table(result)
+    click.echo(table)
+    if markdown_path:
+        markdown_path.write_text(table + "\n")
+
+
 @main.command()
 @click.option("--tasks", default=",".join(MODELS[1:]), show_default=True, help="Tasks to measure.")
 @click.option("--n", type=click.IntRange(min=10, max=50000), default=2000, show_default=True,

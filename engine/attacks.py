@@ -128,13 +128,15 @@ class BPDAEOT(nn.Module):
 
 
 class AutoAttackAPGD(nn.Module):
-    """APGD-CE and APGD-T (Croce & Hein, ICML 2020) from fra31's AutoAttack, through its maintained package
-    ``pyautoattack`` (an optional extra: ``pip install -e ".[attacks]"``) — not a rewrite. The two gradient attacks
-    of AutoAttack's standard version; FAB-T and Square add little against a model that is not gradient-masked.
+    """AutoAttack's attacks (Croce & Hein, ICML 2020) from fra31's implementation, through its maintained package
+    ``pyautoattack`` (an optional extra: ``pip install -e ".[attacks]"``) — not a rewrite. By default its two
+    gradient attacks, APGD-CE and APGD-T; ``attacks`` may name any of the package's (``apgd-dlr``, ``fab-t``,
+    ``square``, …): the standard version is ``("apgd-ce", "apgd-t", "fab-t", "square")``. As in the package, each
+    attack only runs on the images the ones before it left classified correctly.
 
-    ``iters``, ``targets`` (target classes of APGD-T) and ``eot`` (gradient samples per step, for a randomized
-    model) default to the standard version's 100, 9 and 1; fewer make it cheaper and weaker, say so where used.
-    As in the package, images already misclassified are not attacked. Shapes: x N×3×H×W in [0, 1], y N -> N×3×H×W.
+    ``iters`` (APGD and FAB), ``targets`` (target classes of APGD-T and FAB-T), ``square_queries`` and ``eot``
+    (gradient samples per APGD step, for a randomized model) default to the standard version's 100, 9, 5000 and 1;
+    fewer make it cheaper and weaker, say so where used. Shapes: x N×3×H×W in [0, 1], y N -> N×3×H×W.
 
     Example::
 
@@ -142,10 +144,11 @@ class AutoAttackAPGD(nn.Module):
     """
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, attacks: tuple[str, ...] = ("apgd-ce", "apgd-t"),
-                 iters: int = 100, targets: int = 9, eot: int = 1, seed: int = 0) -> None:
+                 iters: int = 100, targets: int = 9, eot: int = 1, seed: int = 0,
+                 square_queries: int = 5000) -> None:
         super().__init__()
         self.model, self.eps, self.attacks = model, eps, attacks
-        self.iters, self.targets, self.eot, self.seed = iters, targets, eot, seed
+        self.iters, self.targets, self.eot, self.seed, self.square_queries = iters, targets, eot, seed, square_queries
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         try:
@@ -160,5 +163,7 @@ class AutoAttackAPGD(nn.Module):
                       device=x.device, logger=aa.logger)
         aa.apgd = APGDAttack(self.model, n_restarts=1, **common)
         aa.apgd_targeted = APGDAttack_targeted(self.model, n_restarts=1, n_target_classes=self.targets, **common)
+        aa.fab.n_restarts, aa.fab.n_iter, aa.fab.n_target_classes = 1, self.iters, self.targets
+        aa.square.n_queries = self.square_queries
         x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=len(x))
         return x_adv.detach()

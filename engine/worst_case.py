@@ -1,0 +1,276 @@
+"""The worst case per image over strong, diverse attacks: how a test-time defense is evaluated today (Croce et al.,
+*Evaluating the Adversarial Robustness of Adaptive Test-time Defenses*, ICML 2022, who found none of nine such
+defenses better than its static base).
+
+On the same N images (a seeded subset of the test split, in chunks, resumable):
+
+1. **base**: AutoAttack's standard version (APGD-CE, APGD-T, FAB-T, Square) on the classifier alone;
+2. **transfer**: those adversarial images through each defense;
+3. **adaptive, white-box**: APGD-CE and APGD-DLR on classifier(defense(x)), BPDA through the defense (its backward is
+   the identity; its forward a shortened surrogate of the repair) with EOT over its randomness, and the
+   defense-aware PGD (CE − λ·L_ssl);
+4. **black-box**: Square on classifier(defense(x)) with the real defense in every query (no gradients: what
+   gradient masking cannot hide from);
+5. **worst case per image**: every final image is scored on the *real* defense (all steps, the early exit as
+   shipped) ``repeats`` times with different seeds (the first is the CLI's seed, 0); an image counts as robust only
+   if it is classified correctly under every attack every time. The figure is also given per repeat (mean ± std).
+
+The attacks are AutoAttack's published implementation (``pyautoattack``); only the glue is here. The defenses are
+the eval's repair names (engine/repair_spec.py), or any ``Defense`` (tests use stand-ins).
+
+Example::
+
+    config = WorstCaseConfig(n=500, defenses=["mtl:clean:exit", "noise"])
+    result = run_worst_case(pipeline, config, Path("worst.json"))
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import statistics
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from .attacks import AutoAttackAPGD, DefenseAwarePGD
+from .defended import DefendedClassifier
+from .evaluate import EvalConfig, Evaluator, eval_subset, mcnemar_exact, wilson_interval
+from .pipeline import Pipeline
+from runtime.files import write_json
+
+RepairFn = Callable[[torch.Tensor, int], torch.Tensor]       # (images, seed) -> repaired images
+ATTACKS_ON_DEFENSE = ("transfer", "apgd-ce", "apgd-dlr", "aware", "square")
+SCORE_SEED = 7919          # repeat r scores with seed r * SCORE_SEED: repeat 0 is the CLI's seed 0
+
+
+@dataclass
+class Defense:
+    """A defense under evaluation: ``repair`` as deployed; ``surrogate`` what the BPDA attacks run forward (default:
+    the repair); ``objective`` the SSL loss the defense-aware attacker keeps low (default: the pipeline's)."""
+    repair: RepairFn
+    surrogate: RepairFn | None = None
+    objective: nn.Module | None = None
+
+
+@dataclass
+class WorstCaseConfig:
+    n: int = 1000
+    offset: int = 0
+    seed: int = 0
+    eps: float = 8 / 255
+    defenses: list[str] = field(default_factory=lambda: ["mtl:clean:exit", "noise"])   # the CLI's default; control
+    iterations: int = 100        # APGD and FAB iterations, and the aware PGD's steps (AutoAttack's standard: 100)
+    targets: int = 9             # target classes of APGD-T and FAB-T (standard: 9)
+    base_queries: int = 5000     # Square on the classifier alone (standard: 5000)
+    square_queries: int = 1000   # Square on the defense: every query runs the real repair
+    eot: int = 4                 # repair samples averaged per APGD step through the defense
+    repeats: int = 3             # scorings of each final image on the real defense
+    surrogate_steps: int = 10    # repair steps in the BPDA attacks' forward (the scored repair keeps repair_steps)
+    aware_lambda: float = 1.0
+    eps_r: float = 16 / 255      # the repair, as `cli.py repair` runs it by default
+    repair_steps: int = 40
+    repair_step_size: float = 2 / 255
+    views: int = 4
+    level: float = 0.5
+    chunk: int = 25
+
+    def key(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
+
+
+def named_defenses(pipeline: Pipeline, config: WorstCaseConfig) -> dict[str, Defense]:
+    """The config's repair names as defenses, each with the eval's repair (its surrogate: fewer steps)."""
+    evaluator = Evaluator(pipeline, EvalConfig(
+        n=config.n, attacks=["none"], repairs=list(config.defenses), eps_r=config.eps_r,
+        repair_steps=config.repair_steps, repair_step_size=config.repair_step_size, views=config.views,
+        level=config.level))
+    aimed = next((evaluator.objectives[d] for d in config.defenses if d in evaluator.objectives), None)
+
+    def defense(name: str) -> Defense:
+        return Defense(repair=lambda x, s: evaluator.repair(name, x, s).images,
+                       surrogate=lambda x, s: evaluator.repair(name, x, s, config.surrogate_steps).images,
+                       objective=evaluator.objectives.get(name, aimed))
+    return {name: defense(name) for name in config.defenses}
+
+
+class WorstCase:
+    """Runs every stage on a chunk of images; per-image outcomes and the seconds of each stage."""
+
+    def __init__(self, pipeline: Pipeline, config: WorstCaseConfig, defenses: dict[str, Defense]) -> None:
+        self.p, self.cfg, self.defenses = pipeline, config, defenses
+        self.classifier = pipeline.classifier
+
+    def stages(self) -> list[str]:
+        return ["autoattack"] + [f"{attack} {name}" for name in self.defenses
+                                 for attack in (*ATTACKS_ON_DEFENSE[1:], "score")]
+
+    def base(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
+        """AutoAttack's standard version on the classifier alone."""
+        cfg = self.cfg
+        return AutoAttackAPGD(self.classifier, cfg.eps, ("apgd-ce", "apgd-t", "fab-t", "square"), cfg.iterations,
+                              cfg.targets, seed=seed, square_queries=cfg.base_queries)(x, y)
+
+    def attack(self, name: str, defense: Defense, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
+        # AutoAttack's checks warn that the model is randomized and dynamic: this evaluation is built for that
+        # (EOT, BPDA, Square, repeated scoring), so the warning would only repeat at every chunk
+        checks = logging.getLogger("auto-attack")
+        level = checks.level
+        checks.setLevel(logging.ERROR)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="it seems to be a (randomized|dynamic) defense")
+                return self.attack_defense(name, defense, x, y, seed)
+        finally:
+            checks.setLevel(level)
+
+    def attack_defense(self, name: str, defense: Defense, x: torch.Tensor, y: torch.Tensor,
+                       seed: int) -> torch.Tensor:
+        cfg = self.cfg
+        if name in ("apgd-ce", "apgd-dlr"):
+            through = DefendedClassifier(self.p, bpda=True, seed=seed, repair=defense.surrogate or defense.repair)
+            return AutoAttackAPGD(through, cfg.eps, (name,), cfg.iterations, eot=cfg.eot, seed=seed)(x, y)
+        if name == "aware":
+            return DefenseAwarePGD(self.classifier, defense.objective or self.p.objective, cfg.aware_lambda,
+                                   cfg.eps, cfg.eps / 4, cfg.iterations, seed)(x, y)
+        if name == "square":
+            real = DefendedClassifier(self.p, bpda=False, seed=seed, repair=defense.repair)
+            return AutoAttackAPGD(real, cfg.eps, ("square",), seed=seed, square_queries=cfg.square_queries)(x, y)
+        raise ValueError(f"unknown attack {name!r}")
+
+    def scored(self, defense: Defense, x_adv: torch.Tensor, y: torch.Tensor) -> list[list[bool]]:
+        """Per repeat, per image: the classifier right on the real defense's repair (seed r · SCORE_SEED)."""
+        with torch.no_grad():
+            return [(self.p.predict(defense.repair(x_adv, r * SCORE_SEED)) == y).tolist()
+                    for r in range(self.cfg.repeats)]
+
+    def run_chunk(self, x: torch.Tensor, y: torch.Tensor, seed: int, advance: Callable[[str], None]) -> dict:
+        seconds: dict[str, float] = {}
+
+        def stage(name: str, fn, *args):
+            start = time.perf_counter()
+            out = fn(*args)
+            seconds[name] = time.perf_counter() - start
+            advance(name)
+            return out
+
+        x, y = x.to(self.p.device), y.to(self.p.device)
+        x_base = stage("autoattack", self.base, x, y, seed)
+        with torch.no_grad():
+            base = (self.p.predict(x_base) == y).tolist()
+        outcomes = {}
+        for name, defense in self.defenses.items():
+            finals = {"transfer": x_base}
+            for attack in ATTACKS_ON_DEFENSE[1:]:
+                finals[attack] = stage(f"{attack} {name}", self.attack, attack, defense, x, y, seed)
+            outcomes[name] = stage(f"score {name}", lambda: {a: self.scored(defense, xa, y)
+                                                             for a, xa in finals.items()})
+        return {"base": base, "defenses": outcomes, "seconds": seconds}
+
+
+def verdict(test: dict, alpha: float = 0.05) -> str:
+    """improves / weakens the base at 95 % (exact McNemar, a = base, b = the defense's worst case), or neither."""
+    if test["p"] >= alpha:
+        return "no measurable difference"
+    return "improves" if test["b_only"] > test["a_only"] else "weakens"
+
+
+def summarize(base: list[bool], defenses: dict[str, dict[str, list[list[bool]]]]) -> dict:
+    """Rows of accuracy with Wilson intervals: the base, each attack on each defense (robust = right on every
+    repeat), each defense's worst case (robust = right under every attack on every repeat; also per repeat, mean ±
+    std), and McNemar of each worst case against the base with its verdict."""
+    n = len(base)
+    row = lambda correct: {"accuracy": sum(correct) / n, "ci95": list(wilson_interval(sum(correct), n))}
+    out = {"n": n, "base": row(base), "defenses": {}}
+    for name, attacks in defenses.items():
+        repeats = len(next(iter(attacks.values())))
+        every = {a: [all(rep[i] for rep in runs) for i in range(n)] for a, runs in attacks.items()}
+        worst = [all(every[a][i] for a in attacks) for i in range(n)]
+        per_repeat = [sum(all(attacks[a][r][i] for a in attacks) for i in range(n)) / n for r in range(repeats)]
+        test = mcnemar_exact(base, worst)
+        out["defenses"][name] = {
+            "attacks": {a: {**row(c), "mean_over_repeats": statistics.mean(sum(r) / n for r in attacks[a])}
+                        for a, c in every.items()},
+            "worst_case": {**row(worst), "per_repeat": per_repeat, "mean": statistics.mean(per_repeat),
+                           "std": statistics.stdev(per_repeat) if repeats > 1 else 0.0},
+            "mcnemar_vs_base": test, "verdict": verdict(test), "worst_correct": worst}
+    return out
+
+
+def markdown_table(result: dict) -> str:
+    pct = lambda r: f"{100 * r['accuracy']:.1f} ({100 * r['ci95'][0]:.1f}–{100 * r['ci95'][1]:.1f})"
+    names = list(result["defenses"])
+    cfg = result["config"]
+    lines = [f"n = {result['n']} images, ε = {cfg['eps'] * 255:.3g}/255; accuracy % (95 % Wilson CI); an image "
+             f"counts as robust only if right on all {cfg['repeats']} scorings of the real defense", "",
+             "| attack | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
+             f"| AutoAttack on the classifier alone (the base) | " + " | ".join(pct(result["base"]) for _ in names)
+             + " |"]
+    for attack in ATTACKS_ON_DEFENSE:
+        lines.append(f"| {attack} | " + " | ".join(pct(result["defenses"][d]["attacks"][attack]) for d in names)
+                     + " |")
+    worst = [result["defenses"][d]["worst_case"] for d in names]
+    lines.append("| **worst case** | " + " | ".join(f"**{pct(w)}**" for w in worst) + " |")
+    lines.append("| worst case per repeat, mean ± std | " + " | ".join(
+        f"{100 * w['mean']:.1f} ± {100 * w['std']:.1f}" for w in worst) + " |")
+    lines += ["", "| worst case vs base (exact McNemar) | base right only | defense right only | p | verdict |",
+              "|---|---|---|---|---|"]
+    for d in names:
+        t = result["defenses"][d]["mcnemar_vs_base"]
+        lines.append(f"| {d} | {t['a_only']} | {t['b_only']} | {t['p']:.3g} | **{result['defenses'][d]['verdict']}** |")
+    per_image = result["seconds_per_image"]
+    lines += ["", "seconds per image: " + ", ".join(f"{k} {v:.2f}" for k, v in per_image.items())]
+    return "\n".join(lines)
+
+
+def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path | None = None,
+                   data_root: str | None = None, progress: bool = True,
+                   defenses: dict[str, Defense] | None = None) -> dict:
+    """Every stage on the config's images, resuming from ``json_path``'s state file where one with the same
+    configuration, weights and defenses exists."""
+    defenses = defenses or named_defenses(pipeline, config)
+    x, y, idx = eval_subset(config.offset + config.n, config.seed, data_root, pipeline.inputs)
+    x, y, idx = x[config.offset:], y[config.offset:], idx[config.offset:]
+    weights = json.dumps({k: m["sha256"] for k, m in sorted(pipeline.manifests.items())})
+    key = hashlib.sha256((config.key() + weights + ",".join(defenses)).encode()).hexdigest()[:12]
+    state_path = json_path.with_name(f"{json_path.stem}.partial-{key}.json") if json_path else None
+    state = json.loads(state_path.read_text()) if state_path and state_path.exists() else {"chunks": {}}
+    runner = WorstCase(pipeline, config, defenses)
+    starts = range(0, config.n, config.chunk)
+    todo = [s for s in starts if str(s) not in state["chunks"]]
+    with tqdm(total=len(todo) * len(runner.stages()), desc="worst case", unit="stage", disable=not progress) as bar:
+        def advance(stage: str) -> None:
+            bar.set_postfix_str(stage)
+            bar.update(1)
+        for start in todo:
+            chunk = slice(start, start + config.chunk)
+            state["chunks"][str(start)] = runner.run_chunk(x[chunk], y[chunk], config.seed + config.offset + start,
+                                                           advance)
+            if state_path:
+                write_json(state_path, state)
+    base, outcomes, seconds = [], {name: {a: [[] for _ in range(config.repeats)] for a in ATTACKS_ON_DEFENSE}
+                                   for name in defenses}, {}
+    for start in starts:
+        chunk = state["chunks"][str(start)]
+        base += chunk["base"]
+        for name, attacks in chunk["defenses"].items():
+            for attack, runs in attacks.items():
+                for r, values in enumerate(runs):
+                    outcomes[name][attack][r] += values
+        for stage, s in chunk["seconds"].items():
+            seconds[stage] = seconds.get(stage, 0.0) + s
+    result = {**summarize(base, outcomes), "config": asdict(config),
+              "test_indices_sha256": hashlib.sha256(idx.numpy().tobytes()).hexdigest(),
+              "seconds_per_image": {k: round(v / config.n, 3) for k, v in seconds.items()},
+              "threads": torch.get_num_threads(), "device": str(pipeline.device),
+              "weights": {k: m["sha256"] for k, m in pipeline.manifests.items()}}
+    if json_path:
+        write_json(json_path, result)
+        state_path.unlink(missing_ok=True)
+    return result

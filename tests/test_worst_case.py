@@ -1,0 +1,130 @@
+"""The worst case per image (engine/worst_case.py, `cli.py worst-case`) with tiny budgets: every stage on the shipped
+weights, the bookkeeping (an image one attack breaks once is broken; the worst case is never above any attack),
+resuming, and two stand-in defenses: the identity (its worst case is the base's) and one that masks gradients by
+rounding (BPDA and Square see through it)."""
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from cli import main
+from tests.conftest import SHIPPED, needs_shipped
+
+pytest.importorskip("pyautoattack", reason="needs AutoAttack (pip install -e '.[attacks]')")
+pytestmark = needs_shipped
+
+# the issue's tiny run: 8 images, 2 iterations, E = 2, R = 2; small query budgets so that it takes seconds
+TINY = dict(n=8, iterations=2, eot=2, repeats=2, base_queries=8, square_queries=4, surrogate_steps=2, chunk=4)
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    from engine import load_pipeline
+
+    return load_pipeline(objective="plain", calibration=SHIPPED / "calibration.json")
+
+
+def stand_in(fn):
+    from engine.worst_case import Defense
+
+    return Defense(repair=lambda x, seed: fn(x))
+
+
+IDENTITY = lambda x: x
+ROUND_TO_8_LEVELS = lambda x: (x * 7).round() / 7        # no gradient anywhere: masks it from plain attacks
+
+
+def test_summary_counts_an_image_broken_once_as_broken():
+    from engine.worst_case import ATTACKS_ON_DEFENSE, summarize
+
+    right = [True, True, True, False]
+    attacks = {a: [list(right), list(right)] for a in ATTACKS_ON_DEFENSE}
+    attacks["square"][1][0] = False                  # one attack, one of the two scorings, image 0
+    result = summarize([True, True, False, False], {"d": attacks})["defenses"]["d"]
+    assert result["worst_correct"] == [False, True, True, False]
+    assert result["attacks"]["square"]["accuracy"] == 0.5 and result["attacks"]["square"]["mean_over_repeats"] == 0.625
+    assert result["attacks"]["transfer"]["accuracy"] == 0.75
+    assert result["worst_case"]["per_repeat"] == [0.75, 0.5]
+    assert result["worst_case"]["accuracy"] == 0.5
+    assert result["mcnemar_vs_base"] == {"a_only": 1, "b_only": 1, "p": 1.0}
+    assert result["verdict"] == "no measurable difference"
+
+
+def test_every_stage_on_the_shipped_default_and_the_noise_control(shipped, fake_test_set, tmp_path):
+    from engine.worst_case import ATTACKS_ON_DEFENSE, WorstCaseConfig, markdown_table, run_worst_case
+
+    # the defenses' repair shortened to 5 steps (from 40): each Square query and each scoring runs it
+    result = run_worst_case(shipped, WorstCaseConfig(**TINY, repair_steps=5), tmp_path / "w.json", progress=False)
+    assert json.loads((tmp_path / "w.json").read_text())["n"] == 8 and not list(tmp_path.glob("*.partial-*"))
+    assert list(result["defenses"]) == ["mtl:clean:exit", "noise"]
+    for defense in result["defenses"].values():
+        worst = defense["worst_case"]["accuracy"]
+        assert all(worst <= defense["attacks"][a]["accuracy"] for a in ATTACKS_ON_DEFENSE)
+        assert worst <= min(defense["worst_case"]["per_repeat"])
+        assert defense["verdict"] in ("improves", "no measurable difference", "weakens")
+    stages = {"autoattack"} | {f"{a} {d}" for d in result["defenses"] for a in (*ATTACKS_ON_DEFENSE[1:], "score")}
+    assert set(result["seconds_per_image"]) == stages
+    assert "**worst case**" in markdown_table(result)
+
+
+def test_an_interrupted_run_resumes_to_the_same_table(shipped, fake_test_set, tmp_path, monkeypatch):
+    import engine.worst_case as wc
+
+    config = wc.WorstCaseConfig(**TINY)
+    defenses = {"identity": stand_in(IDENTITY)}
+    whole = wc.run_worst_case(shipped, config, tmp_path / "whole.json", progress=False, defenses=defenses)
+    real, calls = wc.WorstCase.run_chunk, []
+
+    def killed_in_the_second_chunk(self, *args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *args)
+
+    monkeypatch.setattr(wc.WorstCase, "run_chunk", killed_in_the_second_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        wc.run_worst_case(shipped, config, tmp_path / "w.json", progress=False, defenses=defenses)
+    assert len(list(tmp_path.glob("w.partial-*.json"))) == 1
+    monkeypatch.setattr(wc.WorstCase, "run_chunk", real)
+    resumed = wc.run_worst_case(shipped, config, tmp_path / "w.json", progress=False, defenses=defenses)
+    assert len(calls) == 2                                    # the first chunk was not run again
+    drop = lambda r: {k: v for k, v in r.items() if k != "seconds_per_image"}
+    assert drop(resumed) == drop(whole)
+
+
+def test_the_identity_defense_has_the_base_as_its_worst_case(shipped, fake_test_set):
+    from engine.worst_case import WorstCaseConfig, run_worst_case
+
+    result = run_worst_case(shipped, WorstCaseConfig(**TINY), progress=False,
+                            defenses={"identity": stand_in(IDENTITY)})
+    identity = result["defenses"]["identity"]
+    assert identity["attacks"]["transfer"] == {**result["base"], "mean_over_repeats": result["base"]["accuracy"]}
+    assert identity["worst_case"]["accuracy"] <= result["base"]["accuracy"]
+    assert identity["worst_case"]["std"] == 0                # deterministic: every scoring the same
+    assert identity["verdict"] != "improves"
+
+
+def test_a_defense_that_masks_gradients_falls_to_the_base(shipped, fake_test_set):
+    """Rounding to 8 levels leaves no gradient: APGD straight through it cannot move, so its accuracy stays that of
+    the rounded clean images; BPDA (and Square) are not fooled by that, and the worst case falls to the base."""
+    from engine.attacks import AutoAttackAPGD
+    from engine.evaluate import eval_subset
+    from engine.worst_case import WorstCaseConfig, run_worst_case
+
+    config = WorstCaseConfig(**{**TINY, "n": 16, "chunk": 16, "iterations": 10})
+    result = run_worst_case(shipped, config, progress=False, defenses={"round": stand_in(ROUND_TO_8_LEVELS)})
+    x, y, _ = eval_subset(config.n, config.seed, inputs=shipped.inputs)
+    masked = torch.nn.Sequential(torch.nn.Identity(), shipped.classifier)
+    masked[0].forward = ROUND_TO_8_LEVELS
+    naive = AutoAttackAPGD(masked, config.eps, ("apgd-ce",), config.iterations)(x, y)
+    with torch.no_grad():
+        naive_accuracy = (masked(naive).argmax(1) == y).float().mean().item()
+    rounded = result["defenses"]["round"]
+    assert rounded["worst_case"]["accuracy"] <= result["base"]["accuracy"]
+    assert rounded["worst_case"]["accuracy"] < naive_accuracy
+
+
+def test_the_command_refuses_an_unknown_repair_before_loading_anything():
+    result = CliRunner().invoke(main, ["worst-case", "--repair", "mtl:sideways", "--n", "4"])
+    assert result.exit_code == 2 and "--repair" in result.output
