@@ -687,7 +687,9 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_pa
               help="Skip the subset's first K images (to extend a run over new images).")
 @click.option("--eps", type=FRACTION, default="8/255", show_default=True, help="The attacker's L∞ budget.")
 @click.option("--iterations", type=click.IntRange(min=1), default=100, show_default=True,
-              help="APGD and FAB iterations, and the defense-aware PGD's steps (AutoAttack's standard: 100).")
+              help="The attacks on the defense: APGD iterations and the defense-aware PGD's steps.")
+@click.option("--base-iterations", type=click.IntRange(min=1), default=100, show_default=True,
+              help="AutoAttack on the classifier alone: APGD and FAB iterations (the standard version's 100).")
 @click.option("--eot", type=click.IntRange(min=1), default=4, show_default=True,
               help="Repair samples averaged per APGD step through the defense.")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
@@ -712,9 +714,9 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_pa
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads (default: the idle cores).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def worst_case(defense: str, control: str, n: int, offset: int, eps: float, iterations: int, eot: int, repeats: int,
-               targets: int, base_queries: int, square_queries: int, surrogate_steps: int, lam: float, chunk: int,
-               json_path: Path | None, markdown_path: Path | None, seed: int, weights: Path | None,
+def worst_case(defense: str, control: str, n: int, offset: int, eps: float, iterations: int, base_iterations: int,
+               eot: int, repeats: int, targets: int, base_queries: int, square_queries: int, surrogate_steps: int,
+               lam: float, chunk: int, json_path: Path | None, markdown_path: Path | None, seed: int, weights: Path | None,
                data_root: str | None, calibration: Path | None, threads: int | None, quiet: bool) -> None:
     """Does the repair help the classifier? The worst case per image over AutoAttack on the classifier alone, its
     transfer, APGD-CE/DLR through the repair (BPDA + EOT), the defense-aware attack and Square on the defense, each
@@ -739,7 +741,8 @@ def worst_case(defense: str, control: str, n: int, offset: int, eps: float, iter
         raise click.UsageError("worst-case needs AutoAttack: pip install -e '.[attacks]'") from None
     torch.set_num_threads(threads or default_threads())
     config = WorstCaseConfig(n=n, offset=offset, seed=seed, eps=eps, defenses=list(dict.fromkeys(names)),
-                             iterations=iterations, targets=targets, base_queries=base_queries,
+                             iterations=iterations, base_iterations=base_iterations, targets=targets,
+                             base_queries=base_queries,
                              square_queries=square_queries, eot=eot, repeats=repeats, surrogate_steps=surrogate_steps,
                              aware_lambda=lam, chunk=chunk)
     as_eval = EvalConfig(repairs=config.defenses, attacks=["none"])

@@ -66,9 +66,10 @@ class WorstCaseConfig:
     seed: int = 0
     eps: float = 8 / 255
     defenses: list[str] = field(default_factory=lambda: ["mtl:clean:exit", "noise"])   # the CLI's default; control
-    iterations: int = 100        # APGD and FAB iterations, and the aware PGD's steps (AutoAttack's standard: 100)
+    base_iterations: int = 100   # AutoAttack on the classifier alone: APGD and FAB iterations (standard: 100),
     targets: int = 9             # target classes of APGD-T and FAB-T (standard: 9)
-    base_queries: int = 5000     # Square on the classifier alone (standard: 5000)
+    base_queries: int = 5000     # and Square's queries (standard: 5000)
+    iterations: int = 100        # the attacks on the defense: APGD iterations and the aware PGD's steps
     square_queries: int = 1000   # Square on the defense: every query runs the real repair
     eot: int = 4                 # repair samples averaged per APGD step through the defense
     repeats: int = 3             # scorings of each final image on the real defense
@@ -114,8 +115,8 @@ class WorstCase:
     def base(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
         """AutoAttack's standard version on the classifier alone."""
         cfg = self.cfg
-        return AutoAttackAPGD(self.classifier, cfg.eps, ("apgd-ce", "apgd-t", "fab-t", "square"), cfg.iterations,
-                              cfg.targets, seed=seed, square_queries=cfg.base_queries)(x, y)
+        return AutoAttackAPGD(self.classifier, cfg.eps, ("apgd-ce", "apgd-t", "fab-t", "square"),
+                              cfg.base_iterations, cfg.targets, seed=seed, square_queries=cfg.base_queries)(x, y)
 
     def attack(self, name: str, defense: Defense, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
         # AutoAttack's checks warn that the model is randomized and dynamic: this evaluation is built for that
