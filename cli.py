@@ -716,7 +716,8 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_pa
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def worst_case(defense: str, control: str, n: int, offset: int, eps: float, iterations: int, base_iterations: int,
                eot: int, repeats: int, targets: int, base_queries: int, square_queries: int, surrogate_steps: int,
-               lam: float, chunk: int, json_path: Path | None, markdown_path: Path | None, seed: int, weights: Path | None,
+               lam: float, chunk: int, json_path: Path | None, markdown_path: Path | None, seed: int,
+               weights: Path | None,
                data_root: str | None, calibration: Path | None, threads: int | None, quiet: bool) -> None:
     """Does the repair help the classifier? The worst case per image over AutoAttack on the classifier alone, its
     transfer, APGD-CE/DLR through the repair (BPDA + EOT), the defense-aware attack and Square on the defense, each

@@ -122,11 +122,11 @@ class Batcher:
     def __init__(self, run: Callable, max_size: int, wait_s: float) -> None:
         self.run, self.max_size, self.wait_s = run, max_size, wait_s
         self.queue: asyncio.Queue | None = None
-        self.running = 0                   # requests in the batch being run
+        self.running = 0                   # requests in the batch being gathered or run
 
     @property
     def load(self) -> int:
-        """Requests on this batcher: in the running batch and waiting."""
+        """Requests on this batcher: in the batch being gathered or run, and waiting."""
         return self.running + (self.queue.qsize() if self.queue else 0)
 
     async def submit(self, item: object) -> tuple[object, BatchFacts]:
@@ -145,6 +145,7 @@ class Batcher:
             batch = [await self.queue.get()]
             deadline = loop.time() + self.wait_s
             while len(batch) < self.max_size:
+                self.running = len(batch)
                 if not self.queue.empty():
                     batch.append(self.queue.get_nowait())
                     continue
@@ -153,9 +154,10 @@ class Batcher:
                 except asyncio.TimeoutError:
                     break
             live = [(item, future) for item, future in batch if not future.cancelled()]
+            self.running = len(live)
             if not live:
                 continue
-            waiting, start, self.running = len(live) + self.queue.qsize(), loop.time(), len(live)
+            waiting, start = len(live) + self.queue.qsize(), loop.time()
             try:
                 results = await self.run([item for item, _ in live])
             except Exception as e:  # noqa: BLE001  (every request of the batch gets the error)
@@ -255,7 +257,8 @@ class RepairService:
                                     "is overloaded, try again later") from None
         if isinstance(row, Exception):
             raise RequestError(500, f"the repair failed on this image: {row}")
-        return {**row, **row_timing, "batch_size": batch.size, "waiting": batch.waiting, "batch_ms": batch.run_ms}, notes
+        facts = {"batch_size": batch.size, "waiting": batch.waiting, "batch_ms": batch.run_ms}
+        return {**row, **row_timing, **facts}, notes
 
     async def read_body(self, request: Request) -> bytes:
         chunks, size = [], 0
