@@ -167,3 +167,29 @@ class AutoAttackAPGD(nn.Module):
         aa.square.n_queries = self.square_queries
         x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=len(x))
         return x_adv.detach()
+
+
+class APGDEveryImage(nn.Module):
+    """APGD (Croce & Hein, ICML 2020; ``pyautoattack``'s implementation) on every image, returning the point of highest
+    loss found (the package's ``best_loss``): against a randomized defense, an image one draw happened to misclassify
+    is still attacked, where AutoAttack's own runner would hand it back clean. ``loss``: "ce" or "dlr"; ``eot``
+    gradient samples per step. Shapes: x N×3×H×W in [0, 1], y N -> N×3×H×W.
+
+    Example::
+
+        x_adv = APGDEveryImage(DefendedClassifier(pipeline, bpda=True), eps=8/255, loss="dlr", eot=4)(x, y)
+    """
+
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, loss: str = "ce", iters: int = 100, eot: int = 1,
+                 seed: int = 0) -> None:
+        super().__init__()
+        self.model, self.eps, self.loss, self.iters, self.eot, self.seed = model, eps, loss, iters, eot, seed
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        try:
+            from pyautoattack.autopgd_base import APGDAttack
+        except ImportError:
+            raise ImportError("APGD needs the pyautoattack package: pip install -e \".[attacks]\"") from None
+        apgd = APGDAttack(self.model, n_iter=self.iters, eps=self.eps, seed=self.seed, loss=self.loss,
+                          eot_iter=self.eot, rho=0.75, n_restarts=1, device=x.device)
+        return apgd.perturb(x, y, best_loss=True).detach()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import statistics
 import time
 import warnings
@@ -39,7 +40,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .attacks import AutoAttackAPGD, DefenseAwarePGD
+from .attacks import APGDEveryImage, AutoAttackAPGD, DefenseAwarePGD
 from .defended import DefendedClassifier
 from .evaluate import EvalConfig, Evaluator, eval_subset, mcnemar_exact, wilson_interval
 from .pipeline import Pipeline
@@ -101,6 +102,18 @@ def named_defenses(pipeline: Pipeline, config: WorstCaseConfig) -> dict[str, Def
     return {name: defense(name) for name in config.defenses}
 
 
+class _KnownToBeRandomized(logging.Filter):
+    """Drops AutoAttack's warnings that the model is randomized or dynamic: this evaluation is built for such a
+    defense (EOT, BPDA, Square, repeated scoring); its other warnings (e.g. zero gradients) still show."""
+    pattern = "it seems to be a (randomized|dynamic) defense"
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return re.search(self.pattern, record.getMessage()) is None
+
+
+KNOWN_TO_BE_RANDOMIZED = _KnownToBeRandomized()
+
+
 class WorstCase:
     """Runs every stage on a chunk of images; per-image outcomes and the seconds of each stage."""
 
@@ -119,24 +132,21 @@ class WorstCase:
                               cfg.base_iterations, cfg.targets, seed=seed, square_queries=cfg.base_queries)(x, y)
 
     def attack(self, name: str, defense: Defense, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
-        # AutoAttack's checks warn that the model is randomized and dynamic: this evaluation is built for that
-        # (EOT, BPDA, Square, repeated scoring), so the warning would only repeat at every chunk
         checks = logging.getLogger("auto-attack")
-        level = checks.level
-        checks.setLevel(logging.ERROR)
+        checks.addFilter(KNOWN_TO_BE_RANDOMIZED)
         try:
             with warnings.catch_warnings():
-                warnings.filterwarnings("ignore", message="it seems to be a (randomized|dynamic) defense")
+                warnings.filterwarnings("ignore", message=KNOWN_TO_BE_RANDOMIZED.pattern)
                 return self.attack_defense(name, defense, x, y, seed)
         finally:
-            checks.setLevel(level)
+            checks.removeFilter(KNOWN_TO_BE_RANDOMIZED)
 
     def attack_defense(self, name: str, defense: Defense, x: torch.Tensor, y: torch.Tensor,
                        seed: int) -> torch.Tensor:
         cfg = self.cfg
         if name in ("apgd-ce", "apgd-dlr"):
             through = DefendedClassifier(self.p, bpda=True, seed=seed, repair=defense.surrogate or defense.repair)
-            return AutoAttackAPGD(through, cfg.eps, (name,), cfg.iterations, eot=cfg.eot, seed=seed)(x, y)
+            return APGDEveryImage(through, cfg.eps, name.removeprefix("apgd-"), cfg.iterations, cfg.eot, seed)(x, y)
         if name == "aware":
             return DefenseAwarePGD(self.classifier, defense.objective or self.p.objective, cfg.aware_lambda,
                                    cfg.eps, cfg.eps / 4, cfg.iterations, seed)(x, y)
@@ -239,7 +249,8 @@ def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path 
     x, y, idx = eval_subset(config.offset + config.n, config.seed, data_root, pipeline.inputs)
     x, y, idx = x[config.offset:], y[config.offset:], idx[config.offset:]
     weights = json.dumps({k: m["sha256"] for k, m in sorted(pipeline.manifests.items())})
-    key = hashlib.sha256((config.key() + weights + ",".join(defenses)).encode()).hexdigest()[:12]
+    images = hashlib.sha256(idx.numpy().tobytes() + str(data_root).encode()).hexdigest()
+    key = hashlib.sha256((config.key() + weights + ",".join(defenses) + images).encode()).hexdigest()[:12]
     state_path = json_path.with_name(f"{json_path.stem}.partial-{key}.json") if json_path else None
     state = json.loads(state_path.read_text()) if state_path and state_path.exists() else {"chunks": {}}
     runner = WorstCase(pipeline, config, defenses)

@@ -114,10 +114,10 @@ class BatchFacts:
 class Batcher:
     """Gathers a replica's requests into batches: the first waiting request opens a batch, which takes what else is
     waiting and what arrives within ``wait_s``, up to ``max_size``; one batch runs at a time (``run``, a coroutine over
-    a list of items returning one result each) while the next one gathers. A request cancelled before its batch
-    started (its client left, or it timed out) is dropped from it; one cancelled later leaves its batch-mates alone.
-    (Ray Serve 2.60's ``@serve.batch`` handed out batches of 1.09 images on average
-    while 11.9 requests waited on the replica: docs/serving.md.)"""
+    a list of items returning one result each), and what arrives meanwhile waits in the queue for the next. A
+    request cancelled before its batch started (its client left, or it timed out) is dropped from it; one cancelled
+    later leaves its batch-mates alone. (Ray Serve 2.60's ``@serve.batch`` handed out batches of 1.09 images on
+    average while 11.9 requests waited on the replica: docs/serving.md.)"""
 
     def __init__(self, run: Callable, max_size: int, wait_s: float) -> None:
         self.run, self.max_size, self.wait_s = run, max_size, wait_s
@@ -131,13 +131,17 @@ class Batcher:
 
     async def submit(self, item: object) -> tuple[object, BatchFacts]:
         """The item's result, and its batch's facts."""
+        return await self.enqueue(item)
+
+    def enqueue(self, item: object) -> asyncio.Future:
+        """The item in the queue now (no await before it counts in ``load``); its future gets (result, facts)."""
         loop = asyncio.get_running_loop()
         if self.queue is None:             # made on the loop that serves the requests, on the first one
             self.queue = asyncio.Queue()
             loop.create_task(self.gather_and_run())
         future = loop.create_future()
         self.queue.put_nowait((item, future))
-        return await future
+        return future
 
     async def gather_and_run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -235,13 +239,7 @@ class RepairService:
 
     async def repaired(self, request: Request) -> tuple[dict, list[str]]:
         """The request's image decoded and repaired (in a batch with whatever arrives with it): (row, notes)."""
-        # the replica knows its own line exactly (Serve's router sees it late): an accepted request waits at most
-        # for the batch being repaired and the max_queued before it
-        full = self.settings.max_batch_size + self.settings.max_queued
-        if self.batcher.load >= full:
-            raise RequestError(503, f"the service is full ({full} requests on this replica: a batch being repaired "
-                                    f"and {self.settings.max_queued} waiting, --max-queued); retry in "
-                                    f"{self.settings.retry_after_s} s")
+        self.admit()                       # before reading the body: a refusal costs nothing
         declared = request.headers.get("content-length")
         if declared and declared.isdigit() and int(declared) > self.settings.max_body_bytes:
             raise RequestError(413, f"body of {int(declared)} bytes is over the limit of "
@@ -250,8 +248,9 @@ class RepairService:
         body = await self.read_body(request)
         row_timing = {"receive_ms": round(1000 * (time.perf_counter() - start), 1)}
         image, notes = decode_upload(image_bytes(body, request.headers.get("content-type", "")), self.settings)
+        self.admit()                       # again: others may have come in while this body was read
         try:
-            row, batch = await asyncio.wait_for(self.batcher.submit(image), self.settings.timeout_s)
+            row, batch = await asyncio.wait_for(self.batcher.enqueue(image), self.settings.timeout_s)
         except asyncio.TimeoutError:
             raise RequestError(504, f"not repaired within {self.settings.timeout_s} s (--timeout-s): the service "
                                     "is overloaded, try again later") from None
@@ -259,6 +258,15 @@ class RepairService:
             raise RequestError(500, f"the repair failed on this image: {row}")
         facts = {"batch_size": batch.size, "waiting": batch.waiting, "batch_ms": batch.run_ms}
         return {**row, **row_timing, **facts}, notes
+
+    def admit(self) -> None:
+        """RequestError 503 where the replica's line is full: the replica knows it exactly (Serve's router learns it
+        late), so it refuses itself whatever would wait past the batch being gathered or run and max_queued more."""
+        full = self.settings.max_batch_size + self.settings.max_queued
+        if self.batcher.load >= full:
+            raise RequestError(503, f"the service is full ({full} requests on this replica: a batch being repaired "
+                                    f"and {self.settings.max_queued} waiting, --max-queued); retry in "
+                                    f"{self.settings.retry_after_s} s")
 
     async def read_body(self, request: Request) -> bytes:
         chunks, size = [], 0
@@ -334,7 +342,8 @@ class Deployment:
 
 
 APP_NAME = "mssl-repair"
-# requests a replica takes beyond its line, to refuse them itself at once (see deploy)
+# requests a replica takes beyond its line, to refuse them itself at once, and requests Serve's proxy holds while its
+# router assigns them (see deploy)
 ROUTER_SLACK = 64
 
 
@@ -374,7 +383,7 @@ def deploy(make_repair: Callable[[], BatchRepair], settings: ServiceSettings, wh
     deployment = serve.deployment(RepairService).options(
         name="RepairService", num_replicas=where.replicas,
         ray_actor_options={"num_cpus": where.replica_cpus, "num_gpus": where.replica_gpus},
-        max_ongoing_requests=line + ROUTER_SLACK, max_queued_requests=settings.max_batch_size,
+        max_ongoing_requests=line + ROUTER_SLACK, max_queued_requests=ROUTER_SLACK,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=settings.retry_after_s))
     serve.run(deployment.bind(make_repair, settings), name=APP_NAME, route_prefix="/", blocking=False)
 

@@ -104,17 +104,18 @@ def png_bytes(array: np.ndarray) -> bytes:
 def test_the_batcher_batches_what_waits_and_drops_a_request_cancelled_before_its_batch():
     from runtime.serve import Batcher
 
-    batches = []
+    batches, started = [], asyncio.Event()
 
     async def run(items: list[int]) -> list[int]:
         batches.append(items)
+        started.set()
         await asyncio.sleep(0.05)
         return [10 * i for i in items]
 
     async def requests_meanwhile() -> list:
         batcher = Batcher(run, max_size=3, wait_s=0.01)
         first = asyncio.ensure_future(batcher.submit(0))
-        await asyncio.sleep(0.02)                      # its batch is running: the next four wait
+        await started.wait()                           # its batch is running: the next four wait
         later = [asyncio.ensure_future(batcher.submit(i)) for i in (1, 2, 3, 4)]
         await asyncio.sleep(0)
         later[1].cancel()                              # its client leaves before its batch starts
