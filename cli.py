@@ -345,10 +345,10 @@ BUNDLE_FIXED = ("weights", "tasks", "classifier_file", "alpha", "views", "object
 @click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=10, show_default=True,
               help="How long a batch that is not full waits for more requests.")
 @click.option("--max-queued", type=click.IntRange(min=0), default=None,
-              help="Requests that may wait on a replica beyond the batch it is repairing; more are refused at once "
-                   "(503 with Retry-After). Default: --max-batch-size, so that an accepted request waits for two "
-                   "batches at most (the one being repaired and its own); each --max-batch-size more adds a batch "
-                   "to the longest wait.")
+              help="Requests a replica holds beyond --max-batch-size (the batch it repairs counted in); more are "
+                   "refused at once (503 with Retry-After). Default: --max-batch-size, so that an accepted request "
+                   "waits for two batches when the one being repaired is full, three at most; each --max-batch-size "
+                   "more adds a batch to the longest wait.")
 @click.option("--timeout-s", type=click.FloatRange(min=0, min_open=True), default=60, show_default=True,
               help="A request not repaired within this time is answered 504.")
 @click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=20, show_default=True,
