@@ -706,7 +706,10 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_pa
 @click.option("--chunk", type=click.IntRange(min=1), default=25, show_default=True,
               help="Images per unit of work (and of saved progress).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write the results here; partial results go beside it and an interrupted run resumes.")
+              help="Write the results here.")
+@click.option("--stages", "stages_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep each stage's output here (default: stages/ beside --json): a killed run resumes, and a rerun "
+                   "recomputes only what its options change (a new budget for one attack, more images).")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--weights", type=click.Path(file_okay=False, path_type=Path), default=None)
@@ -716,9 +719,9 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_pa
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def worst_case(defense: str, control: str, n: int, offset: int, eps: float, iterations: int, base_iterations: int,
                eot: int, repeats: int, targets: int, base_queries: int, square_queries: int, surrogate_steps: int,
-               lam: float, chunk: int, json_path: Path | None, markdown_path: Path | None, seed: int,
-               weights: Path | None,
-               data_root: str | None, calibration: Path | None, threads: int | None, quiet: bool) -> None:
+               lam: float, chunk: int, json_path: Path | None, stages_dir: Path | None, markdown_path: Path | None,
+               seed: int, weights: Path | None, data_root: str | None, calibration: Path | None, threads: int | None,
+               quiet: bool) -> None:
     """Does the repair help the classifier? The worst case per image over AutoAttack on the classifier alone, its
     transfer, APGD-CE/DLR through the repair (BPDA + EOT), the defense-aware attack and Square on the defense, each
     final image scored REPEATS times on the real repair; Wilson intervals, McNemar against the base and a verdict
@@ -753,7 +756,7 @@ def worst_case(defense: str, control: str, n: int, offset: int, eps: float, iter
         calibration = calibration_path(weights, calibration)
     pipeline = _load(weights=weights, tasks=tasks_needed(as_eval), objective="plain", calibration=calibration)
     try:
-        result = run_worst_case(pipeline, config, json_path, data_root, progress=not quiet)
+        result = run_worst_case(pipeline, config, json_path, data_root, progress=not quiet, cache_dir=stages_dir)
     except (ValueError, DataError) as e:
         raise click.UsageError(str(e)) from None
     table = markdown_table(result)

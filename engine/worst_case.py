@@ -2,7 +2,8 @@
 *Evaluating the Adversarial Robustness of Adaptive Test-time Defenses*, ICML 2022, who found none of nine such
 defenses better than its static base).
 
-On the same N images (a seeded subset of the test split, in chunks, resumable):
+On the same N images (a seeded subset of the test split, in chunks; every stage's output is kept, so a killed run
+resumes and a rerun with another budget recomputes only what that budget changes):
 
 1. **base**: AutoAttack's standard version (APGD-CE, APGD-T, FAB-T, Square) on the classifier alone;
 2. **transfer**: those adversarial images through each defense;
@@ -26,11 +27,9 @@ Example::
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import re
 import statistics
-import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from .attacks import APGDEveryImage, AutoAttackAPGD, DefenseAwarePGD
 from .defended import DefendedClassifier
 from .evaluate import EvalConfig, Evaluator, eval_subset, mcnemar_exact, wilson_interval
 from .pipeline import Pipeline
+from .stage_cache import StageCache, fingerprint
 from runtime.files import write_json
 
 RepairFn = Callable[[torch.Tensor, int], torch.Tensor]       # (images, seed) -> repaired images
@@ -83,9 +83,6 @@ class WorstCaseConfig:
     level: float = 0.5
     chunk: int = 25
 
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
-
 
 def named_defenses(pipeline: Pipeline, config: WorstCaseConfig) -> dict[str, Defense]:
     """The config's repair names as defenses, each with the eval's repair (its surrogate: fewer steps)."""
@@ -115,11 +112,27 @@ KNOWN_TO_BE_RANDOMIZED = _KnownToBeRandomized()
 
 
 class WorstCase:
-    """Runs every stage on a chunk of images; per-image outcomes and the seconds of each stage."""
+    """Runs every stage on a chunk of images: per-image outcomes and the seconds of each stage. Every stage's output
+    is kept in ``cache`` under what it depends on (engine/stage_cache.py), so a rerun recomputes only what changed."""
 
-    def __init__(self, pipeline: Pipeline, config: WorstCaseConfig, defenses: dict[str, Defense]) -> None:
+    def __init__(self, pipeline: Pipeline, config: WorstCaseConfig, defenses: dict[str, Defense],
+                 cache: StageCache | None = None) -> None:
         self.p, self.cfg, self.defenses = pipeline, config, defenses
         self.classifier = pipeline.classifier
+        self.cache = cache or StageCache(None)
+        weights = {k: m["sha256"] for k, m in sorted(pipeline.manifests.items())}
+        calibration = pipeline.calibration
+        deployed = {"weights": weights, "calibration": None if calibration is None else fingerprint(
+            {t: v.tolist() for t, v in sorted(calibration.losses.items())}),
+            **{k: getattr(config, k) for k in ("eps_r", "repair_steps", "repair_step_size", "views", "level")}}
+        self.deployed = {name: {"defense": name, **deployed} for name in defenses}
+        self.budgets = {
+            "autoattack": {"classifier": weights.get("classifier"), "iterations": config.base_iterations,
+                           "targets": config.targets, "queries": config.base_queries},
+            "apgd-ce": {"iterations": config.iterations, "eot": config.eot, "surrogate": config.surrogate_steps},
+            "aware": {"iterations": config.iterations, "lambda": config.aware_lambda},
+            "square": {"queries": config.square_queries}}
+        self.budgets["apgd-dlr"] = self.budgets["apgd-ce"]
 
     def stages(self) -> list[str]:
         return ["autoattack"] + [f"{attack} {name}" for name in self.defenses
@@ -161,27 +174,38 @@ class WorstCase:
             return [(self.p.predict(defense.repair(x_adv, r * SCORE_SEED)) == y).tolist()
                     for r in range(self.cfg.repeats)]
 
-    def run_chunk(self, x: torch.Tensor, y: torch.Tensor, seed: int, advance: Callable[[str], None]) -> dict:
+    def run_chunk(self, x: torch.Tensor, y: torch.Tensor, images: str, seed: int,
+                  advance: Callable[[str], None]) -> dict:
+        """``images`` names the chunk's images (it keys their stages in the cache); ``seed`` seeds its attacks."""
         seconds: dict[str, float] = {}
+        common = {"images": images, "seed": seed, "eps": self.cfg.eps}
 
-        def stage(name: str, fn, *args):
-            start = time.perf_counter()
-            out = fn(*args)
-            seconds[name] = time.perf_counter() - start
+        def stage(name: str, parts: dict, compute: Callable[[], object]):
+            out, seconds[name] = self.cache.run({**common, **parts}, compute)
             advance(name)
             return out
 
         x, y = x.to(self.p.device), y.to(self.p.device)
-        x_base = stage("autoattack", self.base, x, y, seed)
+        made = {"transfer": {"stage": "autoattack", **self.budgets["autoattack"]}}
+        x_base = stage("autoattack", made["transfer"], lambda: self.base(x, y, seed)).to(self.p.device)
         with torch.no_grad():
             base = (self.p.predict(x_base) == y).tolist()
         outcomes = {}
         for name, defense in self.defenses.items():
             finals = {"transfer": x_base}
             for attack in ATTACKS_ON_DEFENSE[1:]:
-                finals[attack] = stage(f"{attack} {name}", self.attack, attack, defense, x, y, seed)
-            outcomes[name] = stage(f"score {name}", lambda: {a: self.scored(defense, xa, y)
-                                                             for a, xa in finals.items()})
+                made[attack] = {**self.deployed[name], "stage": attack, **self.budgets[attack]}
+                finals[attack] = stage(f"{attack} {name}", made[attack],
+                                       lambda: self.attack(attack, defense, x, y, seed)).to(self.p.device)
+            scores, score_seconds = {}, 0.0
+            for attack, x_adv in finals.items():         # each final scored apart: a new budget rescores its own only
+                parts = {**common, **self.deployed[name], "stage": "score", "repeats": self.cfg.repeats,
+                         "of": made[attack]}
+                scores[attack], s = self.cache.run(parts, lambda: self.scored(defense, x_adv, y))
+                score_seconds += s
+            seconds[f"score {name}"] = score_seconds
+            advance(f"score {name}")
+            outcomes[name] = scores
         return {"base": base, "defenses": outcomes, "seconds": seconds}
 
 
@@ -242,34 +266,30 @@ def markdown_table(result: dict) -> str:
 
 def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path | None = None,
                    data_root: str | None = None, progress: bool = True,
-                   defenses: dict[str, Defense] | None = None) -> dict:
-    """Every stage on the config's images, resuming from ``json_path``'s state file where one with the same
-    configuration, weights and defenses exists."""
+                   defenses: dict[str, Defense] | None = None, cache_dir: Path | None = None) -> dict:
+    """Every stage on the config's images. Each stage's output is kept in ``cache_dir`` (default: ``stages/`` beside
+    ``json_path``; none without either), so a killed run resumes from its last finished stage and a run that
+    changes one budget, or covers more images, recomputes only that (engine/stage_cache.py). A stand-in defense's name
+    must say what it is: the cache knows it by its name."""
     defenses = defenses or named_defenses(pipeline, config)
     x, y, idx = eval_subset(config.offset + config.n, config.seed, data_root, pipeline.inputs)
     x, y, idx = x[config.offset:], y[config.offset:], idx[config.offset:]
-    weights = json.dumps({k: m["sha256"] for k, m in sorted(pipeline.manifests.items())})
-    images = hashlib.sha256(idx.numpy().tobytes() + str(data_root).encode()).hexdigest()
-    key = hashlib.sha256((config.key() + weights + ",".join(defenses) + images).encode()).hexdigest()[:12]
-    state_path = json_path.with_name(f"{json_path.stem}.partial-{key}.json") if json_path else None
-    state = json.loads(state_path.read_text()) if state_path and state_path.exists() else {"chunks": {}}
-    runner = WorstCase(pipeline, config, defenses)
+    cache = StageCache(cache_dir or (json_path.parent / "stages" if json_path else None))
+    runner = WorstCase(pipeline, config, defenses, cache)
     starts = range(0, config.n, config.chunk)
-    todo = [s for s in starts if str(s) not in state["chunks"]]
-    with tqdm(total=len(todo) * len(runner.stages()), desc="worst case", unit="stage", disable=not progress) as bar:
+    chunks = []
+    with tqdm(total=len(starts) * len(runner.stages()), desc="worst case", unit="stage",
+              disable=not progress) as bar:
         def advance(stage: str) -> None:
             bar.set_postfix_str(stage)
             bar.update(1)
-        for start in todo:
+        for start in starts:
             chunk = slice(start, start + config.chunk)
-            state["chunks"][str(start)] = runner.run_chunk(x[chunk], y[chunk], config.seed + config.offset + start,
-                                                           advance)
-            if state_path:
-                write_json(state_path, state)
+            images = fingerprint({"test_indices": idx[chunk].tolist(), "data": str(data_root)})
+            chunks.append(runner.run_chunk(x[chunk], y[chunk], images, config.seed + config.offset + start, advance))
     base, outcomes, seconds = [], {name: {a: [[] for _ in range(config.repeats)] for a in ATTACKS_ON_DEFENSE}
                                    for name in defenses}, {}
-    for start in starts:
-        chunk = state["chunks"][str(start)]
+    for chunk in chunks:
         base += chunk["base"]
         for name, attacks in chunk["defenses"].items():
             for attack, runs in attacks.items():
@@ -280,9 +300,9 @@ def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path 
     result = {**summarize(base, outcomes), "config": asdict(config),
               "test_indices_sha256": hashlib.sha256(idx.numpy().tobytes()).hexdigest(),
               "seconds_per_image": {k: round(v / config.n, 3) for k, v in seconds.items()},
+              "stages": {"computed": cache.misses, "reused": cache.hits},
               "threads": torch.get_num_threads(), "device": str(pipeline.device),
               "weights": {k: m["sha256"] for k, m in pipeline.manifests.items()}}
     if json_path:
         write_json(json_path, result)
-        state_path.unlink(missing_ok=True)
     return result

@@ -69,28 +69,64 @@ def test_every_stage_on_the_shipped_default_and_the_noise_control(shipped, fake_
     assert "**worst case**" in markdown_table(result)
 
 
-def test_an_interrupted_run_resumes_to_the_same_table(shipped, fake_test_set, tmp_path, monkeypatch):
+def counting_attacks(monkeypatch, kill_at: int | None = None) -> list[str]:
+    """Records each attack computed (the base and those on a defense); raises KeyboardInterrupt at call ``kill_at``."""
+    import engine.worst_case as wc
+
+    calls, base, attack = [], wc.WorstCase.base, wc.WorstCase.attack
+
+    def counted(real, name):
+        def run(self, *args):
+            calls.append(name(args))
+            if len(calls) == kill_at:
+                raise KeyboardInterrupt
+            return real(self, *args)
+        return run
+
+    monkeypatch.setattr(wc.WorstCase, "base", counted(base, lambda args: "autoattack"))
+    monkeypatch.setattr(wc.WorstCase, "attack", counted(attack, lambda args: args[0]))
+    return calls
+
+
+def test_an_interrupted_run_resumes_from_its_last_stage_to_the_same_table(shipped, fake_test_set, tmp_path,
+                                                                          monkeypatch):
     import engine.worst_case as wc
 
     config = wc.WorstCaseConfig(**TINY)
     defenses = {"identity": stand_in(IDENTITY)}
-    whole = wc.run_worst_case(shipped, config, tmp_path / "whole.json", progress=False, defenses=defenses)
-    real, calls = wc.WorstCase.run_chunk, []
-
-    def counted(self, x, *args):
-        calls.append(len(x))
-        if len(calls) == 2:
-            raise KeyboardInterrupt                           # killed in the second chunk
-        return real(self, x, *args)
-
-    monkeypatch.setattr(wc.WorstCase, "run_chunk", counted)
+    whole = wc.run_worst_case(shipped, config, tmp_path / "whole" / "w.json", progress=False, defenses=defenses)
+    per_chunk = ["autoattack", *wc.ATTACKS_ON_DEFENSE[1:]]
+    calls = counting_attacks(monkeypatch, kill_at=len(per_chunk) + 2)      # killed in the second chunk's 2nd attack
     with pytest.raises(KeyboardInterrupt):
         wc.run_worst_case(shipped, config, tmp_path / "w.json", progress=False, defenses=defenses)
-    assert len(list(tmp_path.glob("w.partial-*.json"))) == 1
+    assert not (tmp_path / "w.json").exists()
     resumed = wc.run_worst_case(shipped, config, tmp_path / "w.json", progress=False, defenses=defenses)
-    assert len(calls) == 3                                    # only the second chunk was run again
-    drop = lambda r: {k: v for k, v in r.items() if k != "seconds_per_image"}
+    assert calls == per_chunk + per_chunk[:2] + per_chunk[1:]               # nothing finished was run again
+    drop = lambda r: {k: v for k, v in r.items() if k not in ("seconds_per_image", "stages")}
     assert drop(resumed) == drop(whole)
+    assert resumed["stages"]["reused"] > 0 and whole["stages"]["reused"] == 0
+
+
+def test_a_rerun_recomputes_only_what_its_options_change(shipped, fake_test_set, tmp_path, monkeypatch):
+    """More APGD iterations: AutoAttack on the classifier alone and Square are reused; more images: the first
+    chunks are; another seed (other images, other random starts): nothing is."""
+    from engine.worst_case import WorstCaseConfig, run_worst_case
+
+    defenses = {"identity": stand_in(IDENTITY)}
+    run = lambda **options: run_worst_case(shipped, WorstCaseConfig(**{**TINY, "n": 4, **options}), progress=False,
+                                           defenses=defenses, cache_dir=tmp_path)
+    first = run()
+    calls = counting_attacks(monkeypatch)
+    assert run() == {**first, "seconds_per_image": first["seconds_per_image"],
+                     "stages": {"computed": 0, "reused": first["stages"]["computed"]}} and calls == []
+    run(iterations=3)
+    assert calls == ["apgd-ce", "apgd-dlr", "aware"]
+    calls.clear()
+    run(n=8)
+    assert calls == ["autoattack", "apgd-ce", "apgd-dlr", "aware", "square"]          # the second chunk only
+    calls.clear()
+    run(seed=1)
+    assert calls == ["autoattack", "apgd-ce", "apgd-dlr", "aware", "square"]
 
 
 def test_the_identity_defense_transfers_the_base_exactly_and_never_improves_it(shipped, fake_test_set):

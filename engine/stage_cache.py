@@ -1,0 +1,57 @@
+"""A folder of stage outputs, each saved under a key that names everything it depends on.
+
+A worst-case evaluation runs a dozen expensive stages per chunk of images (AutoAttack on the classifier alone takes
+~30 s per CIFAR-10 image on one core). Keying each stage's output by its own inputs — the images, the seed, the
+weights, that stage's budget — instead of by the whole run's configuration means that a rerun recomputes only what
+changed: a killed run continues from its last finished stage, a probe with more APGD iterations reuses AutoAttack and
+Square, and a run over 500 images reuses the first 500 of a run over 1,000 (same chunks).
+
+Example::
+
+    cache = StageCache(Path("results/worst_case/stages"))
+    x_adv, seconds = cache.run({"stage": "autoattack", "images": "…", "eps": 8 / 255}, lambda: attack(x, y))
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+# bumped when an attack's code changes what it returns, so that older outputs are not reused
+VERSION = 1
+
+
+def fingerprint(parts: dict) -> str:
+    """A short hash of a JSON-able description."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+class StageCache:
+    """``run(parts, compute)`` returns (output, seconds it took to compute), from the folder where an output with the
+    same ``parts`` was saved before. ``folder=None`` keeps nothing. ``hits`` and ``misses`` count the calls."""
+
+    def __init__(self, folder: Path | None) -> None:
+        self.folder = folder
+        self.hits = self.misses = 0
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def run(self, parts: dict, compute: Callable[[], Any]) -> tuple[Any, float]:
+        path = self.folder / f"{fingerprint({**parts, 'version': VERSION})}.pt" if self.folder else None
+        if path is not None and path.exists():
+            self.hits += 1
+            saved = torch.load(path, weights_only=True)
+            return saved["output"], saved["seconds"]
+        self.misses += 1
+        start = time.perf_counter()
+        output = compute()
+        seconds = time.perf_counter() - start
+        if path is not None:
+            partial = path.with_suffix(".tmp")           # a kill while saving leaves no half-written output behind
+            torch.save({"output": output, "seconds": seconds, "parts": json.dumps(parts, sort_keys=True)}, partial)
+            partial.replace(path)
+        return output, seconds
