@@ -739,10 +739,12 @@ def worst_case(defense: str, control: str, n: int, offset: int, eps: float, iter
             parse_repair(name)
         except ValueError as e:
             raise click.BadParameter(str(e), param_hint=option) from None
+    from engine.attacks import pyautoattack
+
     try:
-        import pyautoattack  # noqa: F401
-    except ImportError:
-        raise click.UsageError("worst-case needs AutoAttack: pip install -e '.[attacks]'") from None
+        pyautoattack()
+    except ImportError as e:
+        raise click.UsageError(str(e)) from None
     torch.set_num_threads(threads or default_threads())
     config = WorstCaseConfig(n=n, offset=offset, seed=seed, eps=eps, defenses=list(dict.fromkeys(names)),
                              iterations=iterations, base_iterations=base_iterations, targets=targets,

@@ -127,6 +127,16 @@ class BPDAEOT(nn.Module):
         return x_adv
 
 
+def pyautoattack():
+    """AutoAttack's package (an optional extra), or ImportError saying how to install it."""
+    try:
+        import pyautoattack
+        import pyautoattack.autopgd_base
+    except ImportError:
+        raise ImportError("AutoAttack's attacks need the pyautoattack package: pip install -e \".[attacks]\"") from None
+    return pyautoattack
+
+
 class AutoAttackAPGD(nn.Module):
     """AutoAttack's attacks (Croce & Hein, ICML 2020) from fra31's implementation, through its maintained package
     ``pyautoattack`` (an optional extra: ``pip install -e ".[attacks]"``) — not a rewrite. By default its two
@@ -151,11 +161,9 @@ class AutoAttackAPGD(nn.Module):
         self.iters, self.targets, self.eot, self.seed, self.square_queries = iters, targets, eot, seed, square_queries
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        try:
-            from pyautoattack import AutoAttack
-            from pyautoattack.autopgd_base import APGDAttack, APGDAttack_targeted
-        except ImportError:
-            raise ImportError("AutoAttack needs the pyautoattack package: pip install -e \".[attacks]\"") from None
+        autoattack = pyautoattack()
+        AutoAttack, APGDAttack = autoattack.AutoAttack, autoattack.autopgd_base.APGDAttack
+        APGDAttack_targeted = autoattack.autopgd_base.APGDAttack_targeted
         aa = AutoAttack(self.model, attacks=list(self.attacks), version="custom", eps=self.eps, seed=self.seed,
                         device=x.device)
         # APGD derives its step-size schedule from n_iter when built: rebuild both rather than edit n_iter
@@ -186,10 +194,6 @@ class APGDEveryImage(nn.Module):
         self.model, self.eps, self.loss, self.iters, self.eot, self.seed = model, eps, loss, iters, eot, seed
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        try:
-            from pyautoattack.autopgd_base import APGDAttack
-        except ImportError:
-            raise ImportError("APGD needs the pyautoattack package: pip install -e \".[attacks]\"") from None
-        apgd = APGDAttack(self.model, n_iter=self.iters, eps=self.eps, seed=self.seed, loss=self.loss,
+        apgd = pyautoattack().autopgd_base.APGDAttack(self.model, n_iter=self.iters, eps=self.eps, seed=self.seed, loss=self.loss,
                           eot_iter=self.eot, rho=0.75, n_restarts=1, device=x.device)
         return apgd.perturb(x, y, best_loss=True).detach()
