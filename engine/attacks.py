@@ -194,6 +194,7 @@ class APGDEveryImage(nn.Module):
         self.model, self.eps, self.loss, self.iters, self.eot, self.seed = model, eps, loss, iters, eot, seed
 
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        apgd = pyautoattack().autopgd_base.APGDAttack(self.model, n_iter=self.iters, eps=self.eps, seed=self.seed, loss=self.loss,
-                          eot_iter=self.eot, rho=0.75, n_restarts=1, device=x.device)
+        apgd = pyautoattack().autopgd_base.APGDAttack(self.model, n_iter=self.iters, eps=self.eps, seed=self.seed,
+                                                      loss=self.loss, eot_iter=self.eot, rho=0.75, n_restarts=1,
+                                                      device=x.device)
         return apgd.perturb(x, y, best_loss=True).detach()

@@ -52,11 +52,27 @@ def test_summary_counts_an_image_broken_once_as_broken():
     assert result["verdict"] == "no measurable difference"
 
 
-def test_every_stage_on_the_shipped_default_and_the_noise_control(shipped, fake_test_set, tmp_path):
+def test_every_stage_on_the_shipped_default_and_the_noise_control(shipped, fake_test_set, tmp_path, monkeypatch):
+    import engine.worst_case as wc
     from engine.worst_case import ATTACKS_ON_DEFENSE, WorstCaseConfig, markdown_table, run_worst_case
 
-    # the defenses' repair shortened to 5 steps (from 40): each Square query and each scoring runs it
-    result = run_worst_case(shipped, WorstCaseConfig(**TINY, repair_steps=5), tmp_path / "w.json", progress=False)
+    attacked = []                                       # (clean chunk, each attack's output on it)
+    run_chunk, cache_run = wc.WorstCase.run_chunk, wc.StageCache.run
+    monkeypatch.setattr(wc.WorstCase, "run_chunk",
+                        lambda self, x, *args: attacked.append((x, [])) or run_chunk(self, x, *args))
+
+    def kept(self, parts, compute):
+        out = cache_run(self, parts, compute)
+        if isinstance(out[0], torch.Tensor):
+            attacked[-1][1].append(out[0])
+        return out
+    monkeypatch.setattr(wc.StageCache, "run", kept)
+    config = WorstCaseConfig(**TINY, repair_steps=5)    # the repair shortened to 5 steps (from 40): each Square
+    result = run_worst_case(shipped, config, tmp_path / "w.json", progress=False)       # query and scoring runs it
+    assert len(attacked) == 2 and all(len(outputs) == 1 + 2 * 4 for _, outputs in attacked)
+    for x, outputs in attacked:                         # every attack's images within ε of the clean ones, in [0, 1]
+        for x_adv in outputs:
+            assert (x_adv - x).abs().max() <= config.eps + 1e-6 and 0 <= x_adv.min() and x_adv.max() <= 1
     assert json.loads((tmp_path / "w.json").read_text())["n"] == 8 and not list(tmp_path.glob("*.partial-*"))
     assert list(result["defenses"]) == ["mtl:clean:exit", "noise"]
     for defense in result["defenses"].values():
