@@ -64,7 +64,8 @@ PROFILES: dict[str, dict[str, dict]] = {
     # A folder of ~10,000 photos (Imagenette: 9,469) at S = 64, on the 2-core machine: the four models of
     # weights/imagenette took 164 min of 1-thread runs, two at a time (docs/imagenette.md). Every backbone halves the
     # image in its stem (stem_stride 2): its maps are then CIFAR's 32 -> 4 and a step costs what it costs at S = 32
-    # (FGSM training 129 against 39 images/s with the full-size stem). Ten times fewer images than CIFAR-10 per epoch, so more epochs for the same number of steps.
+    # (FGSM training 129 against 39 images/s with the full-size stem). Ten times fewer images than CIFAR-10 per
+    # epoch, so more epochs for the same number of steps.
     "folder-cpu": {
         # ε = 4/255 (ImageNet's customary budget; step 1.25 ε as Wong et al.); wider than CIFAR's (64-128-256, 107 s
         # an epoch) because ten classes of photos need more features than a thumbnail's; 18 epochs ≈ 32 min.
