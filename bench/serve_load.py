@@ -252,7 +252,7 @@ def main() -> None:
 
 def build(args):
     """(make_repair, ServiceSettings, Deployment, what it serves): what `cli.py serve` deploys with these options."""
-    from cli import serving
+    from commands.serve import serving
 
     options = ["--threads", str(args.threads), "--replica-cpus", str(args.threads), "--max-batch-size",
                str(args.max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms), "--timeout-s", "120",

@@ -20,7 +20,6 @@ import torch
 
 from engine.folder import RepairConfig, repair_batch
 from engine.models import build_model
-from engine.pipeline import load_pipeline
 from engine.train import PROFILES
 from engine.weights import save_model
 from export.onnx_export import load_exported_pipeline

@@ -245,7 +245,7 @@ def markdown_table(result: dict) -> str:
     lines = [f"n = {result['n']} images, ε = {cfg['eps'] * 255:.3g}/255; accuracy % (95 % Wilson CI); an image "
              f"counts as robust only if right on all {cfg['repeats']} scorings of the real defense", "",
              "| attack | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
-             f"| AutoAttack on the classifier alone (the base) | " + " | ".join(pct(result["base"]) for _ in names)
+             "| AutoAttack on the classifier alone (the base) | " + " | ".join(pct(result["base"]) for _ in names)
              + " |"]
     for attack in ATTACKS_ON_DEFENSE:
         lines.append(f"| {attack} | " + " | ".join(pct(result["defenses"][d]["attacks"][attack]) for d in names)

@@ -238,7 +238,7 @@ def test_stray_non_images_are_skipped_and_do_not_fail_the_run(tiny_weights, inpu
 
 
 def test_task_names_known_before_torch_are_the_engines():
-    from cli import TASK_NAMES
+    from commands.common import TASK_NAMES
     from engine.tasks import TASKS
 
     assert TASK_NAMES == tuple(TASKS)

@@ -1,7 +1,6 @@
 """ONNX export and the onnxruntime backend against the PyTorch reference (tiny models; golden files for the
 shipped weights)."""
 import json
-import shutil
 from pathlib import Path
 
 import onnx

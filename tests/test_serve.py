@@ -62,7 +62,7 @@ def service(tiny_weights, tmp_path_factory):
     this module, so the repository is on their path."""
     import ray
 
-    from cli import serving
+    from commands.serve import serving
     from runtime import serve as service_module
 
     os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
@@ -261,7 +261,7 @@ def test_the_page_repairs_a_picked_image_in_headless_chromium(service, cli_outpu
 def test_a_bundle_service_repairs_as_the_runtime_without_pytorch(service, tiny_bundle, cli_outputs, tmp_path):
     """The same Serve, redeployed with the session's tiny bundle: its replica never loads PyTorch, and its PNGs are
     `python -m runtime repair`'s (run where importing torch fails)."""
-    from cli import serving
+    from commands.serve import serving
     from runtime import serve as service_module
     from tests.test_runtime import run_without_torch
 

@@ -1,0 +1,1 @@
+"""The commands of cli.py, grouped by what they do."""

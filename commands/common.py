@@ -1,0 +1,74 @@
+"""What the commands share: the names they know before torch loads (so that a mistyped argument is answered
+at once), the parsers of comma-separated options, and the pipeline's loader that turns what a user can get
+wrong into usage errors."""
+from __future__ import annotations
+
+import click
+
+from runtime.cli import FRACTION
+
+MODELS = ("classifier", "contrastive", "inpainting", "rotation", "contrastive-head", "inpainting-head",
+          "rotation-head", "classifier-standard", "inpainting-patches")
+PROFILES = ("cpu", "gpu", "folder-cpu")              # engine/train.py's PROFILES (tests check the two agree)
+JOINT_MODELS = ("joint-robust", "joint-standard")     # engine/joint.py (kept here: --help imports no torch)
+# engine.tasks.TASKS's names, kept here so that a mistyped argument is answered before torch loads (tests check
+# the two agree)
+TASK_NAMES = ("contrastive", "inpainting", "rotation", "contrastive-head", "inpainting-head", "rotation-head",
+              "inpainting-patches", "consistency", "hedge")
+
+
+def parse_tasks(text: str, option: str = "--tasks") -> list[str]:
+    tasks = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in tasks if t not in TASK_NAMES]
+    if not tasks or unknown:
+        raise click.BadParameter(f"unknown task(s) {', '.join(unknown) or '(none given)'}; "
+                                 f"choose from {', '.join(TASK_NAMES)}", param_hint=option)
+    if len(set(tasks)) != len(tasks):
+        raise click.BadParameter(f"a task is named twice in {text!r}", param_hint=option)
+    return tasks
+
+
+def parse_alpha(text: str | None, tasks: list[str]) -> dict[str, float]:
+    if text is None:
+        return {t: 1.0 for t in tasks}
+    values = [FRACTION.convert(v, None, None) for v in text.split(",")]
+    if len(values) != len(tasks):
+        raise click.BadParameter(f"{len(values)} weight(s) for {len(tasks)} task(s) ({', '.join(tasks)})",
+                                 param_hint="--alpha")
+    return dict(zip(tasks, values))
+
+
+def parse_names(text: str, known, option: str) -> list[str]:
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    unknown = [t for t in names if t not in known]
+    if not names or unknown:
+        raise click.BadParameter(f"unknown {', '.join(unknown) or '(none given)'}; choose from {', '.join(known)}",
+                                 param_hint=option)
+    return list(dict.fromkeys(names))
+
+
+def load_checked(**kwargs):
+    """load_pipeline, with every user-fixable failure turned into a usage error (exit 2)."""
+    from engine.backends import BackendUnavailable
+    from engine.weights import WeightsError
+    from export.onnx_export import load_exported_pipeline
+
+    try:
+        return load_exported_pipeline(**kwargs)
+    except (ValueError, WeightsError, BackendUnavailable) as e:
+        raise click.UsageError(str(e)) from None
+
+
+def check_size(size: int) -> None:
+    """A usage error before torch loads where --size is no multiple of 16 (engine.datasets.check_size's rule; the
+    range 32–224 is the option's own)."""
+    if size % 16:
+        raise click.BadParameter(f"{size} is not a multiple of 16", param_hint="--size")
+
+
+def check_device(device: str | None) -> None:
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise click.UsageError("--device cuda was asked for, but PyTorch sees no CUDA GPU here")

@@ -1,0 +1,136 @@
+"""`train` (one model) and `train-set` (a whole model set on a folder of images)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from runtime.cli import default_threads
+
+from .common import JOINT_MODELS, MODELS, PROFILES, TASK_NAMES, check_device, check_size, load_checked
+
+
+@click.command()
+@click.argument("model", type=click.Choice(MODELS + JOINT_MODELS))
+@click.option("--profile", type=click.Choice(PROFILES), default="cpu", show_default=True,
+              help="Recipe: cpu fits CIFAR-10 on a 2-core machine, gpu is the larger variant for a CUDA GPU, "
+                   "folder-cpu fits ~10,000 photos at --size 64 on a 2-core machine.")
+@click.option("--data", "data_root", default=None,
+              help="A folder of images (class subfolders give labels; train/ and val/ subfolders give the splits), "
+                   "or cifar10 (default: CIFAR-10 at $CIFAR10_ROOT).")
+@click.option("--size", type=click.IntRange(32, 224), default=32, show_default=True,
+              help="Working size S: images are centre-cropped and resized to S×S (a multiple of 16).")
+@click.option("--resume", is_flag=True, help="Continue a stopped run from its last epoch checkpoint.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False), default="weights", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=None, help="Override the profile's epoch count.")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when available.")
+@click.option("--overwrite", is_flag=True, help="Replace existing weights of the same name in --out.")
+@click.option("--base", "base_dir", type=click.Path(file_okay=False), default="weights", show_default=True,
+              help="joint-*: the folder of the trained classifier (and its heads) to fine-tune jointly.")
+def train(model: str, profile: str, data_root: str | None, size: int, resume: bool, out_dir: str, seed: int,
+          epochs: int | None, device: str | None, overwrite: bool, base_dir: str) -> None:
+    """Train MODEL and write OUT/MODEL.safetensors + OUT/MODEL.json (with test-set metrics).
+
+    joint-robust and joint-standard fine-tune the classifier in --base together with its rotation, contrastive and
+    inpainting heads (and label consistency) and write the classifier and the three heads to --out, which must be
+    another folder (e.g. --out weights/joint-robust).
+    """
+    from engine.data import DataError
+    from engine.weights import WeightsError
+
+    check_device(device)
+    check_size(size)
+    command = f"python cli.py train {model} --profile {profile} --out {out_dir} --seed {seed}"
+    command += f" --epochs {epochs}" if epochs else ""
+    command += f" --data {data_root} --size {size}" if data_root else ""
+    try:
+        if model in JOINT_MODELS:
+            from engine.joint import train_joint
+
+            path = train_joint(model, profile, data_root, out_dir, base_dir, seed, device, overwrite, epochs,
+                               f"{command} --base {base_dir}")
+        else:
+            from engine.train import train_model
+
+            path = train_model(model, profile, data_root, out_dir, seed, device, overwrite, epochs, command, size,
+                               resume)
+    except (DataError, WeightsError, ValueError) as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(f"wrote {path}")
+
+
+SET_MODELS = ("classifier", "contrastive", "rotation", "inpainting")
+
+
+@click.command("train-set")
+@click.option("--data", "data_root", required=True,
+              help="A folder of images (class subfolders give the classifier's labels; train/ and val/ subfolders "
+                   "give the splits, else a tenth is held out).")
+@click.option("--size", type=click.IntRange(32, 224), default=64, show_default=True,
+              help="Working size S (a multiple of 16): images are centre-cropped and resized to S×S.")
+@click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
+              help="The model set's folder, e.g. weights/NAME.")
+@click.option("--profile", type=click.Choice(PROFILES), default="folder-cpu", show_default=True)
+@click.option("--standard", is_flag=True, help="Also train an undefended classifier (classifier-standard).")
+@click.option("--calibration-n", type=click.IntRange(min=10), default=2000, show_default=True,
+              help="Clean training images whose SSL losses calibrate the repair.")
+@click.option("--objective", type=click.Choice(["plain", "clean"]), default="clean", show_default=True,
+              help="The objective of the exported repair graphs (as `cli.py export --objective`).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(min=1), default=None,
+              help="torch threads (default: the cores not busy by the load average).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default=None, help="Default: cuda when available.")
+@click.option("--resume", is_flag=True, help="Continue a stopped run: finished models are kept, a model stopped "
+                                             "mid-way continues from its last epoch.")
+@click.option("--overwrite", is_flag=True, help="Start again, replacing a model set in --out.")
+def train_set(data_root: str, size: int, out_dir: Path, profile: str, standard: bool, calibration_n: int,
+              objective: str, seed: int, threads: int | None, device: str | None, resume: bool,
+              overwrite: bool) -> None:
+    """Train a whole model set on a folder of images, in order: the robust classifier (and with --standard an
+    undefended one), the contrastive, rotation and inpainting networks, the clean-loss calibration, and the ONNX
+    export (OUT/onnx). Every model checkpoints each epoch; --resume continues a run that was stopped."""
+    import torch
+
+    from engine.calibration import calibrate as measure, save_calibration
+    from engine.data import DataError
+    from engine.train import log, train_model
+    from engine.weights import WeightsError
+    from export.onnx_export import ExportError, export_all
+
+    check_device(device)
+    check_size(size)
+    if resume and overwrite:
+        raise click.UsageError("--resume continues a run, --overwrite starts it again: pass one of them")
+    models = [*SET_MODELS[:1], *(["classifier-standard"] if standard else []), *SET_MODELS[1:]]
+    existing = [m for m in models if (out_dir / f"{m}.json").exists()] + \
+        [p.name for p in (out_dir / "calibration.json", out_dir / ".checkpoints") if p.exists()]
+    if existing and not (resume or overwrite):
+        raise click.UsageError(f"{out_dir} already holds {', '.join(existing)}: pass --resume to continue that run, "
+                               "--overwrite to start again, or choose another --out")
+    torch.set_num_threads(threads or default_threads())
+    steps = len(models) + 2
+    base = f"python cli.py train-set --data {data_root} --size {size} --out {out_dir} --profile {profile} --seed {seed}"
+    try:
+        for i, model in enumerate(models, 1):
+            if resume and (out_dir / f"{model}.json").exists():
+                log(f"[{i}/{steps}] {model}: done before, kept")
+                continue
+            log(f"[{i}/{steps}] {model}")
+            train_model(model, profile, data_root, str(out_dir), seed, device, overwrite, None,
+                        f"{base} (step {model})", size, resume)
+        calibration = out_dir / "calibration.json"
+        if not (resume and calibration.exists()):
+            log(f"[{steps - 1}/{steps}] calibration on {calibration_n} clean training images")
+            pipeline = load_checked(weights=out_dir, tasks=list(TASK_NAMES[:3]), objective="plain")
+            stats = measure(pipeline, calibration_n, seed, data_root)
+            save_calibration(stats, calibration, f"{base} (step calibration)", overwrite=True)
+        log(f"[{steps}/{steps}] ONNX export to {out_dir / 'onnx'}")
+        manifest, notes = export_all(load_checked(weights=out_dir, objective=objective), out_dir / "onnx", overwrite,
+                                     f"{base} --objective {objective} (step export)")
+    except (DataError, WeightsError, ExportError, ValueError) as e:
+        raise click.UsageError(str(e)) from None
+    for note in notes:
+        click.echo(note)
+    click.echo(f"model set in {out_dir}: {', '.join(models)}, calibration.json, onnx/ ({len(manifest['graphs'])} "
+               "graphs)")
