@@ -9,7 +9,7 @@ Square, and a run over 500 images reuses the first 500 of a run over 1,000 (same
 Example::
 
     cache = StageCache(Path("results/worst_case/stages"))
-    x_adv, seconds = cache.run({"stage": "autoattack", "images": "…", "eps": 8 / 255}, lambda: attack(x, y))
+    x_adv = cache.run({"stage": "autoattack", "images": "…", "eps": 8 / 255}, lambda: attack(x, y)).output
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import hashlib
 import json
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -30,9 +30,15 @@ def fingerprint(parts: dict) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
+class Stage(NamedTuple):
+    output: Any
+    seconds: float          # what computing it took (when reused: in the run that computed it)
+    reused: bool
+
+
 class StageCache:
-    """``run(parts, compute)`` returns (output, seconds it took to compute), from the folder where an output with the
-    same ``parts`` was saved before. ``folder=None`` keeps nothing. ``hits`` and ``misses`` count the calls."""
+    """``run(parts, compute)`` returns the Stage computed, or read from the folder where an output with the same
+    ``parts`` was saved before. ``folder=None`` keeps nothing. ``hits`` and ``misses`` count the calls."""
 
     def __init__(self, folder: Path | None) -> None:
         self.folder = folder
@@ -40,12 +46,12 @@ class StageCache:
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
 
-    def run(self, parts: dict, compute: Callable[[], Any]) -> tuple[Any, float]:
+    def run(self, parts: dict, compute: Callable[[], Any]) -> Stage:
         path = self.folder / f"{fingerprint({**parts, 'version': VERSION})}.pt" if self.folder else None
         if path is not None and path.exists():
             self.hits += 1
             saved = torch.load(path, weights_only=True)
-            return saved["output"], saved["seconds"]
+            return Stage(saved["output"], saved["seconds"], True)
         self.misses += 1
         start = time.perf_counter()
         output = compute()
@@ -54,4 +60,4 @@ class StageCache:
             partial = path.with_suffix(".tmp")           # a kill while saving leaves no half-written output behind
             torch.save({"output": output, "seconds": seconds, "parts": json.dumps(parts, sort_keys=True)}, partial)
             partial.replace(path)
-        return output, seconds
+        return Stage(output, seconds, False)

@@ -175,14 +175,15 @@ class WorstCase:
                     for r in range(self.cfg.repeats)]
 
     def run_chunk(self, x: torch.Tensor, y: torch.Tensor, images: str, seed: int,
-                  advance: Callable[[str], None]) -> dict:
-        """``images`` names the chunk's images (it keys their stages in the cache); ``seed`` seeds its attacks."""
+                  advance: Callable[[str, bool], None]) -> dict:
+        """``images`` names the chunk's images (it keys their stages in the cache); ``seed`` seeds its attacks;
+        ``advance(stage, reused)`` is called after each stage."""
         seconds: dict[str, float] = {}
         common = {"images": images, "seed": seed, "eps": self.cfg.eps}
 
         def stage(name: str, parts: dict, compute: Callable[[], object]):
-            out, seconds[name] = self.cache.run({**common, **parts}, compute)
-            advance(name)
+            out, seconds[name], reused = self.cache.run({**common, **parts}, compute)
+            advance(name, reused)
             return out
 
         x, y = x.to(self.p.device), y.to(self.p.device)
@@ -197,14 +198,15 @@ class WorstCase:
                 made[attack] = {**self.deployed[name], "stage": attack, **self.budgets[attack]}
                 finals[attack] = stage(f"{attack} {name}", made[attack],
                                        lambda: self.attack(attack, defense, x, y, seed)).to(self.p.device)
-            scores, score_seconds = {}, 0.0
+            scores, score_seconds, reused = {}, 0.0, True
             for attack, x_adv in finals.items():         # each final scored apart: a new budget rescores its own only
                 parts = {**common, **self.deployed[name], "stage": "score", "repeats": self.cfg.repeats,
                          "of": made[attack]}
-                scores[attack], s = self.cache.run(parts, lambda: self.scored(defense, x_adv, y))
-                score_seconds += s
+                done = self.cache.run(parts, lambda: self.scored(defense, x_adv, y))
+                scores[attack] = done.output
+                score_seconds, reused = score_seconds + done.seconds, reused and done.reused
             seconds[f"score {name}"] = score_seconds
-            advance(f"score {name}")
+            advance(f"score {name}", reused)
             outcomes[name] = scores
         return {"base": base, "defenses": outcomes, "seconds": seconds}
 
@@ -280,9 +282,12 @@ def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path 
     chunks = []
     with tqdm(total=len(starts) * len(runner.stages()), desc="worst case", unit="stage",
               disable=not progress) as bar:
-        def advance(stage: str) -> None:
+        def advance(stage: str, reused: bool) -> None:
+            if reused:                                   # out of the count, so that the ETA is that of the work left
+                bar.total -= 1
+            else:
+                bar.update(1)
             bar.set_postfix_str(stage)
-            bar.update(1)
         for start in starts:
             chunk = slice(start, start + config.chunk)
             images = fingerprint({"test_indices": idx[chunk].tolist(), "data": str(data_root)})
