@@ -194,6 +194,9 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_pa
               help="Test images (the eval's seeded subset: the same images as `cli.py eval --n`).")
 @click.option("--offset", type=click.IntRange(min=0), default=0, show_default=True,
               help="Skip the subset's first K images (to extend a run over new images).")
+@click.option("--adaptive-n", type=click.IntRange(min=1), default=None,
+              help="Run the attacks on the defense (and the worst case) on the first M images only, AutoAttack on "
+                   "the classifier and its transfer on all --n (a multiple of --chunk; default: all --n).")
 @click.option("--eps", type=FRACTION, default="8/255", show_default=True, help="The attacker's L∞ budget.")
 @click.option("--iterations", type=click.IntRange(min=1), default=100, show_default=True,
               help="The attacks on the defense: APGD iterations and the defense-aware PGD's steps.")
@@ -227,12 +230,12 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_pa
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads (default: the idle cores).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def worst_case(defense: str, control: str, n: int, offset: int, eps: float, iterations: int, base_iterations: int,
-               eot: int, repeats: int, targets: int, base_queries: int, square_queries: int, surrogate_steps: int,
-               lam: float, eps_r: float, repair_steps: int, repair_step_size: float, views: int, level: float,
-               chunk: int, json_path: Path | None, stages_dir: Path | None, markdown_path: Path | None,
-               seed: int, weights: Path | None, data_root: str | None, calibration: Path | None, threads: int | None,
-               quiet: bool) -> None:
+def worst_case(defense: str, control: str, n: int, offset: int, adaptive_n: int | None, eps: float, iterations: int,
+               base_iterations: int, eot: int, repeats: int, targets: int, base_queries: int, square_queries: int,
+               surrogate_steps: int, lam: float, eps_r: float, repair_steps: int, repair_step_size: float, views: int,
+               level: float, chunk: int, json_path: Path | None, stages_dir: Path | None,
+               markdown_path: Path | None, seed: int, weights: Path | None, data_root: str | None,
+               calibration: Path | None, threads: int | None, quiet: bool) -> None:
     """Does the repair help the classifier? The worst case per image over AutoAttack on the classifier alone, its
     transfer, APGD-CE/DLR through the repair (BPDA + EOT), the defense-aware attack and Square on the defense, each
     final image scored REPEATS times on the real repair; Wilson intervals, McNemar against the base and a verdict
@@ -244,6 +247,9 @@ def worst_case(defense: str, control: str, n: int, offset: int, eps: float, iter
     from engine.repair_spec import parse_repair
     from engine.worst_case import WorstCaseConfig, markdown_table, run_worst_case
 
+    if not defense.strip():
+        raise click.BadParameter("name the repair to evaluate (e.g. mtl:clean:exit, the default)",
+                                 param_hint="--repair")
     names = [name for name in (defense, control) if name]
     for name, option in zip(names, ("--repair", "--control")):
         try:
@@ -257,12 +263,16 @@ def worst_case(defense: str, control: str, n: int, offset: int, eps: float, iter
     except ImportError as e:
         raise click.UsageError(str(e)) from None
     torch.set_num_threads(threads or default_threads())
-    config = WorstCaseConfig(n=n, offset=offset, seed=seed, eps=eps, defenses=list(dict.fromkeys(names)),
-                             iterations=iterations, base_iterations=base_iterations, targets=targets,
-                             base_queries=base_queries,
-                             square_queries=square_queries, eot=eot, repeats=repeats, surrogate_steps=surrogate_steps,
-                             aware_lambda=lam, eps_r=eps_r, repair_steps=repair_steps,
-                             repair_step_size=repair_step_size, views=views, level=level, chunk=chunk)
+    try:
+        config = WorstCaseConfig(n=n, offset=offset, adaptive_n=adaptive_n, seed=seed, eps=eps,
+                                 defenses=list(dict.fromkeys(names)), iterations=iterations,
+                                 base_iterations=base_iterations, targets=targets, base_queries=base_queries,
+                                 square_queries=square_queries, eot=eot, repeats=repeats,
+                                 surrogate_steps=surrogate_steps, aware_lambda=lam, eps_r=eps_r,
+                                 repair_steps=repair_steps, repair_step_size=repair_step_size, views=views,
+                                 level=level, chunk=chunk)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
     as_eval = EvalConfig(repairs=config.defenses, attacks=["none"])
     if needs_calibration(as_eval):
         from engine.calibration import calibration_path

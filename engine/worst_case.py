@@ -82,6 +82,14 @@ class WorstCaseConfig:
     views: int = 4
     level: float = 0.5
     chunk: int = 25
+    adaptive_n: int | None = None  # the attacks on the defense on the first adaptive_n images (None: all n); the
+    #                                base and its transfer on all n (a multiple of chunk: whole chunks)
+
+    def __post_init__(self) -> None:
+        m = self.adaptive_n
+        if m is not None and (not 0 < m <= self.n or (m % self.chunk and m != self.n)):
+            raise ValueError(f"the attacks on the defense run on whole chunks of the first images: adaptive_n ({m}) "
+                             f"must be a multiple of the chunk ({self.chunk}) and at most n ({self.n})")
 
 
 def named_defenses(pipeline: Pipeline, config: WorstCaseConfig) -> dict[str, Defense]:
@@ -134,9 +142,9 @@ class WorstCase:
             "square": {"queries": config.square_queries}}
         self.budgets["apgd-dlr"] = self.budgets["apgd-ce"]
 
-    def stages(self) -> list[str]:
-        return ["autoattack"] + [f"{attack} {name}" for name in self.defenses
-                                 for attack in (*ATTACKS_ON_DEFENSE[1:], "score")]
+    def stages(self, adaptive: bool = True) -> list[str]:
+        attacks = (*ATTACKS_ON_DEFENSE[1:], "score") if adaptive else ("score",)
+        return ["autoattack"] + [f"{attack} {name}" for name in self.defenses for attack in attacks]
 
     def base(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
         """AutoAttack's standard version on the classifier alone."""
@@ -175,9 +183,9 @@ class WorstCase:
                     for r in range(self.cfg.repeats)]
 
     def run_chunk(self, x: torch.Tensor, y: torch.Tensor, images: str, seed: int,
-                  advance: Callable[[str, bool], None]) -> dict:
+                  advance: Callable[[str, bool], None], adaptive: bool = True) -> dict:
         """``images`` names the chunk's images (it keys their stages in the cache); ``seed`` seeds its attacks;
-        ``advance(stage, reused)`` is called after each stage."""
+        ``advance(stage, reused)`` is called after each stage. ``adaptive=False``: the base and its transfer only."""
         seconds: dict[str, float] = {}
         common = {"images": images, "seed": seed, "eps": self.cfg.eps}
 
@@ -194,7 +202,7 @@ class WorstCase:
         outcomes = {}
         for name, defense in self.defenses.items():
             finals = {"transfer": x_base}
-            for attack in ATTACKS_ON_DEFENSE[1:]:
+            for attack in ATTACKS_ON_DEFENSE[1:] if adaptive else ():
                 made[attack] = {**self.deployed[name], "stage": attack, **self.budgets[attack]}
                 finals[attack] = stage(f"{attack} {name}", made[attack],
                                        lambda: self.attack(attack, defense, x, y, seed)).to(self.p.device)
@@ -218,12 +226,15 @@ def verdict(test: dict, alpha: float = 0.05) -> str:
     return "improves" if test["b_only"] > test["a_only"] else "weakens"
 
 
+def accuracy_row(correct: list[bool]) -> dict:
+    return {"accuracy": sum(correct) / len(correct), "ci95": list(wilson_interval(sum(correct), len(correct)))}
+
+
 def summarize(base: list[bool], defenses: dict[str, dict[str, list[list[bool]]]]) -> dict:
     """Rows of accuracy with Wilson intervals: the base, each attack on each defense (robust = right on every
     repeat), each defense's worst case (robust = right under every attack on every repeat; also per repeat, mean ±
     std), and McNemar of each worst case against the base with its verdict."""
-    n = len(base)
-    row = lambda correct: {"accuracy": sum(correct) / n, "ci95": list(wilson_interval(sum(correct), n))}
+    n, row = len(base), accuracy_row
     out = {"n": n, "base": row(base), "defenses": {}}
     for name, attacks in defenses.items():
         repeats = len(next(iter(attacks.values())))
@@ -238,6 +249,14 @@ def summarize(base: list[bool], defenses: dict[str, dict[str, list[list[bool]]]]
                            "std": statistics.stdev(per_repeat) if repeats > 1 else 0.0},
             "mcnemar_vs_base": test, "verdict": verdict(test), "worst_correct": worst}
     return out
+
+
+def summarize_transfer(base: list[bool], transfer: dict[str, list[list[bool]]]) -> dict:
+    """The base and each defense's transfer row (robust = right on every repeat) on all the images, with McNemar."""
+    every = {name: [all(rep[i] for rep in runs) for i in range(len(base))] for name, runs in transfer.items()}
+    return {"n": len(base), "base": accuracy_row(base),
+            "defenses": {name: {**accuracy_row(c), "mcnemar_vs_base": mcnemar_exact(base, c)}
+                         for name, c in every.items()}}
 
 
 def markdown_table(result: dict) -> str:
@@ -261,6 +280,12 @@ def markdown_table(result: dict) -> str:
     for d in names:
         t = result["defenses"][d]["mcnemar_vs_base"]
         lines.append(f"| {d} | {t['a_only']} | {t['b_only']} | {t['p']:.3g} | **{result['defenses'][d]['verdict']}** |")
+    if "transfer_all" in result:
+        wide = result["transfer_all"]
+        lines += ["", f"On all {wide['n']} images (the attacks on the defense ran on the first {result['n']}): "
+                  f"AutoAttack on the classifier alone {pct(wide['base'])}; transfer: " + "; ".join(
+                      f"{d} {pct(r)} (McNemar vs base p = {r['mcnemar_vs_base']['p']:.3g})"
+                      for d, r in wide["defenses"].items())]
     per_image = result["seconds_per_image"]
     lines += ["", "seconds per image: " + ", ".join(f"{k} {v:.2f}" for k, v in per_image.items())]
     return "\n".join(lines)
@@ -278,10 +303,11 @@ def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path 
     x, y, idx = x[config.offset:], y[config.offset:], idx[config.offset:]
     cache = StageCache(cache_dir or (json_path.parent / "stages" if json_path else None))
     runner = WorstCase(pipeline, config, defenses, cache)
+    adaptive_n = config.n if config.adaptive_n is None else config.adaptive_n
     starts = range(0, config.n, config.chunk)
     chunks = []
-    with tqdm(total=len(starts) * len(runner.stages()), desc="worst case", unit="stage",
-              disable=not progress) as bar:
+    with tqdm(total=sum(len(runner.stages(start < adaptive_n)) for start in starts), desc="worst case",
+              unit="stage", disable=not progress) as bar:
         def advance(stage: str, reused: bool) -> None:
             if reused:                                   # out of the count, so that the ETA is that of the work left
                 bar.total -= 1
@@ -291,9 +317,10 @@ def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path 
         for start in starts:
             chunk = slice(start, start + config.chunk)
             images = fingerprint({"test_indices": idx[chunk].tolist(), "data": str(data_root)})
-            chunks.append(runner.run_chunk(x[chunk], y[chunk], images, config.seed + config.offset + start, advance))
-    base, outcomes, seconds = [], {name: {a: [[] for _ in range(config.repeats)] for a in ATTACKS_ON_DEFENSE}
-                                   for name in defenses}, {}
+            chunks.append(runner.run_chunk(x[chunk], y[chunk], images, config.seed + config.offset + start, advance,
+                                           start < adaptive_n))
+    base, outcomes, seconds, images_per_stage = [], {name: {a: [[] for _ in range(config.repeats)]
+                                                            for a in ATTACKS_ON_DEFENSE} for name in defenses}, {}, {}
     for chunk in chunks:
         base += chunk["base"]
         for name, attacks in chunk["defenses"].items():
@@ -302,9 +329,14 @@ def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path 
                     outcomes[name][attack][r] += values
         for stage, s in chunk["seconds"].items():
             seconds[stage] = seconds.get(stage, 0.0) + s
-    result = {**summarize(base, outcomes), "config": asdict(config),
+            images_per_stage[stage] = images_per_stage.get(stage, 0) + len(chunk["base"])
+    adaptive = {name: {a: [runs[:adaptive_n] for runs in attacks[a]] for a in attacks}
+                for name, attacks in outcomes.items()}
+    result = {**summarize(base[:adaptive_n], adaptive), "config": asdict(config),
+              **({"transfer_all": summarize_transfer(base, {name: attacks["transfer"] for name, attacks in
+                                                            outcomes.items()})} if adaptive_n < config.n else {}),
               "test_indices_sha256": hashlib.sha256(idx.numpy().tobytes()).hexdigest(),
-              "seconds_per_image": {k: round(v / config.n, 3) for k, v in seconds.items()},
+              "seconds_per_image": {k: round(v / images_per_stage[k], 3) for k, v in seconds.items()},
               "stages": {"computed": cache.misses, "reused": cache.hits},
               "threads": torch.get_num_threads(), "device": str(pipeline.device),
               "weights": {k: m["sha256"] for k, m in pipeline.manifests.items()}}

@@ -145,6 +145,29 @@ def test_a_rerun_recomputes_only_what_its_options_change(shipped, fake_test_set,
     assert calls == ["autoattack", "apgd-ce", "apgd-dlr", "aware", "square"]
 
 
+def test_the_attacks_on_the_defense_can_run_on_fewer_images_than_the_base(shipped, fake_test_set, tmp_path,
+                                                                        monkeypatch):
+    """The issue's split (the base and its transfer on N, the rest on the first M): the second chunk runs AutoAttack
+    and the transfer only; the worst case is over the first M, the transfer row over all N."""
+    import engine.worst_case as wc
+
+    defenses = {"identity": stand_in(IDENTITY)}
+    whole = wc.run_worst_case(shipped, wc.WorstCaseConfig(**TINY), progress=False, defenses=defenses,
+                              cache_dir=tmp_path)
+    calls = counting_attacks(monkeypatch)
+    split = wc.run_worst_case(shipped, wc.WorstCaseConfig(**TINY, adaptive_n=4), progress=False, defenses=defenses)
+    assert calls == ["autoattack", *wc.ATTACKS_ON_DEFENSE[1:], "autoattack"]
+    first = wc.run_worst_case(shipped, wc.WorstCaseConfig(**{**TINY, "n": 4}), progress=False, defenses=defenses,
+                              cache_dir=tmp_path)
+    assert split["n"] == 4 and split["defenses"] == first["defenses"] and split["base"] == first["base"]
+    assert split["transfer_all"]["n"] == 8 and split["transfer_all"]["base"] == whole["base"]
+    assert split["transfer_all"]["defenses"]["identity"]["accuracy"] == \
+        whole["defenses"]["identity"]["attacks"]["transfer"]["accuracy"]
+    assert "On all 8 images" in wc.markdown_table(split)
+    with pytest.raises(ValueError, match="multiple of the chunk"):
+        wc.WorstCaseConfig(**TINY, adaptive_n=3)
+
+
 def test_the_identity_defense_transfers_the_base_exactly_and_never_improves_it(shipped, fake_test_set):
     from engine.worst_case import WorstCaseConfig, run_worst_case
 
@@ -177,6 +200,11 @@ def test_a_defense_that_masks_gradients_falls_to_the_base(shipped, fake_test_set
     assert rounded["worst_case"]["accuracy"] <= result["base"]["accuracy"]
 
 
-def test_the_command_refuses_an_unknown_repair_before_loading_anything():
+def test_the_command_refuses_an_unknown_repair_or_a_split_off_its_chunks_before_loading_anything(monkeypatch):
+    monkeypatch.delenv("CIFAR10_ROOT", raising=False)            # reading the data would fail with another message
     result = CliRunner().invoke(main, ["worst-case", "--repair", "mtl:sideways", "--n", "4"])
     assert result.exit_code == 2 and "--repair" in result.output
+    result = CliRunner().invoke(main, ["worst-case", "--repair", "", "--n", "4"])
+    assert result.exit_code == 2 and "name the repair" in result.output
+    result = CliRunner().invoke(main, ["worst-case", "--n", "8", "--chunk", "4", "--adaptive-n", "6"])
+    assert result.exit_code == 2 and "adaptive_n (6) must be a multiple of the chunk (4)" in result.output
