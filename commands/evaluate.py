@@ -217,7 +217,7 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_pa
 @click.option("--lam", type=FRACTION, default="1", show_default=True, help="λ of the defense-aware attack.")
 @evaluated_repair_settings
 @click.option("--chunk", type=click.IntRange(min=1), default=25, show_default=True,
-              help="Images per unit of work (and of saved progress).")
+              help="Images per chunk: the unit of the stages kept in --stages.")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the results here.")
 @click.option("--stages", "stages_dir", type=click.Path(file_okay=False, path_type=Path), default=None,

@@ -15,14 +15,27 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 import torch
 
-# bumped when an attack's code changes what it returns, so that older outputs are not reused
+# bumped when the code of an attack or of the repair changes what it returns, so that older outputs are not reused
+# (the versions of this package, torch and AutoAttack's package are in every key too)
 VERSION = 1
+
+
+def _environment() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str | None:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return None
+    return {"cache": VERSION, "torch": torch.__version__, **{p: installed(p) for p in ("mssl-repair", "pyautoattack")}}
 
 
 def fingerprint(parts: dict) -> str:
@@ -43,21 +56,26 @@ class StageCache:
     def __init__(self, folder: Path | None) -> None:
         self.folder = folder
         self.hits = self.misses = 0
+        self.environment = _environment()
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
 
-    def run(self, parts: dict, compute: Callable[[], Any]) -> Stage:
-        path = self.folder / f"{fingerprint({**parts, 'version': VERSION})}.pt" if self.folder else None
+    def run(self, parts: dict | None, compute: Callable[[], Any]) -> Stage:
+        """``parts=None``: computed and not kept (what it depends on cannot be named)."""
+        path = None
+        if self.folder is not None and parts is not None:
+            path = self.folder / f"{fingerprint({**parts, 'environment': self.environment})}.pt"
         if path is not None and path.exists():
             self.hits += 1
-            saved = torch.load(path, weights_only=True)
+            saved = torch.load(path, map_location="cpu", weights_only=True)
             return Stage(saved["output"], saved["seconds"], True)
         self.misses += 1
         start = time.perf_counter()
         output = compute()
         seconds = time.perf_counter() - start
         if path is not None:
-            partial = path.with_suffix(".tmp")           # a kill while saving leaves no half-written output behind
+            # a kill while saving leaves no half-written output behind; two processes never write the same file
+            partial = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
             torch.save({"output": output, "seconds": seconds, "parts": json.dumps(parts, sort_keys=True)}, partial)
             partial.replace(path)
         return Stage(output, seconds, False)

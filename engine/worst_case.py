@@ -43,6 +43,7 @@ from .attacks import APGDEveryImage, AutoAttackAPGD, DefenseAwarePGD
 from .defended import DefendedClassifier
 from .evaluate import EvalConfig, Evaluator, eval_subset, mcnemar_exact, wilson_interval
 from .pipeline import Pipeline
+from .repair_spec import parse_repair
 from .stage_cache import StageCache, fingerprint
 from runtime.files import write_json
 
@@ -54,10 +55,16 @@ SCORE_SEED = 7919          # repeat r scores with seed r * SCORE_SEED: repeat 0 
 @dataclass
 class Defense:
     """A defense under evaluation: ``repair`` as deployed; ``surrogate`` what the BPDA attacks run forward (default:
-    the repair); ``objective`` the SSL loss the defense-aware attacker keeps low (default: the pipeline's)."""
+    the repair); ``objective`` the SSL loss the defense-aware attacker keeps low (default: the pipeline's).
+
+    ``key`` names everything the repair and the surrogate depend on, ``objective_key`` everything the objective
+    depends on: a stage's output is kept (engine/stage_cache.py) only where its key is given, so that a defense the
+    cache cannot tell apart from another is always computed afresh."""
     repair: RepairFn
     surrogate: RepairFn | None = None
     objective: nn.Module | None = None
+    key: dict | None = None
+    objective_key: dict | None = None
 
 
 @dataclass
@@ -93,18 +100,54 @@ class WorstCaseConfig:
 
 
 def named_defenses(pipeline: Pipeline, config: WorstCaseConfig) -> dict[str, Defense]:
-    """The config's repair names as defenses, each with the eval's repair (its surrogate: fewer steps)."""
-    evaluator = Evaluator(pipeline, EvalConfig(
-        n=config.n, attacks=["none"], repairs=list(config.defenses), eps_r=config.eps_r,
-        repair_steps=config.repair_steps, repair_step_size=config.repair_step_size, views=config.views,
-        level=config.level))
-    aimed = next((evaluator.objectives[d] for d in config.defenses if d in evaluator.objectives), None)
+    """The config's repair names as defenses, each with the eval's repair (its surrogate: fewer steps) and keys that
+    hold what its RepairSpec uses (the noise control: its bound alone). A defense without an objective of its own
+    (the noise control) is attacked with the first one's, as `cli.py eval`'s aware attack is."""
+    eval_config = EvalConfig(n=config.n, attacks=["none"], repairs=list(config.defenses), eps_r=config.eps_r,
+                             repair_steps=config.repair_steps, repair_step_size=config.repair_step_size,
+                             views=config.views, level=config.level)
+    evaluator = Evaluator(pipeline, eval_config)
+    calibration = None if pipeline.calibration is None else fingerprint(
+        {t: v.tolist() for t, v in sorted(pipeline.calibration.losses.items())})
+
+    def key(name: str) -> dict:
+        spec = parse_repair(name)
+        out = {"repair": name, "eps_r": config.eps_r}
+        if spec.optimize:
+            out.update(networks={t: pipeline.manifests.get(t, {}).get("sha256") for t in spec.tasks},
+                       steps=config.repair_steps, step_size=config.repair_step_size, views=config.views,
+                       alpha=eval_config.alpha)
+        if spec.objective == "clean" or spec.gated:
+            out.update(calibration=calibration, level=config.level)
+        if spec.gated:
+            out.update(gate_fpr=eval_config.gate_fpr, gate_tasks=eval_config.gate_tasks)
+        return out
+
+    def objective_key(name: str) -> dict:
+        return {k: v for k, v in key(name).items() if k in ("repair", "networks", "views", "alpha", "calibration",
+                                                             "level")}
+    aimed = next((d for d in config.defenses if d in evaluator.objectives), None)
+    pipeline_objective = {"pipeline objective": {k: m.get("sha256") for k, m in sorted(pipeline.manifests.items())},
+                          "views": config.views}
 
     def defense(name: str) -> Defense:
+        source = name if name in evaluator.objectives else aimed
         return Defense(repair=lambda x, s: evaluator.repair(name, x, s).images,
                        surrogate=lambda x, s: evaluator.repair(name, x, s, config.surrogate_steps).images,
-                       objective=evaluator.objectives.get(name, aimed))
+                       objective=evaluator.objectives.get(source), key=key(name),
+                       objective_key=objective_key(source) if source else pipeline_objective)
     return {name: defense(name) for name in config.defenses}
+
+
+def classifier_key(pipeline: Pipeline) -> str:
+    """The classifier's weights: its file's sha256, or (a module passed in, which has no file) its parameters'."""
+    sha = pipeline.manifests.get("classifier", {}).get("sha256")
+    if sha:
+        return sha
+    digest = hashlib.sha256(type(pipeline.classifier).__qualname__.encode())
+    for name, tensor in sorted(pipeline.classifier.state_dict().items()):
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
 
 
 class _KnownToBeRandomized(logging.Filter):
@@ -128,19 +171,24 @@ class WorstCase:
         self.p, self.cfg, self.defenses = pipeline, config, defenses
         self.classifier = pipeline.classifier
         self.cache = cache or StageCache(None)
-        weights = {k: m["sha256"] for k, m in sorted(pipeline.manifests.items())}
-        calibration = pipeline.calibration
-        deployed = {"weights": weights, "calibration": None if calibration is None else fingerprint(
-            {t: v.tolist() for t, v in sorted(calibration.losses.items())}),
-            **{k: getattr(config, k) for k in ("eps_r", "repair_steps", "repair_step_size", "views", "level")}}
-        self.deployed = {name: {"defense": name, **deployed} for name in defenses}
+        classifier = classifier_key(pipeline)
         self.budgets = {
-            "autoattack": {"classifier": weights.get("classifier"), "iterations": config.base_iterations,
+            "autoattack": {"classifier": classifier, "iterations": config.base_iterations,
                            "targets": config.targets, "queries": config.base_queries},
-            "apgd-ce": {"iterations": config.iterations, "eot": config.eot, "surrogate": config.surrogate_steps},
-            "aware": {"iterations": config.iterations, "lambda": config.aware_lambda},
-            "square": {"queries": config.square_queries}}
+            "apgd-ce": {"classifier": classifier, "iterations": config.iterations, "eot": config.eot,
+                        "surrogate": config.surrogate_steps},
+            "aware": {"classifier": classifier, "iterations": config.iterations, "lambda": config.aware_lambda},
+            "square": {"classifier": classifier, "queries": config.square_queries},
+            "score": {"classifier": classifier, "repeats": config.repeats}}
         self.budgets["apgd-dlr"] = self.budgets["apgd-ce"]
+
+    def parts(self, stage: str, defense: Defense, of: dict | None = None) -> dict | None:
+        """What a stage on ``defense`` depends on (None: the defense has no key; not kept). ``of``: a scoring's
+        attacked images' parts."""
+        depends = defense.objective_key if stage == "aware" else defense.key
+        if depends is None or (stage == "score" and of is None):
+            return None
+        return {"stage": stage, "defense": depends, **self.budgets[stage], **({"of": of} if of else {})}
 
     def stages(self, adaptive: bool = True) -> list[str]:
         attacks = (*ATTACKS_ON_DEFENSE[1:], "score") if adaptive else ("score",)
@@ -188,9 +236,10 @@ class WorstCase:
         ``advance(stage, reused)`` is called after each stage. ``adaptive=False``: the base and its transfer only."""
         seconds: dict[str, float] = {}
         common = {"images": images, "seed": seed, "eps": self.cfg.eps}
+        where = lambda parts: None if parts is None else {**common, **parts}
 
-        def stage(name: str, parts: dict, compute: Callable[[], object]):
-            out, seconds[name], reused = self.cache.run({**common, **parts}, compute)
+        def stage(name: str, parts: dict | None, compute: Callable[[], object]):
+            out, seconds[name], reused = self.cache.run(where(parts), compute)
             advance(name, reused)
             return out
 
@@ -203,14 +252,13 @@ class WorstCase:
         for name, defense in self.defenses.items():
             finals = {"transfer": x_base}
             for attack in ATTACKS_ON_DEFENSE[1:] if adaptive else ():
-                made[attack] = {**self.deployed[name], "stage": attack, **self.budgets[attack]}
+                made[attack] = self.parts(attack, defense)
                 finals[attack] = stage(f"{attack} {name}", made[attack],
                                        lambda: self.attack(attack, defense, x, y, seed)).to(self.p.device)
             scores, score_seconds, reused = {}, 0.0, True
             for attack, x_adv in finals.items():         # each final scored apart: a new budget rescores its own only
-                parts = {**common, **self.deployed[name], "stage": "score", "repeats": self.cfg.repeats,
-                         "of": made[attack]}
-                done = self.cache.run(parts, lambda: self.scored(defense, x_adv, y))
+                done = self.cache.run(where(self.parts("score", defense, made[attack])),
+                                      lambda: self.scored(defense, x_adv, y))
                 scores[attack] = done.output
                 score_seconds, reused = score_seconds + done.seconds, reused and done.reused
             seconds[f"score {name}"] = score_seconds
@@ -296,8 +344,8 @@ def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path 
                    defenses: dict[str, Defense] | None = None, cache_dir: Path | None = None) -> dict:
     """Every stage on the config's images. Each stage's output is kept in ``cache_dir`` (default: ``stages/`` beside
     ``json_path``; none without either), so a killed run resumes from its last finished stage and a run that
-    changes one budget, or covers more images, recomputes only that (engine/stage_cache.py). A stand-in defense's name
-    must say what it is: the cache knows it by its name."""
+    changes one budget, or covers more images, recomputes only that (engine/stage_cache.py). The stages of a defense
+    passed in without a ``key`` are not kept."""
     defenses = defenses or named_defenses(pipeline, config)
     x, y, idx = eval_subset(config.offset + config.n, config.seed, data_root, pipeline.inputs)
     x, y, idx = x[config.offset:], y[config.offset:], idx[config.offset:]

@@ -3,6 +3,7 @@ weights, the bookkeeping (an image one attack breaks once is broken; the worst c
 resuming, and two stand-in defenses: the identity (its worst case is the base's) and one that masks gradients by
 rounding (BPDA and Square see through it)."""
 import json
+import types
 
 import pytest
 import torch
@@ -26,10 +27,13 @@ def shipped():
     return load_pipeline(objective="plain", calibration=SHIPPED / "calibration.json")
 
 
-def stand_in(fn):
+def stand_in(fn, key: str | None = None):
+    """A defense that applies ``fn``; with ``key``, the cache knows it (and the aware attack's objective, the
+    pipeline's) by that."""
     from engine.worst_case import Defense
 
-    return Defense(repair=lambda x, seed: fn(x))
+    return Defense(repair=lambda x, seed: fn(x), key=key and {"stand-in": key},
+                   objective_key=key and {"objective": "the pipeline's"})
 
 
 IDENTITY = lambda x: x
@@ -73,7 +77,7 @@ def test_every_stage_on_the_shipped_default_and_the_noise_control(shipped, fake_
     for x, outputs in attacked:                         # every attack's images within ε of the clean ones, in [0, 1]
         for x_adv in outputs:
             assert (x_adv - x).abs().max() <= config.eps + 1e-6 and 0 <= x_adv.min() and x_adv.max() <= 1
-    assert json.loads((tmp_path / "w.json").read_text())["n"] == 8 and not list(tmp_path.glob("*.partial-*"))
+    assert json.loads((tmp_path / "w.json").read_text())["n"] == 8
     assert list(result["defenses"]) == ["mtl:clean:exit", "noise"]
     for defense in result["defenses"].values():
         worst = defense["worst_case"]["accuracy"]
@@ -109,7 +113,7 @@ def test_an_interrupted_run_resumes_from_its_last_stage_to_the_same_table(shippe
     import engine.worst_case as wc
 
     config = wc.WorstCaseConfig(**TINY)
-    defenses = {"identity": stand_in(IDENTITY)}
+    defenses = {"identity": stand_in(IDENTITY, "identity")}
     whole = wc.run_worst_case(shipped, config, tmp_path / "whole" / "w.json", progress=False, defenses=defenses)
     per_chunk = ["autoattack", *wc.ATTACKS_ON_DEFENSE[1:]]
     calls = counting_attacks(monkeypatch, kill_at=len(per_chunk) + 2)      # killed in the second chunk's 2nd attack
@@ -128,7 +132,7 @@ def test_a_rerun_recomputes_only_what_its_options_change(shipped, fake_test_set,
     chunks are; another seed (other images, other random starts): nothing is."""
     from engine.worst_case import WorstCaseConfig, run_worst_case
 
-    defenses = {"identity": stand_in(IDENTITY)}
+    defenses = {"identity": stand_in(IDENTITY, "identity")}
     run = lambda **options: run_worst_case(shipped, WorstCaseConfig(**{**TINY, "n": 4, **options}), progress=False,
                                            defenses=defenses, cache_dir=tmp_path)
     first = run()
@@ -145,13 +149,44 @@ def test_a_rerun_recomputes_only_what_its_options_change(shipped, fake_test_set,
     assert calls == ["autoattack", "apgd-ce", "apgd-dlr", "aware", "square"]
 
 
+def test_each_key_holds_what_its_stage_depends_on(shipped, fake_test_set, tmp_path, monkeypatch):
+    """The noise control's repair depends on its bound alone; the repair on its steps, level and calibration too; the
+    noise control's aware attack on the objective it borrows; a classifier passed as a module on its parameters; a
+    defense without a key is never kept."""
+    import engine.worst_case as wc
+
+    keys = lambda **options: {name: (d.key, d.objective_key) for name, d in wc.named_defenses(
+        shipped, wc.WorstCaseConfig(**{**TINY, **options})).items()}
+    default = keys()
+    assert keys(repair_steps=7)["noise"] == default["noise"]
+    assert keys(level=0.6)["noise"][0] == default["noise"][0] and keys(level=0.6)["noise"][1] != default["noise"][1]
+    assert keys(eps_r=8 / 255)["noise"][0] != default["noise"][0]
+    for change in (dict(repair_steps=7), dict(level=0.6), dict(repair_step_size=1 / 255), dict(views=2)):
+        assert keys(**change)["mtl:clean:exit"][0] != default["mtl:clean:exit"][0], change
+    plain = keys(defenses=["mtl", "noise"])
+    assert plain["noise"][0] == default["noise"][0] and plain["noise"][1] != default["noise"][1]
+
+    def module(weight: float):
+        layer = torch.nn.Linear(2, 2)
+        torch.nn.init.constant_(layer.weight, weight), torch.nn.init.zeros_(layer.bias)
+        return types.SimpleNamespace(manifests={"classifier": {"sha256": None}}, classifier=layer)
+    assert wc.classifier_key(module(1.0)) == wc.classifier_key(module(1.0)) != wc.classifier_key(module(2.0))
+
+    calls = counting_attacks(monkeypatch)
+    for _ in range(2):
+        wc.run_worst_case(shipped, wc.WorstCaseConfig(**{**TINY, "n": 4}), progress=False, cache_dir=tmp_path,
+                          defenses={"unnamed": stand_in(IDENTITY)})
+    on_defense = list(wc.ATTACKS_ON_DEFENSE[1:])
+    assert calls == ["autoattack", *on_defense, *on_defense]         # the base is kept, the unnamed defense's not
+
+
 def test_the_attacks_on_the_defense_can_run_on_fewer_images_than_the_base(shipped, fake_test_set, tmp_path,
                                                                         monkeypatch):
     """The issue's split (the base and its transfer on N, the rest on the first M): the second chunk runs AutoAttack
     and the transfer only; the worst case is over the first M, the transfer row over all N."""
     import engine.worst_case as wc
 
-    defenses = {"identity": stand_in(IDENTITY)}
+    defenses = {"identity": stand_in(IDENTITY, "identity")}
     whole = wc.run_worst_case(shipped, wc.WorstCaseConfig(**TINY), progress=False, defenses=defenses,
                               cache_dir=tmp_path)
     calls = counting_attacks(monkeypatch)
