@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
@@ -65,9 +66,9 @@ class StageCache:
         path = None
         if self.folder is not None and parts is not None:
             path = self.folder / f"{fingerprint({**parts, 'environment': self.environment})}.pt"
-        if path is not None and path.exists():
+        saved = self.read(path) if path is not None and path.exists() else None
+        if saved is not None:
             self.hits += 1
-            saved = torch.load(path, map_location="cpu", weights_only=True)
             return Stage(saved["output"], saved["seconds"], True)
         self.misses += 1
         start = time.perf_counter()
@@ -79,3 +80,12 @@ class StageCache:
             torch.save({"output": output, "seconds": seconds, "parts": json.dumps(parts, sort_keys=True)}, partial)
             partial.replace(path)
         return Stage(output, seconds, False)
+
+    @staticmethod
+    def read(path: Path) -> dict | None:
+        """A kept output, or None (with a warning: it is computed again) where the file cannot be read."""
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:        # a damaged or foreign file: torch raises several kinds
+            warnings.warn(f"{path} could not be read ({type(e).__name__}: {e}); computing that stage again")
+            return None
