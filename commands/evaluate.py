@@ -245,7 +245,8 @@ def worst_case(defense: str, control: str, n: int, offset: int, adaptive_n: int 
     from engine.data import DataError
     from engine.evaluate import EvalConfig, needs_calibration, tasks_needed
     from engine.repair_spec import parse_repair
-    from engine.worst_case import WorstCaseConfig, markdown_table, run_worst_case
+    from engine.worst_case import WorstCaseConfig, run_worst_case
+    from engine.worst_case_table import markdown_table
 
     if not defense.strip():
         raise click.BadParameter("name the repair to evaluate (e.g. mtl:clean:exit, the default)",

@@ -29,7 +29,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import re
-import statistics
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -41,10 +40,11 @@ from tqdm import tqdm
 
 from .attacks import APGDEveryImage, AutoAttackAPGD, DefenseAwarePGD
 from .defended import DefendedClassifier
-from .evaluate import EvalConfig, Evaluator, eval_subset, mcnemar_exact, wilson_interval
+from .evaluate import EvalConfig, Evaluator, eval_subset
 from .pipeline import Pipeline
 from .repair_spec import parse_repair
 from .stage_cache import StageCache, fingerprint
+from .worst_case_table import summarize, summarize_transfer
 from runtime.files import write_json
 
 RepairFn = Callable[[torch.Tensor, int], torch.Tensor]       # (images, seed) -> repaired images
@@ -265,78 +265,6 @@ class WorstCase:
             advance(f"score {name}", reused)
             outcomes[name] = scores
         return {"base": base, "defenses": outcomes, "seconds": seconds}
-
-
-def verdict(test: dict, alpha: float = 0.05) -> str:
-    """improves / weakens the base at 95 % (exact McNemar, a = base, b = the defense's worst case), or neither."""
-    if test["p"] >= alpha:
-        return "no measurable difference"
-    return "improves" if test["b_only"] > test["a_only"] else "weakens"
-
-
-def accuracy_row(correct: list[bool]) -> dict:
-    return {"accuracy": sum(correct) / len(correct), "ci95": list(wilson_interval(sum(correct), len(correct)))}
-
-
-def summarize(base: list[bool], defenses: dict[str, dict[str, list[list[bool]]]]) -> dict:
-    """Rows of accuracy with Wilson intervals: the base, each attack on each defense (robust = right on every
-    repeat), each defense's worst case (robust = right under every attack on every repeat; also per repeat, mean ±
-    std), and McNemar of each worst case against the base with its verdict."""
-    n, row = len(base), accuracy_row
-    out = {"n": n, "base": row(base), "defenses": {}}
-    for name, attacks in defenses.items():
-        repeats = len(next(iter(attacks.values())))
-        every = {a: [all(rep[i] for rep in runs) for i in range(n)] for a, runs in attacks.items()}
-        worst = [all(every[a][i] for a in attacks) for i in range(n)]
-        per_repeat = [sum(all(attacks[a][r][i] for a in attacks) for i in range(n)) / n for r in range(repeats)]
-        test = mcnemar_exact(base, worst)
-        out["defenses"][name] = {
-            "attacks": {a: {**row(c), "mean_over_repeats": statistics.mean(sum(r) / n for r in attacks[a])}
-                        for a, c in every.items()},
-            "worst_case": {**row(worst), "per_repeat": per_repeat, "mean": statistics.mean(per_repeat),
-                           "std": statistics.stdev(per_repeat) if repeats > 1 else 0.0},
-            "mcnemar_vs_base": test, "verdict": verdict(test), "worst_correct": worst}
-    return out
-
-
-def summarize_transfer(base: list[bool], transfer: dict[str, list[list[bool]]]) -> dict:
-    """The base and each defense's transfer row (robust = right on every repeat) on all the images, with McNemar."""
-    every = {name: [all(rep[i] for rep in runs) for i in range(len(base))] for name, runs in transfer.items()}
-    return {"n": len(base), "base": accuracy_row(base),
-            "defenses": {name: {**accuracy_row(c), "mcnemar_vs_base": mcnemar_exact(base, c)}
-                         for name, c in every.items()}}
-
-
-def markdown_table(result: dict) -> str:
-    pct = lambda r: f"{100 * r['accuracy']:.1f} ({100 * r['ci95'][0]:.1f}–{100 * r['ci95'][1]:.1f})"
-    names = list(result["defenses"])
-    cfg = result["config"]
-    lines = [f"n = {result['n']} images, ε = {cfg['eps'] * 255:.3g}/255; accuracy % (95 % Wilson CI); an image "
-             f"counts as robust only if right on all {cfg['repeats']} scorings of the real defense", "",
-             "| attack | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
-             "| AutoAttack on the classifier alone (the base) | " + " | ".join(pct(result["base"]) for _ in names)
-             + " |"]
-    for attack in ATTACKS_ON_DEFENSE:
-        lines.append(f"| {attack} | " + " | ".join(pct(result["defenses"][d]["attacks"][attack]) for d in names)
-                     + " |")
-    worst = [result["defenses"][d]["worst_case"] for d in names]
-    lines.append("| **worst case** | " + " | ".join(f"**{pct(w)}**" for w in worst) + " |")
-    lines.append("| worst case per repeat, mean ± std | " + " | ".join(
-        f"{100 * w['mean']:.1f} ± {100 * w['std']:.1f}" for w in worst) + " |")
-    lines += ["", "| worst case vs base (exact McNemar) | base right only | defense right only | p | verdict |",
-              "|---|---|---|---|---|"]
-    for d in names:
-        t = result["defenses"][d]["mcnemar_vs_base"]
-        lines.append(f"| {d} | {t['a_only']} | {t['b_only']} | {t['p']:.3g} | **{result['defenses'][d]['verdict']}** |")
-    if "transfer_all" in result:
-        wide = result["transfer_all"]
-        lines += ["", f"On all {wide['n']} images (the attacks on the defense ran on the first {result['n']}): "
-                  f"AutoAttack on the classifier alone {pct(wide['base'])}; transfer: " + "; ".join(
-                      f"{d} {pct(r)} (McNemar vs base p = {r['mcnemar_vs_base']['p']:.3g})"
-                      for d, r in wide["defenses"].items())]
-    per_image = result["seconds_per_image"]
-    lines += ["", "seconds per image: " + ", ".join(f"{k} {v:.2f}" for k, v in per_image.items())]
-    return "\n".join(lines)
 
 
 def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path | None = None,

@@ -41,7 +41,8 @@ ROUND_TO_8_LEVELS = lambda x: (x * 7).round() / 7        # no gradient anywhere:
 
 
 def test_summary_counts_an_image_broken_once_as_broken():
-    from engine.worst_case import ATTACKS_ON_DEFENSE, summarize
+    from engine.worst_case import ATTACKS_ON_DEFENSE
+    from engine.worst_case_table import summarize
 
     right = [True, True, True, False]
     attacks = {a: [list(right), list(right)] for a in ATTACKS_ON_DEFENSE}
@@ -58,7 +59,8 @@ def test_summary_counts_an_image_broken_once_as_broken():
 
 def test_every_stage_on_the_shipped_default_and_the_noise_control(shipped, fake_test_set, tmp_path, monkeypatch):
     import engine.worst_case as wc
-    from engine.worst_case import ATTACKS_ON_DEFENSE, WorstCaseConfig, markdown_table, run_worst_case
+    from engine.worst_case import ATTACKS_ON_DEFENSE, WorstCaseConfig, run_worst_case
+    from engine.worst_case_table import markdown_table
 
     attacked = []                                       # (clean chunk, each attack's output on it)
     run_chunk, cache_run = wc.WorstCase.run_chunk, wc.StageCache.run
@@ -185,6 +187,7 @@ def test_the_attacks_on_the_defense_can_run_on_fewer_images_than_the_base(shippe
     """The issue's split (the base and its transfer on N, the rest on the first M): the second chunk runs AutoAttack
     and the transfer only; the worst case is over the first M, the transfer row over all N."""
     import engine.worst_case as wc
+    from engine.worst_case_table import markdown_table
 
     defenses = {"identity": stand_in(IDENTITY, "identity")}
     whole = wc.run_worst_case(shipped, wc.WorstCaseConfig(**TINY), progress=False, defenses=defenses,
@@ -198,7 +201,7 @@ def test_the_attacks_on_the_defense_can_run_on_fewer_images_than_the_base(shippe
     assert split["transfer_all"]["n"] == 8 and split["transfer_all"]["base"] == whole["base"]
     assert split["transfer_all"]["defenses"]["identity"]["accuracy"] == \
         whole["defenses"]["identity"]["attacks"]["transfer"]["accuracy"]
-    assert "On all 8 images" in wc.markdown_table(split)
+    assert "On all 8 images" in markdown_table(split)
     with pytest.raises(ValueError, match="multiple of the chunk"):
         wc.WorstCaseConfig(**TINY, adaptive_n=3)
 
