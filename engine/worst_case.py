@@ -123,19 +123,16 @@ def named_defenses(pipeline: Pipeline, config: WorstCaseConfig) -> dict[str, Def
             out.update(gate_fpr=eval_config.gate_fpr, gate_tasks=eval_config.gate_tasks)
         return out
 
-    def objective_key(name: str) -> dict:
-        return {k: v for k, v in key(name).items() if k in ("repair", "networks", "views", "alpha", "calibration",
-                                                             "level")}
-    aimed = next((d for d in config.defenses if d in evaluator.objectives), None)
-    pipeline_objective = {"pipeline objective": {k: m.get("sha256") for k, m in sorted(pipeline.manifests.items())},
-                          "views": config.views}
+    def objective_key(objective) -> dict:         # its networks and what fixes it beyond them (α, levels, views)
+        return {"networks": {t: pipeline.manifests.get(t, {}).get("sha256") for t in objective.tasks},
+                "objective": objective.signature()}
+    aimed = next((evaluator.objectives[d] for d in config.defenses if d in evaluator.objectives), pipeline.objective)
 
     def defense(name: str) -> Defense:
-        source = name if name in evaluator.objectives else aimed
+        objective = evaluator.objectives.get(name, aimed)
         return Defense(repair=lambda x, s: evaluator.repair(name, x, s).images,
                        surrogate=lambda x, s: evaluator.repair(name, x, s, config.surrogate_steps).images,
-                       objective=evaluator.objectives.get(source), key=key(name),
-                       objective_key=objective_key(source) if source else pipeline_objective)
+                       objective=objective, key=key(name), objective_key=objective_key(objective))
     return {name: defense(name) for name in config.defenses}
 
 
