@@ -147,6 +147,16 @@ def classifier_key(pipeline: Pipeline) -> str:
     return digest.hexdigest()
 
 
+def check_threat_model(x_adv: torch.Tensor, x: torch.Tensor, eps: float, stage: str) -> None:
+    """Every attacked image within ε (L∞) of its clean image and in [0, 1]: an image outside is a bug in an attack,
+    and would make its row meaningless, so the run stops and says where."""
+    distance = (x_adv - x).abs().amax().item()
+    if x_adv.shape != x.shape or distance > eps + 1e-6 or x_adv.min() < 0 or x_adv.max() > 1:
+        raise RuntimeError(f"{stage}: attacked images outside the threat model (shape {tuple(x_adv.shape)} for "
+                           f"{tuple(x.shape)}, L∞ distance {distance:.6f} for ε {eps:.6f}, range "
+                           f"[{x_adv.min().item():.4f}, {x_adv.max().item():.4f}])")
+
+
 class _KnownToBeRandomized(logging.Filter):
     """Drops AutoAttack's warnings that the model is randomized or dynamic: this evaluation is built for such a
     defense (EOT, BPDA, Square, repeated scoring); its other warnings (e.g. zero gradients) still show."""
@@ -235,14 +245,16 @@ class WorstCase:
         common = {"images": images, "seed": seed, "eps": self.cfg.eps}
         where = lambda parts: None if parts is None else {**common, **parts}
 
-        def stage(name: str, parts: dict | None, compute: Callable[[], object]):
-            out, seconds[name], reused = self.cache.run(where(parts), compute)
+        def attacked(name: str, parts: dict | None, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+            x_adv, seconds[name], reused = self.cache.run(where(parts), compute)
             advance(name, reused)
-            return out
+            x_adv = x_adv.to(self.p.device)
+            check_threat_model(x_adv, x, self.cfg.eps, name)
+            return x_adv
 
         x, y = x.to(self.p.device), y.to(self.p.device)
         made = {"transfer": {"stage": "autoattack", **self.budgets["autoattack"]}}
-        x_base = stage("autoattack", made["transfer"], lambda: self.base(x, y, seed)).to(self.p.device)
+        x_base = attacked("autoattack", made["transfer"], lambda: self.base(x, y, seed))
         with torch.no_grad():
             base = (self.p.predict(x_base) == y).tolist()
         outcomes = {}
@@ -250,8 +262,8 @@ class WorstCase:
             finals = {"transfer": x_base}
             for attack in ATTACKS_ON_DEFENSE[1:] if adaptive else ():
                 made[attack] = self.parts(attack, defense)
-                finals[attack] = stage(f"{attack} {name}", made[attack],
-                                       lambda: self.attack(attack, defense, x, y, seed)).to(self.p.device)
+                finals[attack] = attacked(f"{attack} {name}", made[attack],
+                                          lambda: self.attack(attack, defense, x, y, seed))
             scores, score_seconds, reused = {}, 0.0, True
             for attack, x_adv in finals.items():         # each final scored apart: a new budget rescores its own only
                 done = self.cache.run(where(self.parts("score", defense, made[attack])),

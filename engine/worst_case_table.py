@@ -36,7 +36,8 @@ def summarize(base: list[bool], defenses: dict[str, dict[str, list[list[bool]]]]
                         for a, c in every.items()},
             "worst_case": {**row(worst), "per_repeat": per_repeat, "mean": statistics.mean(per_repeat),
                            "std": statistics.stdev(per_repeat) if repeats > 1 else 0.0},
-            "mcnemar_vs_base": test, "verdict": verdict(test), "worst_correct": worst}
+            "mcnemar_vs_base": test, "verdict": verdict(test), "worst_correct": worst,
+            "correct": every}                            # per attack, per image: robust on every repeat
     return out
 
 

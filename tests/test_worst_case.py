@@ -57,6 +57,16 @@ def test_summary_counts_an_image_broken_once_as_broken():
     assert result["verdict"] == "no measurable difference"
 
 
+def test_attacked_images_outside_the_threat_model_stop_the_run():
+    from engine.worst_case import check_threat_model
+
+    x = torch.full((2, 3, 4, 4), 0.5)
+    check_threat_model(x + 8 / 255, x, 8 / 255, "fine")
+    for bad in (x + 9 / 255, x.clamp(max=0.49) - 0.5, x[:1]):
+        with pytest.raises(RuntimeError, match="square: attacked images outside the threat model"):
+            check_threat_model(bad, x, 8 / 255, "square")
+
+
 def test_every_stage_on_the_shipped_default_and_the_noise_control(shipped, fake_test_set, tmp_path, monkeypatch):
     import engine.worst_case as wc
     from engine.worst_case import ATTACKS_ON_DEFENSE, WorstCaseConfig, run_worst_case
