@@ -17,6 +17,15 @@ TASK_NAMES = ("contrastive", "inpainting", "rotation", "contrastive-head", "inpa
               "inpainting-patches", "consistency", "hedge")
 
 
+def option_group(options: list):
+    """A decorator that adds ``options`` (click.option decorators) to a command, in their listed order."""
+    def add(command):
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return add
+
+
 def parse_tasks(text: str, option: str = "--tasks") -> list[str]:
     tasks = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASK_NAMES]

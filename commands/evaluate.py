@@ -8,7 +8,8 @@ import click
 
 from runtime.cli import FRACTION, default_threads
 
-from .common import MODELS, TASK_NAMES, check_device, load_checked, parse_alpha, parse_names, parse_tasks
+from .common import (MODELS, TASK_NAMES, check_device, load_checked, option_group, parse_alpha, parse_names,
+                     parse_tasks)
 
 
 @click.command()
@@ -69,10 +70,7 @@ EVALUATED_REPAIR_SETTINGS = [
 ]
 
 
-def evaluated_repair_settings(command):
-    for option in reversed(EVALUATED_REPAIR_SETTINGS):
-        command = option(command)
-    return command
+evaluated_repair_settings = option_group(EVALUATED_REPAIR_SETTINGS)
 
 
 @click.command("eval")

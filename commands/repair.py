@@ -8,7 +8,7 @@ import click
 
 from runtime.cli import FRACTION, checked_eps, default_threads
 
-from .common import check_device, load_checked, parse_alpha, parse_tasks
+from .common import check_device, load_checked, option_group, parse_alpha, parse_tasks
 
 
 # The repair's settings: `repair` and `serve` take the same ones, so that a served image is repaired as `cli.py repair`
@@ -67,10 +67,7 @@ REPAIR_SETTINGS = [
 ]
 
 
-def repair_settings(command):
-    for option in reversed(REPAIR_SETTINGS):
-        command = option(command)
-    return command
+repair_settings = option_group(REPAIR_SETTINGS)
 
 
 REPAIR_SETTING_NAMES = {param.name for param in repair_settings(click.Command("settings")).params}

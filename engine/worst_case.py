@@ -42,7 +42,6 @@ from .attacks import APGDEveryImage, AutoAttackAPGD, DefenseAwarePGD
 from .defended import DefendedClassifier
 from .evaluate import EvalConfig, Evaluator, eval_subset
 from .pipeline import Pipeline
-from .repair_spec import parse_repair
 from .stage_cache import StageCache, fingerprint
 from .worst_case_table import summarize, summarize_transfer
 from runtime.files import write_json
@@ -110,11 +109,13 @@ def named_defenses(pipeline: Pipeline, config: WorstCaseConfig) -> dict[str, Def
     calibration = None if pipeline.calibration is None else fingerprint(
         {t: v.tolist() for t, v in sorted(pipeline.calibration.losses.items())})
 
+    networks = lambda tasks: {t: pipeline.manifests.get(t, {}).get("sha256") for t in tasks}
+
     def key(name: str) -> dict:
-        spec = parse_repair(name)
+        spec = evaluator.specs[name]
         out = {"repair": name, "eps_r": config.eps_r}
         if spec.optimize:
-            out.update(networks={t: pipeline.manifests.get(t, {}).get("sha256") for t in spec.tasks},
+            out.update(networks=networks(spec.tasks),
                        steps=config.repair_steps, step_size=config.repair_step_size, views=config.views,
                        alpha=eval_config.alpha)
         if spec.objective == "clean" or spec.gated:
@@ -124,8 +125,7 @@ def named_defenses(pipeline: Pipeline, config: WorstCaseConfig) -> dict[str, Def
         return out
 
     def objective_key(objective) -> dict:         # its networks and what fixes it beyond them (α, levels, views)
-        return {"networks": {t: pipeline.manifests.get(t, {}).get("sha256") for t in objective.tasks},
-                "objective": objective.signature()}
+        return {"networks": networks(objective.tasks), "objective": objective.signature()}
     aimed = next((evaluator.objectives[d] for d in config.defenses if d in evaluator.objectives), pipeline.objective)
 
     def defense(name: str) -> Defense:

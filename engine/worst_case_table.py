@@ -19,6 +19,11 @@ def accuracy_row(correct: list[bool]) -> dict:
     return {"accuracy": sum(correct) / len(correct), "ci95": list(wilson_interval(sum(correct), len(correct)))}
 
 
+def robust_every_time(runs: list[list[bool]]) -> list[bool]:
+    """Per image: right on every repeat (``runs``: per repeat, per image)."""
+    return [all(image) for image in zip(*runs)]
+
+
 def summarize(base: list[bool], defenses: dict[str, dict[str, list[list[bool]]]]) -> dict:
     """Rows of accuracy with Wilson intervals: the base, each attack on each defense (robust = right on every
     repeat), each defense's worst case (robust = right under every attack on every repeat; also per repeat, mean ±
@@ -27,7 +32,7 @@ def summarize(base: list[bool], defenses: dict[str, dict[str, list[list[bool]]]]
     out = {"n": n, "base": row(base), "defenses": {}}
     for name, attacks in defenses.items():
         repeats = len(next(iter(attacks.values())))
-        every = {a: [all(rep[i] for rep in runs) for i in range(n)] for a, runs in attacks.items()}
+        every = {a: robust_every_time(runs) for a, runs in attacks.items()}
         worst = [all(every[a][i] for a in attacks) for i in range(n)]
         per_repeat = [sum(all(attacks[a][r][i] for a in attacks) for i in range(n)) / n for r in range(repeats)]
         test = mcnemar_exact(base, worst)
@@ -43,7 +48,7 @@ def summarize(base: list[bool], defenses: dict[str, dict[str, list[list[bool]]]]
 
 def summarize_transfer(base: list[bool], transfer: dict[str, list[list[bool]]]) -> dict:
     """The base and each defense's transfer row (robust = right on every repeat) on all the images, with McNemar."""
-    every = {name: [all(rep[i] for rep in runs) for i in range(len(base))] for name, runs in transfer.items()}
+    every = {name: robust_every_time(runs) for name, runs in transfer.items()}
     return {"n": len(base), "base": accuracy_row(base),
             "defenses": {name: {**accuracy_row(c), "mcnemar_vs_base": mcnemar_exact(base, c)}
                          for name, c in every.items()}}
