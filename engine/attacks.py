@@ -132,6 +132,7 @@ def pyautoattack():
     try:
         import pyautoattack
         import pyautoattack.autopgd_base
+        import pyautoattack.square
     except ImportError:
         raise ImportError("AutoAttack's attacks need the pyautoattack package: pip install -e \".[attacks]\"") from None
     return pyautoattack
@@ -198,3 +199,29 @@ class APGDEveryImage(nn.Module):
                                                       loss=self.loss, eot_iter=self.eot, rho=0.75, n_restarts=1,
                                                       device=x.device)
         return apgd.perturb(x, y, best_loss=True).detach()
+
+
+class SquareEveryImage(nn.Module):
+    """Square (Andriushchenko et al., ECCV 2020; ``pyautoattack``'s implementation), a score-based black-box attack,
+    on every image, returning each image's last accepted candidate. Against a randomized defense AutoAttack's own
+    runner hands back the *clean* image wherever one draw of the model erred (before the attack or at its final
+    check), so that a later scoring of that clean image may find it robust; here an image that a draw misclassifies
+    keeps the candidate that fooled it (at least Square's initial stripes), and every other keeps its best one.
+    ``queries``: model calls per image. Shapes: x N×3×H×W in [0, 1], y N -> N×3×H×W.
+
+    Example::
+
+        x_adv = SquareEveryImage(DefendedClassifier(pipeline, bpda=False), eps=8/255, queries=1000)(x, y)
+    """
+
+    def __init__(self, model: nn.Module, eps: float = 8 / 255, queries: int = 5000, seed: int = 0) -> None:
+        super().__init__()
+        self.model, self.eps, self.queries, self.seed = model, eps, queries, seed
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        square = pyautoattack().square.SquareAttack(self.model, norm="Linf", eps=self.eps, n_queries=self.queries,
+                                                    p_init=0.8, seed=self.seed, device=x.device)
+        square.init_hyperparam(x)
+        torch.random.manual_seed(self.seed)       # Square draws its squares from torch's global generator
+        _, x_adv = square.attack_single_run(x, y)
+        return x_adv.detach()

@@ -11,7 +11,7 @@ resumes and a rerun with another budget recomputes only what that budget changes
    the identity; its forward a shortened surrogate of the repair) with EOT over its randomness, and the
    defense-aware PGD (CE − λ·L_ssl);
 4. **black-box**: Square on classifier(defense(x)) with the real defense in every query (no gradients: what
-   gradient masking cannot hide from);
+   gradient masking cannot hide from), on every image, as the APGDs are (engine/attacks.py's ``…EveryImage``);
 5. **worst case per image**: every final image is scored on the *real* defense (all steps, the early exit as
    shipped) ``repeats`` times with different seeds (the first is the CLI's seed, 0); an image counts as robust only
    if it is classified correctly under every attack every time. The figure is also given per repeat (mean ± std).
@@ -38,7 +38,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .attacks import APGDEveryImage, AutoAttackAPGD, DefenseAwarePGD
+from .attacks import APGDEveryImage, AutoAttackAPGD, DefenseAwarePGD, SquareEveryImage
 from .defended import DefendedClassifier
 from .evaluate import EvalConfig, Evaluator, eval_subset
 from .pipeline import Pipeline
@@ -185,7 +185,7 @@ class WorstCase:
             "apgd-ce": {"classifier": classifier, "iterations": config.iterations, "eot": config.eot,
                         "surrogate": config.surrogate_steps},
             "aware": {"classifier": classifier, "iterations": config.iterations, "lambda": config.aware_lambda},
-            "square": {"classifier": classifier, "queries": config.square_queries},
+            "square": {"classifier": classifier, "queries": config.square_queries, "every_image": True},
             "score": {"classifier": classifier, "repeats": config.repeats}}
         self.budgets["apgd-dlr"] = self.budgets["apgd-ce"]
 
@@ -228,7 +228,7 @@ class WorstCase:
                                    cfg.eps, cfg.eps / 4, cfg.iterations, seed)(x, y)
         if name == "square":
             real = DefendedClassifier(self.p, bpda=False, seed=seed, repair=defense.repair)
-            return AutoAttackAPGD(real, cfg.eps, ("square",), seed=seed, square_queries=cfg.square_queries)(x, y)
+            return SquareEveryImage(real, cfg.eps, cfg.square_queries, seed)(x, y)
         raise ValueError(f"unknown attack {name!r}")
 
     def scored(self, defense: Defense, x_adv: torch.Tensor, y: torch.Tensor) -> list[list[bool]]:

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engine.attacks import BPDAEOT, PGD, DefenseAwarePGD
+from engine.attacks import BPDAEOT, PGD, AutoAttackAPGD, DefenseAwarePGD, SquareEveryImage
 
 EPS = 8 / 255
 
@@ -58,3 +58,30 @@ def test_bpda_eot_fools_the_model_behind_the_repair(tiny_pipeline, labelled):
     check_bounds(x, x_adv)
     defended = tiny_pipeline.predict(repair(x_adv, 123))
     assert (defended == y).float().mean() < (tiny_pipeline.predict(repair(x, 123)) == y).float().mean() + 1e-9
+
+
+class WrongOnTheCleanImages(torch.nn.Module):
+    """A randomized defense whose draw on the clean images happened to err, made deterministic: the classifier's
+    logits, except that on exactly ``clean`` it puts every image in the class after its own."""
+
+    def __init__(self, model, clean):
+        super().__init__()
+        self.model, self.clean = model, clean
+
+    def forward(self, x):
+        logits = self.model(x)
+        return logits.roll(1, dims=1) if torch.equal(x, self.clean) else logits
+
+
+def test_square_attacks_every_image_whatever_a_draw_said(tiny_pipeline, labelled):
+    """AutoAttack's runner hands back the clean images where one draw on them erred, so that a later scoring could
+    count an image that was never attacked as robust; SquareEveryImage attacks every image."""
+    pytest.importorskip("pyautoattack", reason="Square comes from AutoAttack (the attacks extra: pyautoattack)")
+    x, y = labelled
+    model = WrongOnTheCleanImages(tiny_pipeline.classifier, x)
+    assert torch.equal(AutoAttackAPGD(model, EPS, ("square",), square_queries=20)(x, y), x)   # nothing attacked
+    x_adv = SquareEveryImage(model, EPS, queries=50)(x, y)
+    check_bounds(x, x_adv)
+    assert ((x_adv - x).abs().amax(dim=(1, 2, 3)) > EPS / 2).all()
+    with torch.no_grad():
+        assert (model(x_adv).argmax(1) == y).float().mean() < 1.0
