@@ -3,6 +3,8 @@ at once), the parsers of comma-separated options, and the pipeline's loader that
 wrong into usage errors."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from runtime.cli import FRACTION
@@ -15,6 +17,17 @@ JOINT_MODELS = ("joint-robust", "joint-standard")     # engine/joint.py (kept he
 # the two agree)
 TASK_NAMES = ("contrastive", "inpainting", "rotation", "contrastive-head", "inpainting-head", "rotation-head",
               "inpainting-patches", "consistency", "hedge")
+CALIBRATED_TASKS = TASK_NAMES[:6]        # the tasks with networks of their own whose clean losses :clean and :gate read
+
+
+def weights_option(help: str = "Weights folder (default: the shipped weights/)."):
+    return click.option("--weights", type=click.Path(file_okay=False, path_type=Path), default=None, help=help)
+
+
+DATA_OPTION = click.option(
+    "--data", "data_root", default=None,
+    help="The model set's kind of images: a folder (class subfolders; train/ and val/ where it has them), or cifar10 "
+         "(the default: CIFAR-10 at $CIFAR10_ROOT).")
 
 
 def option_group(options: list):

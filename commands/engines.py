@@ -5,12 +5,11 @@ from pathlib import Path
 
 import click
 
-from .common import check_device, load_checked, parse_alpha, parse_names, parse_tasks
+from .common import check_device, load_checked, parse_alpha, parse_names, parse_tasks, weights_option
 
 
 @click.command("export")
-@click.option("--weights", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Weights folder (default: the shipped weights/).")
+@weights_option()
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), default=Path("onnx"),
               show_default=True)
 @click.option("--tasks", default="contrastive,inpainting,rotation", show_default=True)
@@ -51,7 +50,7 @@ def export_command(weights: Path | None, out_dir: Path, tasks: str, views: int, 
 @click.option("--steps", type=click.IntRange(min=1), default=40, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
-@click.option("--weights", type=click.Path(file_okay=False, path_type=Path), default=None)
+@weights_option()
 @click.option("--onnx-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--views", type=click.IntRange(min=2), default=4, show_default=True,
               help="Augmented views per image of the contrastive loss.")

@@ -8,8 +8,8 @@ import click
 
 from runtime.cli import FRACTION, default_threads
 
-from .common import (MODELS, TASK_NAMES, check_device, load_checked, option_group, parse_alpha, parse_names,
-                     parse_tasks)
+from .common import (CALIBRATED_TASKS, DATA_OPTION, TASK_NAMES, check_device, load_checked, option_group, parse_alpha,
+                     parse_names, parse_tasks, weights_option)
 
 
 @click.command()
@@ -28,11 +28,8 @@ from .common import (MODELS, TASK_NAMES, check_device, load_checked, option_grou
               help="Also write the clean originals (and their labels.csv) here.")
 @click.option("--tasks", default="contrastive,inpainting,rotation", show_default=True,
               help="--attack aware: the SSL tasks whose loss the attack keeps low.")
-@click.option("--weights", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Weights folder whose classifier is attacked (default: the shipped weights/).")
-@click.option("--data", "data_root", default=None,
-              help="The model set's kind of images: a folder (class subfolders; train/ and val/ where it has them), "
-                   "or cifar10 (the default: CIFAR-10 at $CIFAR10_ROOT).")
+@weights_option("Weights folder whose classifier is attacked (default: the shipped weights/).")
+@DATA_OPTION
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace files of an earlier run.")
 def attack(output_dir: Path, n: int, attack: str, eps: float, steps: int, step_size: float, lam: float, seed: int,
@@ -118,10 +115,8 @@ evaluated_repair_settings = option_group(EVALUATED_REPAIR_SETTINGS)
               help="Gradient samples per APGD step of autoattack-bpda (EOT over the repair's randomness).")
 @click.option("--chunk", type=click.IntRange(min=1), default=100, show_default=True,
               help="Images per unit of work (and of saved progress).")
-@click.option("--weights", type=click.Path(file_okay=False, path_type=Path), default=None)
-@click.option("--data", "data_root", default=None,
-              help="The model set's kind of images: a folder (class subfolders; train/ and val/ where it has them), "
-                   "or cifar10 (the default: CIFAR-10 at $CIFAR10_ROOT).")
+@weights_option()
+@DATA_OPTION
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
               show_default=True,
@@ -223,8 +218,8 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_pa
                    "recomputes only what its options change (a new budget for one attack, more images).")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--weights", type=click.Path(file_okay=False, path_type=Path), default=None)
-@click.option("--data", "data_root", default=None, help="As `cli.py eval --data` (default: CIFAR-10).")
+@weights_option()
+@DATA_OPTION
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads (default: the idle cores).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -290,26 +285,34 @@ def worst_case(defense: str, control: str, n: int, offset: int, adaptive_n: int 
 
 
 @click.command()
-@click.option("--tasks", default=",".join(MODELS[1:]), show_default=True, help="Tasks to measure.")
+@click.option("--tasks", default=None,
+              help="Tasks to measure, comma-separated (default: each of " + ", ".join(CALIBRATED_TASKS) +
+                   " whose network the weights folder holds).")
 @click.option("--n", type=click.IntRange(min=10, max=50000), default=2000, show_default=True,
               help="Clean training images (a seeded subset; CIFAR-10, or --data).")
 @click.option("--views", type=click.IntRange(min=2), default=4, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--weights", type=click.Path(file_okay=False, path_type=Path), default=None)
+@weights_option()
 @click.option("--out", "out_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Output JSON (default: calibration.json beside the weights).")
-@click.option("--data", "data_root", default=None,
-              help="The model set's kind of images: a folder (class subfolders; train/ and val/ where it has them), "
-                   "or cifar10 (the default: CIFAR-10 at $CIFAR10_ROOT).")
+@DATA_OPTION
 @click.option("--overwrite", is_flag=True, help="Replace an existing calibration file.")
-def calibrate(tasks: str, n: int, views: int, seed: int, weights: Path | None, out_path: Path | None,
+def calibrate(tasks: str | None, n: int, views: int, seed: int, weights: Path | None, out_path: Path | None,
               data_root: str | None, overwrite: bool) -> None:
     """Measure each task's SSL loss on clean training images: the levels of --objective clean and the gate."""
     from engine.calibration import calibrate as measure, calibration_path, save_calibration
     from engine.data import DataError
-    from engine.weights import WeightsError
+    from engine.weights import DEFAULT_WEIGHTS, WeightsError
 
-    task_list = parse_tasks(tasks)
+    def held_tasks(folder: Path | None) -> list[str]:
+        folder = folder or DEFAULT_WEIGHTS
+        held = [t for t in CALIBRATED_TASKS if (folder / f"{t}.json").exists()]
+        if not held:
+            raise click.UsageError(f"{folder} holds none of the networks calibration measures "
+                                   f"({', '.join(CALIBRATED_TASKS)})")
+        return held
+
+    task_list = parse_tasks(tasks) if tasks else held_tasks(weights)
     out_path = calibration_path(weights, out_path)
     if out_path.exists() and not overwrite:
         raise click.UsageError(f"{out_path} already exists; pass --overwrite to replace it, or choose another --out")

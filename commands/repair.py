@@ -8,14 +8,13 @@ import click
 
 from runtime.cli import FRACTION, checked_eps, default_threads
 
-from .common import check_device, load_checked, option_group, parse_alpha, parse_tasks
+from .common import check_device, load_checked, option_group, parse_alpha, parse_tasks, weights_option
 
 
 # The repair's settings: `repair` and `serve` take the same ones, so that a served image is repaired as `cli.py repair`
 # repairs it.
 REPAIR_SETTINGS = [
-    click.option("--weights", type=click.Path(file_okay=False, path_type=Path), default=None,
-                 help="Weights folder (default: the shipped weights/)."),
+    weights_option(),
     click.option("--tasks", default="contrastive,inpainting,rotation", show_default=True,
                  help="SSL tasks of the repair loss, comma-separated."),
     click.option("--classifier", "classifier_file", type=click.Path(dir_okay=False, path_type=Path), default=None,

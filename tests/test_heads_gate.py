@@ -216,3 +216,8 @@ def test_calibrate_cli_measures_clean_training_images_and_keeps_an_existing_file
     load_pipeline(tiny_weights, tasks=["rotation", "inpainting-head"], gate_fpr=0.1, calibration=out, objective="plain")
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 2 and "--overwrite" in again.output
+    held = [t for t in ("contrastive", "inpainting", "rotation", *HEAD_TASKS) if (tiny_weights / f"{t}.json").exists()]
+    every = tmp_path / "every.json"             # no --tasks: every calibrated network the folder holds
+    result = CliRunner().invoke(main, ["calibrate", "--weights", str(tiny_weights), "--n", "10", "--out", str(every)])
+    assert result.exit_code == 0, result.output
+    assert sorted(json.loads(every.read_text())["losses"]) == sorted(held) and len(held) >= 3
