@@ -30,6 +30,10 @@ DATA_OPTION = click.option(
          "(the default: CIFAR-10 at $CIFAR10_ROOT).")
 
 
+THREADS_OPTION = click.option("--threads", type=click.IntRange(min=1), default=None,
+                              help="torch threads (default: the idle cores).")
+
+
 def option_group(options: list):
     """A decorator that adds ``options`` (click.option decorators) to a command, in their listed order."""
     def add(command):

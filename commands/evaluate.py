@@ -8,8 +8,8 @@ import click
 
 from runtime.cli import FRACTION, default_threads
 
-from .common import (CALIBRATED_TASKS, DATA_OPTION, TASK_NAMES, check_device, load_checked, option_group, parse_alpha,
-                     parse_names, parse_tasks, weights_option)
+from .common import (CALIBRATED_TASKS, DATA_OPTION, TASK_NAMES, THREADS_OPTION, check_device, load_checked,
+                     option_group, parse_alpha, parse_names, parse_tasks, weights_option)
 
 
 @click.command()
@@ -82,7 +82,11 @@ evaluated_repair_settings = option_group(EVALUATED_REPAIR_SETTINGS)
                    "networks), mtl-head (heads on the classifier), a task, or tasks joined by + "
                    "(e.g. noise,mtl-head,mtl-head:clean:gate).")
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write the results here; partial results go beside it and an interrupted run resumes.")
+              help="Write the results here (each chunk's outcomes are kept in --stages).")
+@click.option("--stages", "stages_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Keep each chunk's outcomes here (default: stages/ beside --json): a killed run resumes, a run over "
+                   "more images reuses the chunks it shares, and the same command in several processes (or machines "
+                   "sharing the folder) splits the chunks between them.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Bar chart (PNG) of the accuracies with their 95 % intervals.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
@@ -124,22 +128,27 @@ evaluated_repair_settings = option_group(EVALUATED_REPAIR_SETTINGS)
 @click.option("--onnx-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Precision of TensorRT engines.")
+@THREADS_OPTION
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_path: Path | None,
-             markdown_path: Path | None, seed: int, eps_r: float, repair_steps: int, repair_step_size: float,
-             views: int, alpha: str, level: float, gate_fpr: float, gate_tasks: str, defense: str,
+def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, stages_dir: Path | None,
+             plot_path: Path | None, markdown_path: Path | None, seed: int, eps_r: float, repair_steps: int,
+             repair_step_size: float, views: int, alpha: str, level: float, gate_fpr: float, gate_tasks: str,
+             defense: str,
              calibration: Path | None, attack_eps: float, attack_step: float | None, attack_steps: int, lam: float,
              bpda_steps: int, eot: int,
              bpda_repair_steps: int, aa_iters: int, aa_targets: int, aa_eot: int, chunk: int, weights: Path | None,
              data_root: str | None, device: str,
-             backend: str, onnx_dir: Path | None, precision: str, quiet: bool) -> None:
+             backend: str, onnx_dir: Path | None, precision: str, threads: int | None, quiet: bool) -> None:
     """Accuracy of attack × repair on test images (CIFAR-10, or --data), with 95 % intervals and McNemar tests
     (Table 1)."""
+    import torch
+
     from engine.data import DataError
     from engine.evaluate import ATTACKS, EvalConfig, markdown_table, needs_calibration, plot, run_eval, tasks_needed
     from engine.repair_spec import parse_repair
 
     check_device(device)
+    torch.set_num_threads(threads or default_threads())
     repair_names = [r.strip() for r in repairs.split(",") if r.strip()]
     for name, option in [*((r, "--repairs") for r in repair_names), (defense, "--defense")]:
         try:
@@ -166,7 +175,7 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_pa
     pipeline = load_checked(weights=weights, device=device, tasks=tasks_needed(config), views=views, backend=backend,
                      objective="plain", onnx_dir=onnx_dir, precision=precision, calibration=calibration)
     try:
-        result = run_eval(pipeline, config, json_path, data_root, progress=not quiet)
+        result = run_eval(pipeline, config, json_path, data_root, progress=not quiet, cache_dir=stages_dir)
     except (ValueError, DataError) as e:
         raise click.UsageError(str(e)) from None
     table = markdown_table(result)
@@ -214,14 +223,15 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, plot_pa
 @click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Write the results here.")
 @click.option("--stages", "stages_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Keep each stage's output here (default: stages/ beside --json): a killed run resumes, and a rerun "
-                   "recomputes only what its options change (a new budget for one attack, more images).")
+              help="Keep each stage's output here (default: stages/ beside --json): a killed run resumes, a rerun "
+                   "recomputes only what its options change (a new budget for one attack, more images), and the "
+                   "same command in several processes (or machines sharing the folder) splits the chunks.")
 @click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
 @click.option("--seed", type=int, default=0, show_default=True)
 @weights_option()
 @DATA_OPTION
 @click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="torch threads (default: the idle cores).")
+@THREADS_OPTION
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def worst_case(defense: str, control: str, n: int, offset: int, adaptive_n: int | None, eps: float, iterations: int,
                base_iterations: int, eot: int, repeats: int, targets: int, base_queries: int, square_queries: int,

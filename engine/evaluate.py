@@ -1,14 +1,14 @@
 """Table-1 style evaluation: accuracy of {attack} × {repair} on a seeded, fixed subset of the CIFAR-10 test set,
 with 95 % Wilson intervals and exact McNemar tests on the paired per-image outcomes.
 
-Work goes in chunks of images; after each chunk the per-image outcomes are saved to a state file beside the JSON
-output, so an interrupted run resumes where it stopped (same configuration only: the state file is named after a
-hash of it).
+Work goes in chunks of images; each chunk's per-image outcomes are kept (engine/stage_cache.py, in ``stages/``
+beside the JSON output) under what they depend on, so an interrupted run resumes where it stopped, a run over more
+images reuses the chunks it shares with a smaller one, and several processes running the same command split the
+chunks between them (engine/shared_work.py).
 """
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
@@ -25,6 +25,8 @@ from .heads import base_task
 from .pipeline import DEFAULT_TASKS, Gate, Pipeline, build_objective
 from .repair import RepairResult
 from .repair_spec import parse_repair
+from .shared_work import Claims, for_each_claimed
+from .stage_cache import StageCache, fingerprint
 from .weights import model_input
 from runtime.files import write_json
 
@@ -84,9 +86,6 @@ class EvalConfig:
     autoattack_targets: int = 9
     autoattack_eot: int = 1             # gradient samples per APGD step of autoattack-bpda
     chunk: int = 100
-
-    def key(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def eval_subset(n: int, seed: int, root: str | None = None,
@@ -274,34 +273,61 @@ def plot(result: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def calibration_key(pipeline: Pipeline) -> str | None:
+    """A short hash of the clean-loss statistics the pipeline's :clean and :gate repairs read (None: none loaded)."""
+    if pipeline.calibration is None:
+        return None
+    return fingerprint({t: v.tolist() for t, v in sorted(pipeline.calibration.losses.items())})
+
+
+def chunk_parts(pipeline: Pipeline, config: EvalConfig, images: str, start: int) -> dict:
+    """What a chunk's outcomes depend on: the images (``images`` names them), its seed, the configuration but for
+    the number of images and the chunk size, the weights, the calibration and the forward engine."""
+    calibration = calibration_key(pipeline)
+    return {"stage": "eval chunk", "images": images, "seed": config.seed + start,
+            "config": {k: v for k, v in asdict(config).items() if k not in ("n", "chunk")},
+            "weights": {k: m["sha256"] for k, m in sorted(pipeline.manifests.items())}, "calibration": calibration,
+            "device": str(pipeline.device), "backend": type(pipeline.backend).__name__}
+
+
 def run_eval(pipeline: Pipeline, config: EvalConfig, json_path: Path | None = None, data_root: str | None = None,
-             progress: bool = True) -> dict:
-    """Evaluate, resuming from ``json_path``'s state file where one with the same configuration exists."""
+             progress: bool = True, cache_dir: Path | None = None, poll_seconds: float = 30.0) -> dict:
+    """Evaluate, chunk by chunk. Each chunk's outcomes are kept in ``cache_dir`` (default: ``stages/`` beside
+    ``json_path``; none without either) under what they depend on (``chunk_parts``), so a killed run resumes, a run
+    over more images reuses the chunks it shares with a smaller one, and the same command run by several processes
+    splits the chunks between them (engine/shared_work.py)."""
     for name in config.attacks:
         if name not in ATTACKS:
             raise ValueError(f"unknown attack {name!r}; known: {', '.join(ATTACKS)}")
     for name in [*config.repairs, config.defense]:
         parse_repair(name)
     x, y, idx = eval_subset(config.n, config.seed, data_root, pipeline.inputs)
-    # the state's name covers the weights too: a rerun with other weights must not resume from these outcomes
-    weights = json.dumps({k: m["sha256"] for k, m in sorted(pipeline.manifests.items())})
-    key = hashlib.sha256((config.key() + weights).encode()).hexdigest()[:12]
-    state_path = json_path.with_name(f"{json_path.stem}.partial-{key}.json") if json_path else None
-    state = json.loads(state_path.read_text()) if state_path and state_path.exists() else {"chunks": {}}
+    cache = StageCache(cache_dir or (json_path.parent / "stages" if json_path else None))
     evaluator = Evaluator(pipeline, config)
-    starts = range(0, config.n, config.chunk)
+    starts = list(range(0, config.n, config.chunk))
     start_time = time.time()
-    for start in tqdm(starts, desc="eval", unit="chunk", disable=not progress):
-        if str(start) in state["chunks"]:
-            continue
-        chunk = slice(start, start + config.chunk)
-        state["chunks"][str(start)] = evaluator.run_chunk(x[chunk], y[chunk], config.seed + start)
-        if state_path:
-            write_json(state_path, state)
+    bar = tqdm(total=len(starts), desc="eval", unit="chunk", disable=not progress)
+
+    def parts(start: int) -> dict:
+        images = fingerprint({"test_indices": idx[start:start + config.chunk].tolist(), "data": str(data_root)})
+        return chunk_parts(pipeline, config, images, start)
+
+    def chunk_of(start: int) -> dict:
+        part = slice(start, start + config.chunk)
+        done = cache.run(parts(start), lambda: evaluator.run_chunk(x[part], y[part], config.seed + start))
+        if done.reused:                                  # out of the count, so that the ETA is that of the work left
+            bar.total -= 1
+            bar.refresh()
+        else:
+            bar.update(1)
+        return done.output
+
+    chunks = for_each_claimed(starts, Claims(cache.folder), lambda start: cache.name(parts(start)), chunk_of,
+                              poll_seconds, say=tqdm.write)
+    bar.close()
     outcomes: dict[str, dict] = {"correct": {}, "loss_sums": {}, "repaired": {}}
     seconds: dict[str, float] = {}
-    for start in starts:
-        chunk = state["chunks"][str(start)]
+    for chunk in chunks:
         for key, v in chunk["seconds"].items():
             seconds[key] = seconds.get(key, 0.0) + v
         for key, values in chunk["correct"].items():
@@ -314,8 +340,8 @@ def run_eval(pipeline: Pipeline, config: EvalConfig, json_path: Path | None = No
               "test_indices_sha256": hashlib.sha256(idx.numpy().tobytes()).hexdigest(),
               "seconds": {"total_this_run": round(time.time() - start_time, 1),
                           **{k: round(v, 1) for k, v in seconds.items()}},
+              "stages": {"computed": cache.misses, "reused": cache.hits},
               "device": str(pipeline.device), "weights": {k: m["sha256"] for k, m in pipeline.manifests.items()}}
     if json_path:
         write_json(json_path, result)
-        state_path.unlink(missing_ok=True)
     return result

@@ -61,11 +61,15 @@ class StageCache:
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
 
+    def name(self, parts: dict) -> str:
+        """The name of the file ``parts``' output is kept in (without its suffix)."""
+        return fingerprint({**parts, "environment": self.environment})
+
     def run(self, parts: dict | None, compute: Callable[[], Any]) -> Stage:
         """``parts=None``: computed and not kept (what it depends on cannot be named)."""
         path = None
         if self.folder is not None and parts is not None:
-            path = self.folder / f"{fingerprint({**parts, 'environment': self.environment})}.pt"
+            path = self.folder / f"{self.name(parts)}.pt"
         saved = self.read(path) if path is not None and path.exists() else None
         if saved is not None:
             self.hits += 1

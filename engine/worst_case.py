@@ -40,8 +40,9 @@ from tqdm import tqdm
 
 from .attacks import APGDEveryImage, AutoAttackAPGD, DefenseAwarePGD, SquareEveryImage
 from .defended import DefendedClassifier
-from .evaluate import EvalConfig, Evaluator, eval_subset
+from .evaluate import EvalConfig, Evaluator, calibration_key, eval_subset
 from .pipeline import Pipeline
+from .shared_work import Claims, for_each_claimed
 from .stage_cache import StageCache, fingerprint
 from .worst_case_table import summarize, summarize_transfer
 from runtime.files import write_json
@@ -106,8 +107,7 @@ def named_defenses(pipeline: Pipeline, config: WorstCaseConfig) -> dict[str, Def
                              repair_steps=config.repair_steps, repair_step_size=config.repair_step_size,
                              views=config.views, level=config.level)
     evaluator = Evaluator(pipeline, eval_config)
-    calibration = None if pipeline.calibration is None else fingerprint(
-        {t: v.tolist() for t, v in sorted(pipeline.calibration.losses.items())})
+    calibration = calibration_key(pipeline)
 
     networks = lambda tasks: {t: pipeline.manifests.get(t, {}).get("sha256") for t in tasks}
 
@@ -278,11 +278,13 @@ class WorstCase:
 
 def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path | None = None,
                    data_root: str | None = None, progress: bool = True,
-                   defenses: dict[str, Defense] | None = None, cache_dir: Path | None = None) -> dict:
+                   defenses: dict[str, Defense] | None = None, cache_dir: Path | None = None,
+                   poll_seconds: float = 30.0) -> dict:
     """Every stage on the config's images. Each stage's output is kept in ``cache_dir`` (default: ``stages/`` beside
     ``json_path``; none without either), so a killed run resumes from its last finished stage and a run that
-    changes one budget, or covers more images, recomputes only that (engine/stage_cache.py). The stages of a defense
-    passed in without a ``key`` are not kept."""
+    changes one budget, or covers more images, recomputes only that (engine/stage_cache.py); the same command in
+    several processes splits the chunks between them (engine/shared_work.py). The stages of a defense passed in
+    without a ``key`` are not kept."""
     defenses = defenses or named_defenses(pipeline, config)
     x, y, idx = eval_subset(config.offset + config.n, config.seed, data_root, pipeline.inputs)
     x, y, idx = x[config.offset:], y[config.offset:], idx[config.offset:]
@@ -290,7 +292,6 @@ def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path 
     runner = WorstCase(pipeline, config, defenses, cache)
     adaptive_n = config.n if config.adaptive_n is None else config.adaptive_n
     starts = range(0, config.n, config.chunk)
-    chunks = []
     with tqdm(total=sum(len(runner.stages(start < adaptive_n)) for start in starts), desc="worst case",
               unit="stage", disable=not progress) as bar:
         def advance(stage: str, reused: bool) -> None:
@@ -299,11 +300,17 @@ def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path 
             else:
                 bar.update(1)
             bar.set_postfix_str(stage)
-        for start in starts:
-            chunk = slice(start, start + config.chunk)
-            images = fingerprint({"test_indices": idx[chunk].tolist(), "data": str(data_root)})
-            chunks.append(runner.run_chunk(x[chunk], y[chunk], images, config.seed + config.offset + start, advance,
-                                           start < adaptive_n))
+        images = lambda start: fingerprint({"test_indices": idx[start:start + config.chunk].tolist(),
+                                            "data": str(data_root)})
+
+        def chunk_of(start: int) -> dict:
+            part = slice(start, start + config.chunk)
+            return runner.run_chunk(x[part], y[part], images(start), config.seed + config.offset + start, advance,
+                                    start < adaptive_n)
+        # the same command in several processes: each chunk is run by one, the others read its stages back
+        claim = lambda start: cache.name({"worst-case chunk": images(start), "config": asdict(config),
+                                          "defenses": [d.key for d in defenses.values()]})
+        chunks = for_each_claimed(list(starts), Claims(cache.folder), claim, chunk_of, poll_seconds, say=bar.write)
     base, outcomes, seconds, images_per_stage = [], {name: {a: [[] for _ in range(config.repeats)]
                                                             for a in ATTACKS_ON_DEFENSE} for name in defenses}, {}, {}
     for chunk in chunks:

@@ -43,7 +43,7 @@ def test_eval_json_schema_and_table(tiny_pipeline, fake_test_set, tmp_path):
     pairs = {(t["a"], t["b"]) for t in saved["mcnemar"]}
     assert ("pgd/none", "pgd/mtl") in pairs and ("none/none", "none/mtl") in pairs
     assert ("bpda-eot/noise", "bpda-eot/contrastive") in pairs and ("pgd/noise", "pgd/mtl") in pairs
-    assert not list(tmp_path.glob("*.partial-*"))
+    assert len(list((tmp_path / "stages").glob("*.pt"))) == 2 and not list((tmp_path / "stages").glob("*.claim"))
     table = ev.markdown_table(result)
     assert table.count("\n| ") >= 4 and "pgd/none vs pgd/mtl" in table and "mean SSL loss" in table
     ev.plot(result, tmp_path / "eval.png")
@@ -66,10 +66,11 @@ def test_an_interrupted_eval_resumes(tiny_pipeline, fake_test_set, tmp_path, mon
     monkeypatch.setattr(ev.time, "perf_counter", lambda: float(next(ticks)))
     with pytest.raises(KeyboardInterrupt):
         ev.run_eval(tiny_pipeline, config, tmp_path / "eval.json", progress=False)
-    assert len(list(tmp_path.glob("eval.partial-*.json"))) == 1
+    assert len(list((tmp_path / "stages").glob("*.pt"))) == 1
+    assert not list((tmp_path / "stages").glob("*.claim"))          # the killed chunk's claim is released
     monkeypatch.setattr(ev.Evaluator, "run_chunk", real)
     result = ev.run_eval(tiny_pipeline, config, tmp_path / "eval.json", progress=False)
-    assert all(row["n"] == 6 for row in result["rows"])
+    assert all(row["n"] == 6 for row in result["rows"]) and result["stages"] == {"computed": 1, "reused": 1}
     # the seconds cover both chunks, the one run before the interruption too
     assert result["seconds"]["repair noise"] == result["seconds"]["attack none"] == 2.0
 
@@ -92,7 +93,23 @@ def test_an_eval_with_other_weights_does_not_resume_from_the_first_ones(tiny_pip
     for pipeline in (tiny_pipeline, other):
         with pytest.raises(KeyboardInterrupt):
             ev.run_eval(pipeline, config, tmp_path / "eval.json", progress=False)
-    assert len(list(tmp_path.glob("eval.partial-*.json"))) == 2
+    assert len(list((tmp_path / "stages").glob("*.pt"))) == 2
+
+
+def test_a_run_over_more_images_reuses_the_chunks_of_a_smaller_one(tiny_pipeline, fake_test_set, tmp_path):
+    config = ev.EvalConfig(**{**FAST, "n": 3, "attacks": ["none", "pgd"], "repairs": ["none", "noise"]})
+    small = ev.run_eval(tiny_pipeline, config, tmp_path / "small.json", progress=False, cache_dir=tmp_path / "st")
+    config.n = 6
+    large = ev.run_eval(tiny_pipeline, config, tmp_path / "large.json", progress=False, cache_dir=tmp_path / "st")
+    assert large["stages"] == {"computed": 1, "reused": 1}
+    rows = lambda result: {(r["attack"], r["repair"]): r for r in result["rows"]}
+    fresh = ev.run_eval(tiny_pipeline, config, None, progress=False)
+    assert {k: (r["accuracy"], r["n"]) for k, r in rows(large).items()} == \
+        {k: (r["accuracy"], r["n"]) for k, r in rows(fresh).items()}
+    assert all(r["n"] == 3 for r in small["rows"])
+    config.attack_steps = 3                          # anything else changed: computed afresh
+    assert ev.run_eval(tiny_pipeline, config, None, progress=False, cache_dir=tmp_path / "st")["stages"] == \
+        {"computed": 2, "reused": 0}
 
 
 def test_eval_cli_rejects_unknown_names(tiny_weights):
