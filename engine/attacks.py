@@ -222,6 +222,7 @@ class SquareEveryImage(nn.Module):
         square = pyautoattack().square.SquareAttack(self.model, norm="Linf", eps=self.eps, n_queries=self.queries,
                                                     p_init=0.8, seed=self.seed, device=x.device)
         square.init_hyperparam(x)
-        torch.random.manual_seed(self.seed)       # Square draws its squares from torch's global generator
-        _, x_adv = square.attack_single_run(x, y)
+        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):   # the caller's generator is left as it was
+            torch.random.manual_seed(self.seed)   # Square draws its squares from torch's global generator
+            _, x_adv = square.attack_single_run(x, y.long().to(x.device))
         return x_adv.detach()

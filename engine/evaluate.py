@@ -280,14 +280,27 @@ def calibration_key(pipeline: Pipeline) -> str | None:
     return fingerprint({t: v.tolist() for t, v in sorted(pipeline.calibration.losses.items())})
 
 
+def classifier_key(pipeline: Pipeline) -> str:
+    """The classifier's weights: its file's sha256, or (a module passed in, which has no file) its parameters'."""
+    sha = pipeline.manifests.get("classifier", {}).get("sha256")
+    if sha:
+        return sha
+    digest = hashlib.sha256(type(pipeline.classifier).__qualname__.encode())
+    for name, tensor in sorted(pipeline.classifier.state_dict().items()):
+        digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
 def chunk_parts(pipeline: Pipeline, config: EvalConfig, images: str, start: int) -> dict:
     """What a chunk's outcomes depend on: the images (``images`` names them), its seed, the configuration but for
-    the number of images and the chunk size, the weights, the calibration and the forward engine."""
-    calibration = calibration_key(pipeline)
+    the number of images and the chunk size, the weights (the classifier's parameters where it came from no file),
+    the calibration and the forward engine (its precision too)."""
     return {"stage": "eval chunk", "images": images, "seed": config.seed + start,
             "config": {k: v for k, v in asdict(config).items() if k not in ("n", "chunk")},
-            "weights": {k: m["sha256"] for k, m in sorted(pipeline.manifests.items())}, "calibration": calibration,
-            "device": str(pipeline.device), "backend": type(pipeline.backend).__name__}
+            "weights": {k: m["sha256"] for k, m in sorted(pipeline.manifests.items())},
+            "classifier": classifier_key(pipeline), "calibration": calibration_key(pipeline),
+            "device": str(pipeline.device), "backend": pipeline.backend.name,
+            "precision": getattr(pipeline.backend, "precision", "fp32")}
 
 
 def run_eval(pipeline: Pipeline, config: EvalConfig, json_path: Path | None = None, data_root: str | None = None,

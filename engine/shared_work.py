@@ -6,9 +6,10 @@ already has. So the same command started twice (on two cores, or on several mach
 every chunk once; each process takes the chunks nobody holds, then waits for the others' and reads them back, and
 every process ends with the whole table.
 
-A claim names its holder (machine and process id) and is removed when the chunk is done. One left behind by a
-killed process on this machine is taken over (its process is gone); one from another machine is waited for, with its
-path in the message, since its process cannot be checked from here: delete the file if that process is gone.
+A claim names its holder (machine, process id, and on Linux the boot and the process's start time) and is removed
+when the chunk is done. One left behind by a killed process on this machine is taken over (its process is gone, or
+its pid now another's); one from another machine is waited for, with its path in the message, since its process
+cannot be checked from here: delete the file if that process is gone.
 
 Example::
 
@@ -16,6 +17,7 @@ Example::
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
@@ -29,12 +31,30 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+def _identity() -> dict:
+    """This process, as a claim names it: machine and pid, and (Linux) the boot and the process's start time, so that
+    a pid reused after a reboot or by a later process is not taken for the claim's holder."""
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    try:
+        me["boot"] = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        me["start"] = _start_time(os.getpid())
+    except OSError:
+        pass
+    return me
+
+
+def _start_time(pid: int) -> str:
+    """The process's start (clock ticks since boot, /proc/PID/stat's 22nd field); OSError where there is none."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return stat[stat.rindex(")") + 2:].split()[19]
+
+
 class Claims:
     """Claims on named pieces of work in ``folder`` (None: no folder, every claim granted at once)."""
 
     def __init__(self, folder: Path | None) -> None:
         self.folder = folder
-        self.me = {"host": socket.gethostname(), "pid": os.getpid()}
+        self.me = _identity()
 
     def path(self, name: str) -> Path:
         return self.folder / f"{name}.claim"
@@ -47,18 +67,14 @@ class Claims:
             yield True
             return
         path = self.path(name)
-        if not self._create(path):
-            if not self._stale(path):
-                yield False
-                return
-            path.unlink(missing_ok=True)
-            if not self._create(path):          # another process took the stale claim over first
-                yield False
-                return
+        if not (self._create(path) or self._take_over(path)):
+            yield False
+            return
         try:
             yield True
         finally:
-            path.unlink(missing_ok=True)
+            if self._read(path) == self.me:     # never remove a claim that is not (or no longer) this process's
+                path.unlink(missing_ok=True)
 
     def _create(self, path: Path) -> bool:
         try:
@@ -69,24 +85,51 @@ class Claims:
             json.dump({**self.me, "since": time.strftime("%Y-%m-%dT%H:%M:%S")}, f)
         return True
 
-    def _stale(self, path: Path) -> bool:
-        """A claim of a process on this machine that no longer runs (or an unreadable claim: a kill while writing
-        it). A claim from another machine is never stale from here."""
+    def _take_over(self, path: Path) -> bool:
+        """Replace a stale claim with this process's. One process of this machine at a time decides (a lock file), and
+        decides again under the lock, so that two cannot both take the same claim over."""
+        with open(self.folder / ".takeover.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not self._stale(path):
+                return False
+            path.unlink(missing_ok=True)
+            return self._create(path)
+
+    @staticmethod
+    def _read(path: Path) -> dict | None:
         try:
             holder = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return None
+        holder.pop("since", None)
+        return holder
+
+    def _stale(self, path: Path) -> bool:
+        """A claim released meanwhile, one of a process of this machine that no longer runs (its pid gone, or taken
+        by a later process or a reboot), or one left unreadable for a minute (a kill while writing it). A claim from
+        another machine is never stale from here."""
+        try:
+            text, age = path.read_text(), time.time() - path.stat().st_mtime
         except FileNotFoundError:
-            return True                         # released meanwhile
+            return True
+        try:
+            holder = json.loads(text)
         except ValueError:
-            return time.time() - path.stat().st_mtime > 60
+            return age > 60
         if holder.get("host") != self.me["host"]:
             return False
+        if "boot" in holder and holder["boot"] != self.me.get("boot"):
+            return True
         try:
             os.kill(int(holder["pid"]), 0)
         except ProcessLookupError:
             return True
         except PermissionError:                 # alive, another user's
-            return False
-        return False
+            pass
+        try:
+            return "start" in holder and _start_time(int(holder["pid"])) != holder["start"]
+        except OSError:
+            return True
 
     def holder(self, name: str) -> str:
         try:

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import time
+import uuid
 import warnings
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -79,8 +79,9 @@ class StageCache:
         output = compute()
         seconds = time.perf_counter() - start
         if path is not None:
-            # a kill while saving leaves no half-written output behind; two processes never write the same file
-            partial = path.with_name(f"{path.stem}.{os.getpid()}.tmp")
+            # a kill while saving leaves no half-written output behind; two processes (even on two machines sharing
+            # the folder) never write the same file
+            partial = path.with_name(f"{path.stem}.{uuid.uuid4().hex}.tmp")
             torch.save({"output": output, "seconds": seconds, "parts": json.dumps(parts, sort_keys=True)}, partial)
             partial.replace(path)
         return Stage(output, seconds, False)

@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from .attacks import APGDEveryImage, AutoAttackAPGD, DefenseAwarePGD, SquareEveryImage
 from .defended import DefendedClassifier
-from .evaluate import EvalConfig, Evaluator, calibration_key, eval_subset
+from .evaluate import EvalConfig, Evaluator, calibration_key, classifier_key, eval_subset
 from .pipeline import Pipeline
 from .shared_work import Claims, for_each_claimed
 from .stage_cache import StageCache, fingerprint
@@ -134,17 +134,6 @@ def named_defenses(pipeline: Pipeline, config: WorstCaseConfig) -> dict[str, Def
                        surrogate=lambda x, s: evaluator.repair(name, x, s, config.surrogate_steps).images,
                        objective=objective, key=key(name), objective_key=objective_key(objective))
     return {name: defense(name) for name in config.defenses}
-
-
-def classifier_key(pipeline: Pipeline) -> str:
-    """The classifier's weights: its file's sha256, or (a module passed in, which has no file) its parameters'."""
-    sha = pipeline.manifests.get("classifier", {}).get("sha256")
-    if sha:
-        return sha
-    digest = hashlib.sha256(type(pipeline.classifier).__qualname__.encode())
-    for name, tensor in sorted(pipeline.classifier.state_dict().items()):
-        digest.update(name.encode() + tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
 
 
 def check_threat_model(x_adv: torch.Tensor, x: torch.Tensor, eps: float, stage: str) -> None:
@@ -307,10 +296,14 @@ def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path 
             part = slice(start, start + config.chunk)
             return runner.run_chunk(x[part], y[part], images(start), config.seed + config.offset + start, advance,
                                     start < adaptive_n)
-        # the same command in several processes: each chunk is run by one, the others read its stages back
-        claim = lambda start: cache.name({"worst-case chunk": images(start), "config": asdict(config),
-                                          "defenses": [d.key for d in defenses.values()]})
-        chunks = for_each_claimed(list(starts), Claims(cache.folder), claim, chunk_of, poll_seconds, say=bar.write)
+        # the same command in several processes: each chunk is run by one, the others read its stages back (a
+        # defense without a key is not kept: then there is nothing to read back, and nothing is claimed)
+        kept = all(d.key is not None and d.objective_key is not None for d in defenses.values())
+        claim = lambda start: cache.name({"worst-case chunk": images(start), "seed": config.seed + config.offset + start,
+                                          "eps": config.eps, "adaptive": start < adaptive_n, "budgets": runner.budgets,
+                                          "defenses": [[d.key, d.objective_key] for d in defenses.values()]})
+        chunks = for_each_claimed(list(starts), Claims(cache.folder if kept else None), claim, chunk_of, poll_seconds,
+                                  say=bar.write)
     base, outcomes, seconds, images_per_stage = [], {name: {a: [[] for _ in range(config.repeats)]
                                                             for a in ATTACKS_ON_DEFENSE} for name in defenses}, {}, {}
     for chunk in chunks:

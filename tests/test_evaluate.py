@@ -143,3 +143,22 @@ def test_eval_alpha_weights_the_repair_objectives(tiny_pipeline):
     assert evaluator.objectives["contrastive"].alpha == {"contrastive": 0.5}
     result = CliRunner().invoke(main, ["eval", "--alpha", "1,2"])
     assert result.exit_code == 2 and "2 weight(s) for 3 task(s)" in result.output
+
+
+def test_chunk_keys_tell_classifiers_without_a_file_apart(tiny_pipeline):
+    """A classifier passed in as a module has no file to hash: its parameters name it, so another module's outcomes
+    are never read back for it."""
+    import copy
+    import dataclasses
+
+    import torch
+
+    no_file = {**tiny_pipeline.manifests, "classifier": {"sha256": None}}
+    a = dataclasses.replace(tiny_pipeline, manifests=no_file)
+    other = copy.deepcopy(tiny_pipeline.classifier)
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    b = dataclasses.replace(tiny_pipeline, manifests=no_file, classifier=other)
+    config = ev.EvalConfig(n=2)
+    assert ev.chunk_parts(a, config, "images", 0) != ev.chunk_parts(b, config, "images", 0)
+    assert ev.chunk_parts(a, config, "images", 0) == ev.chunk_parts(dataclasses.replace(a), config, "images", 0)

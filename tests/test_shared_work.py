@@ -15,9 +15,9 @@ def test_a_claim_is_held_by_one_process_at_a_time(tmp_path):
     claims, other = Claims(tmp_path), Claims(tmp_path)
     with claims.hold("chunk") as mine:
         assert mine and (tmp_path / "chunk.claim").exists()
-        other.me = {"host": other.me["host"], "pid": os.getppid()}        # a live process of this machine
-        with other.hold("chunk") as theirs:
+        with other.hold("chunk") as theirs:                            # this live process holds it
             assert not theirs
+        assert (tmp_path / "chunk.claim").exists()                     # and the refused one left it alone
     assert not (tmp_path / "chunk.claim").exists()
     with Claims(None).hold("anything") as mine:                        # no folder: nothing to share
         assert mine
@@ -35,6 +35,38 @@ def test_a_dead_process_claim_is_taken_over_and_another_machine_s_is_not(tmp_pat
     with claims.hold("b") as mine:
         assert not mine
     assert claims.holder("b") == "elsewhere:1 since then"
+    me = claims.me
+    for name, holder in {"reused-pid": {**me, "start": "0"}, "rebooted": {**me, "boot": "another boot"}}.items():
+        (tmp_path / f"{name}.claim").write_text(json.dumps({**holder, "since": "then"}))
+        with claims.hold(name) as mine:                # a live pid, but not the process that claimed
+            assert mine
+
+
+def _take_over_in_a_process(folder, start_together, out):
+    claims = Claims(folder)
+    start_together.wait(30)
+    with claims.hold("stale") as mine:
+        out.put(mine)
+        time.sleep(0.5)
+
+
+def test_two_processes_never_both_take_a_stale_claim_over(tmp_path):
+    fork = multiprocessing.get_context("fork")
+    dead = fork.Process(target=lambda: None)
+    dead.start()
+    dead.join()
+    for attempt in range(5):
+        (tmp_path / "stale.claim").write_text(json.dumps({"host": socket.gethostname(), "pid": dead.pid,
+                                                          "since": "then"}))
+        start_together, out = fork.Barrier(2), fork.Queue()
+        runs = [fork.Process(target=_take_over_in_a_process, args=(tmp_path, start_together, out)) for _ in "ab"]
+        for run in runs:
+            run.start()
+        got = sorted(out.get(timeout=30) for _ in runs)
+        for run in runs:
+            run.join(30)
+        assert got == [False, True]
+        assert not (tmp_path / "stale.claim").exists()     # the winner released it; the loser did not touch it
 
 
 def test_a_chunk_held_elsewhere_is_waited_for_then_read_back(tmp_path):
@@ -59,32 +91,37 @@ def test_a_chunk_held_elsewhere_is_waited_for_then_read_back(tmp_path):
     assert messages and "waiting for 1 chunk" in messages[0]
 
 
-def _eval_in_a_process(pipeline, config, json_path, stages, start_together=None):
+def _eval_in_a_process(pipeline, config, json_path, stages):
     import torch
 
     torch.set_num_threads(1)            # a forked child must not use the parent's OpenMP pool (it would hang)
-    if start_together is not None:
-        start_together.wait(30)
     ev.run_eval(pipeline, config, json_path, progress=False, cache_dir=stages, poll_seconds=0.1)
 
 
 def test_two_eval_processes_compute_every_chunk_once(tiny_pipeline, fake_test_set, tmp_path, monkeypatch):
     real = ev.Evaluator.run_chunk
-
-    def slow_chunk(self, x, y, seed):                  # long enough that both processes are at work at once
-        time.sleep(0.5)
-        return real(self, x, y, seed)
-    monkeypatch.setattr(ev.Evaluator, "run_chunk", slow_chunk)
-    config = ev.EvalConfig(n=8, chunk=2, attacks=["none"], repairs=["none", "noise"])
     fork = multiprocessing.get_context("fork")
-    start_together = fork.Barrier(2)
+    both_at_work = fork.Barrier(2)
+    first = []
+
+    def first_chunks_at_once(self, x, y, seed):       # each process's first chunk waits for the other's: a split
+        if not first:
+            first.append(seed)
+            both_at_work.wait(60)
+        return real(self, x, y, seed)
+    monkeypatch.setattr(ev.Evaluator, "run_chunk", first_chunks_at_once)
+    config = ev.EvalConfig(n=8, chunk=2, attacks=["none"], repairs=["none", "noise"])
     runs = [fork.Process(target=_eval_in_a_process, args=(tiny_pipeline, config, tmp_path / f"{name}.json",
-                                                           tmp_path / "stages", start_together)) for name in "ab"]
+                                                           tmp_path / "stages")) for name in "ab"]
     for run in runs:
         run.start()
-    for run in runs:
-        run.join(120)
-        assert run.exitcode == 0
+    try:
+        for run in runs:
+            run.join(120)
+            assert run.exitcode == 0
+    finally:
+        for run in runs:
+            run.kill()
     a, b = (json.loads((tmp_path / f"{name}.json").read_text()) for name in "ab")
     assert a["stages"]["computed"] + b["stages"]["computed"] == 4
     assert a["stages"]["computed"] >= 1 and b["stages"]["computed"] >= 1

@@ -20,7 +20,7 @@ class TensorRTBackend:
                  precision: str = "fp32", cache_dir: str | Path | None = None,
                  profile: tuple[int, int, int] = PROFILE) -> None:
         self.trt = import_tensorrt()
-        self.device = torch.device(device)
+        self.device, self.precision = torch.device(device), precision
         if self.device.type != "cuda":
             from .tensorrt_engines import TensorRTUnavailable
 
