@@ -64,6 +64,8 @@ def serve(ctx: click.Context, **options) -> None:
             time.sleep(3600)
     except KeyboardInterrupt:
         click.echo("stopping")
+    except ValueError as e:                 # no Ray cluster at --ray-address
+        raise click.UsageError(str(e)) from None
     finally:
         service.stop()
 

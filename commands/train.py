@@ -94,7 +94,7 @@ def train_set(data_root: str, size: int, out_dir: Path, profile: str, standard: 
 
     from engine.calibration import calibrate as measure, save_calibration
     from engine.data import DataError
-    from engine.train import log, train_model
+    from engine.train import PROFILES as RECIPES, log, train_model
     from engine.weights import WeightsError
     from export.onnx_export import ExportError, export_all
 
@@ -103,6 +103,10 @@ def train_set(data_root: str, size: int, out_dir: Path, profile: str, standard: 
     if resume and overwrite:
         raise click.UsageError("--resume continues a run, --overwrite starts it again: pass one of them")
     models = [*SET_MODELS[:1], *(["classifier-standard"] if standard else []), *SET_MODELS[1:]]
+    without = [m for m in models if m not in RECIPES[profile]]
+    if without:                             # said before hours of training, not after
+        raise click.UsageError(f"profile {profile!r} has no recipe for {', '.join(without)}: choose a profile that "
+                               f"has ({', '.join(p for p in RECIPES if all(m in RECIPES[p] for m in models))})")
     existing = [m for m in models if (out_dir / f"{m}.json").exists()] + \
         [p.name for p in (out_dir / "calibration.json", out_dir / ".checkpoints") if p.exists()]
     if existing and not (resume or overwrite):

@@ -97,23 +97,26 @@ def calibration_path(weights: str | os.PathLike | None = None, path: str | os.Pa
 
 
 def load_calibration(path: str | os.PathLike, tasks: list[str], manifests: dict[str, dict],
-                     views: int) -> Calibration:
-    """The calibration at ``path``, checked against the networks loaded: every task present, the same weights, the
-    same contrastive views. WeightsError with the fix otherwise."""
+                     views: int, required: list[str] | None = None) -> Calibration:
+    """The calibration at ``path`` for those of ``tasks`` it holds, checked against the networks loaded: the same
+    weights, the same contrastive views; ``required`` (default: all of ``tasks``) must be there. WeightsError with the
+    fix otherwise."""
     import json
 
     path = Path(path)
-    command = f"python cli.py calibrate --tasks {','.join(tasks)} --views {views}"
-    fix = f"run `{command}`"
+    required = list(tasks) if required is None else required
     if not path.exists():
         raise WeightsError(f"the clean-level objective and the gate need clean-loss statistics: {path} is missing; "
-                           f"{fix} (or use the plain objective, which needs none: --objective plain, "
-                           'load_pipeline(objective="plain"), and no gate)')
+                           f"run `{calibrate_command(required, views)}` (or use the plain objective, which needs "
+                           'none: --objective plain, load_pipeline(objective="plain"), and no gate)')
     data = json.loads(path.read_text())
+    # measuring again keeps every task the file holds, so that the fix for one task does not take another's away
+    command = calibrate_command(list(dict.fromkeys([*data["losses"], *tasks])), views)
     fix = f"run `{command} --out {path} --overwrite` to measure it again"
-    missing = [t for t in tasks if t not in data["losses"]]
+    missing = [t for t in required if t not in data["losses"]]
     if missing:
         raise WeightsError(f"{path} has no statistics for {', '.join(missing)}; {fix}")
+    tasks = [t for t in tasks if t in data["losses"]]
     stale = [t for t in tasks if data["sources"].get(t) != manifests[t]["sha256"]]
     if stale:
         raise WeightsError(f"{path} was measured on other weights of {', '.join(stale)}; {fix}")
@@ -123,6 +126,10 @@ def load_calibration(path: str | os.PathLike, tasks: list[str], manifests: dict[
                            f"`{command} --out {other}` and pass --calibration {other}")
     return Calibration({t: torch.tensor(data["losses"][t], dtype=torch.float64) for t in tasks}, data["views"],
                        data["sources"])
+
+
+def calibrate_command(tasks: list[str], views: int) -> str:
+    return f"python cli.py calibrate --tasks {','.join(tasks)} --views {views}"
 
 
 def depends_on_views(task: str) -> bool:

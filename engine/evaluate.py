@@ -19,6 +19,7 @@ import torch
 from tqdm import tqdm
 
 from .attacks import BPDAEOT, PGD, AutoAttackAPGD, DefenseAwarePGD
+from .calibration import calibrate_command
 from .datasets import model_set_split
 from .defended import DefendedClassifier
 from .heads import base_task
@@ -126,9 +127,18 @@ class Evaluator:
         self.specs = {name: parse_repair(name) for name in repairs_used(config)}
         if config.defense in self.specs and not self.specs[config.defense].optimize:
             raise ValueError(f"the defense the adaptive attacks aim at must be a repair, not {config.defense!r}")
+        cal = pipeline.calibration
+        uncalibrated = sorted({t for spec in self.specs.values() if spec.objective == "clean" or spec.gated
+                               for t in (*spec.tasks, *(config.gate_tasks if spec.gated else ()))
+                               if cal is None or t not in cal.losses})
+        if uncalibrated:
+            held = list(cal.losses) if cal is not None else []
+            raise ValueError(f"the :clean and :gate repairs need clean-loss statistics of {', '.join(uncalibrated)}, "
+                             "which the calibration does not hold; run `"
+                             f"{calibrate_command(list(dict.fromkeys([*held, *uncalibrated])), config.views)} "
+                             "--out FILE` and pass --calibration FILE")
         self.nets = {name: task.net for name, task in pipeline.objective.tasks.items()}
         alpha = {t: dict(zip(DEFAULT_TASKS, config.alpha)).get(base_task(t), 1.0) for t in self.nets}
-        cal = pipeline.calibration
         self.objectives = {name: build_objective({t: self.nets[t] for t in spec.tasks}, alpha, config.views, cal,
                                                  config.level if spec.objective == "clean" else None)
                            for name, spec in self.specs.items() if spec.optimize}

@@ -282,6 +282,9 @@ def train_joint(name: str, profile: str = "cpu", data_root: str | None = None, o
                 epochs: int | None = None, command: str | None = None, n_pgd: int = 2000) -> str:
     """Train joint model ``name`` (a key of JOINT_PROFILES[profile]) from the classifier in ``base_dir``; write the
     classifier and its three heads, with manifests, to ``out_dir``. Returns the classifier manifest's path."""
+    if profile not in JOINT_PROFILES or name not in JOINT_PROFILES[profile]:
+        raise ValueError(f"no {name!r} recipe in profile {profile!r}: the joint models have the profiles "
+                         f"{', '.join(p for p in JOINT_PROFILES if name in JOINT_PROFILES[p])}")
     cfg = dict(JOINT_PROFILES[profile][name])
     if epochs is not None:
         cfg["epochs"] = epochs

@@ -223,7 +223,10 @@ def load_pipeline(weights: str | os.PathLike | None = None, device: str | torch.
         raise ValueError(f"unknown objective {objective!r}; choose from {', '.join(OBJECTIVES)}")
     stats = None
     if objective == "clean" or gate_fpr is not None or calibration is not None:
-        stats = load_calibration(calibration_path(weights, calibration), list(tasks), manifests, views)
+        # the clean objective and the gate read every task's statistics; a calibration passed for a caller's own
+        # :clean rows (eval) is loaded for the tasks it holds, and the caller checks those it needs
+        needed = list(tasks) if objective == "clean" or gate_fpr is not None else []
+        stats = load_calibration(calibration_path(weights, calibration), list(tasks), manifests, views, needed)
     pipeline = Pipeline(classifier, build_objective(nets, alpha, views, stats, level if objective == "clean" else None)
                         .to(device), manifests, device, calibration=stats, inputs=inputs)
     if gate_fpr is not None:

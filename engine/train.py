@@ -386,6 +386,10 @@ def train_model(name: str, profile: str = "cpu", data_root: str | None = None, o
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     data, train = load_data(data_root, size, labelled=name in CLASSIFIERS)
+    bank = cfg["config"].get("bank_size", 0)
+    if len(data["train_x"]) < bank:         # said before training, not after its epochs (fill_bank needs them)
+        raise DataError(f"{name} fills a bank of {bank} negatives with training images; there are only "
+                        f"{len(data['train_x'])}")
     extra = {}
     if cfg.get("backbone"):                # a head: the classifier beside it in out_dir lends its frozen backbone
         classifier, classifier_manifest = load_model(cfg["backbone"], out_dir)

@@ -215,6 +215,8 @@ def export_all(pipeline: Pipeline, out_dir: str | os.PathLike, overwrite: bool =
             notes.append(f"{path.name}: did not match its manifest sha256 (stale or corrupt), re-exported")
         if spec.build is not None:
             if precision == "fp16":        # Loop bodies are left to a later FP16 pass; the forward graphs convert
+                notes.append(f"{path.name}: left out (the repair graphs are FP32 only; the runtime bundle and "
+                             "--backend onnxruntime's whole repair need an FP32 export)")
                 continue
             atomic_write(path, spec.build)
         else:

@@ -82,6 +82,15 @@ class RepairActor:
                 "ready_at": np.full(len(errors), self.ready_at)}
 
 
+def connect_ray(ray, address: str | None) -> None:
+    """ray.init on the cluster at ``address`` (None: a new local one); ValueError saying how where none answers."""
+    try:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+    except ConnectionError as e:
+        raise ValueError(f"no Ray cluster answered at --ray-address {address} ({e}); start one with `ray start "
+                         "--head`, or leave --ray-address out to start a local one") from None
+
+
 def repair_folder_ray(make_repair: Callable[[], BatchRepair], input_dir: Path, output_dir: Path, config: dict,
                       batch_size: int, resize: bool = False, overwrite: bool = False, progress: bool = True,
                       address: str | None = None, workers: int | None = None, worker_cpus: float = 1,
@@ -91,17 +100,17 @@ def repair_folder_ray(make_repair: Callable[[], BatchRepair], input_dir: Path, o
     (None: the one this process is connected to, else a new local one; "auto": a running cluster)."""
     ray = import_ray()
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    plan = plan_folder(input_dir, output_dir, config, resize, overwrite, resume, keep_images=False)
     start = time.time()
     first_ready, done = float("inf"), start
     started_here = not ray.is_initialized()
-    if started_here:
+    if started_here:                        # before the plan writes anything: a cluster not found leaves no trace
         # Ray runs its workers at niceness 15 by default: on a machine with anything else busy they would starve,
         # and here they are the job (measured: 10× slower beside two busy processes on 2 cores)
         os.environ.setdefault("RAY_worker_niceness", "0")
         quiet_ray_logs()
-        ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        connect_ray(ray, address)
     try:
+        plan = plan_folder(input_dir, output_dir, config, resize, overwrite, resume, keep_images=False)
         if plan.todo:
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars, context.print_on_execution_start = False, False

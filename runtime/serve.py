@@ -358,14 +358,14 @@ def start(make_repair: Callable[[], BatchRepair], settings: ServiceSettings, whe
 
 def start_serve(where: Deployment, timeout_s: float, ray_address: str | None = None) -> None:
     """Ray (a local cluster, or the one at ``ray_address``) and Serve's proxy on ``where.host:where.port``."""
-    import logging
-
     import ray
     from ray.serve.config import HTTPOptions
 
+    from .ray_folder import connect_ray
+
     if not ray.is_initialized():
         os.environ.setdefault("RAY_worker_niceness", "0")      # as runtime/ray_folder.py: the replicas are the job
-        ray.init(address=ray_address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
+        connect_ray(ray, ray_address)
     # past the timeout, a request at a replica is answered 504 by it; one still waiting for a replica, 408 by the proxy
     serve.start(http_options=HTTPOptions(host=where.host, port=where.port, request_timeout_s=timeout_s + 1))
 
