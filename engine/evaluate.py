@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import math
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
@@ -326,6 +327,9 @@ def run_eval(pipeline: Pipeline, config: EvalConfig, json_path: Path | None = No
         parse_repair(name)
     x, y, idx = eval_subset(config.n, config.seed, data_root, pipeline.inputs)
     cache = StageCache(cache_dir or (json_path.parent / "stages" if json_path else None))
+    for old in json_path.parent.glob(f"{json_path.stem}.partial-*.json") if json_path else ():
+        warnings.warn(f"{old} is the saved progress of an older version of `eval`, which this one does not read: its "
+                      f"chunks are computed again (into {cache.folder}); delete the file once this run is done")
     evaluator = Evaluator(pipeline, config)
     starts = list(range(0, config.n, config.chunk))
     start_time = time.time()

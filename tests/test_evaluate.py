@@ -96,6 +96,13 @@ def test_an_eval_with_other_weights_does_not_resume_from_the_first_ones(tiny_pip
     assert len(list((tmp_path / "stages").glob("*.pt"))) == 2
 
 
+def test_the_progress_file_of_an_older_version_is_named_not_read(tiny_pipeline, fake_test_set, tmp_path):
+    (tmp_path / "eval.partial-0123456789ab.json").write_text('{"chunks": {}}')
+    config = ev.EvalConfig(**{**FAST, "attacks": ["none"], "repairs": ["none"]})
+    with pytest.warns(UserWarning, match="eval.partial-0123456789ab.json is the saved progress of an older version"):
+        ev.run_eval(tiny_pipeline, config, tmp_path / "eval.json", progress=False)
+
+
 def test_a_run_over_more_images_reuses_the_chunks_of_a_smaller_one(tiny_pipeline, fake_test_set, tmp_path):
     config = ev.EvalConfig(**{**FAST, "n": 3, "attacks": ["none", "pgd"], "repairs": ["none", "noise"]})
     small = ev.run_eval(tiny_pipeline, config, tmp_path / "small.json", progress=False, cache_dir=tmp_path / "st")
