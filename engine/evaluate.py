@@ -302,12 +302,16 @@ def classifier_key(pipeline: Pipeline) -> str:
     return digest.hexdigest()
 
 
-def chunk_parts(pipeline: Pipeline, config: EvalConfig, images: str, start: int) -> dict:
-    """What a chunk's outcomes depend on: the images (``images`` names them), its seed, the configuration but for
-    the number of images and the chunk size, the weights (the classifier's parameters where it came from no file),
-    the calibration and the forward engine (its precision too)."""
-    return {"stage": "eval chunk", "images": images, "seed": config.seed + start,
-            "config": {k: v for k, v in asdict(config).items() if k not in ("n", "chunk")},
+def chunk_images(idx: torch.Tensor, start: int, chunk: int, data_root: str | None) -> str:
+    """A name for the chunk of ``chunk`` test images from ``start`` (their indices in the split, and the data)."""
+    return fingerprint({"test_indices": idx[start:start + chunk].tolist(), "data": str(data_root)})
+
+
+def run_parts(pipeline: Pipeline, config: EvalConfig) -> dict:
+    """What every chunk's outcomes depend on besides its images and seed: the configuration but for the number of
+    images and the chunk size, the weights (the classifier's parameters where it came from no file), the calibration
+    and the forward engine (its precision too). Computed once a run: hashing a classifier's parameters is not free."""
+    return {"stage": "eval chunk", "config": {k: v for k, v in asdict(config).items() if k not in ("n", "chunk")},
             "weights": {k: m["sha256"] for k, m in sorted(pipeline.manifests.items())},
             "classifier": classifier_key(pipeline), "calibration": calibration_key(pipeline),
             "device": str(pipeline.device), "backend": pipeline.backend.name,
@@ -317,7 +321,7 @@ def chunk_parts(pipeline: Pipeline, config: EvalConfig, images: str, start: int)
 def run_eval(pipeline: Pipeline, config: EvalConfig, json_path: Path | None = None, data_root: str | None = None,
              progress: bool = True, cache_dir: Path | None = None, poll_seconds: float = 30.0) -> dict:
     """Evaluate, chunk by chunk. Each chunk's outcomes are kept in ``cache_dir`` (default: ``stages/`` beside
-    ``json_path``; none without either) under what they depend on (``chunk_parts``), so a killed run resumes, a run
+    ``json_path``; none without either) under what they depend on (``run_parts``, the images, the seed), so a killed run resumes, a run
     over more images reuses the chunks it shares with a smaller one, and the same command run by several processes
     splits the chunks between them (engine/shared_work.py)."""
     for name in config.attacks:
@@ -335,9 +339,9 @@ def run_eval(pipeline: Pipeline, config: EvalConfig, json_path: Path | None = No
     start_time = time.time()
     bar = tqdm(total=len(starts), desc="eval", unit="chunk", disable=not progress)
 
-    def parts(start: int) -> dict:
-        images = fingerprint({"test_indices": idx[start:start + config.chunk].tolist(), "data": str(data_root)})
-        return chunk_parts(pipeline, config, images, start)
+    common = run_parts(pipeline, config)
+    parts = lambda start: {**common, "images": chunk_images(idx, start, config.chunk, data_root),
+                           "seed": config.seed + start}
 
     def chunk_of(start: int) -> dict:
         part = slice(start, start + config.chunk)

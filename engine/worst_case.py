@@ -40,10 +40,10 @@ from tqdm import tqdm
 
 from .attacks import APGDEveryImage, AutoAttackAPGD, DefenseAwarePGD, SquareEveryImage
 from .defended import DefendedClassifier
-from .evaluate import EvalConfig, Evaluator, calibration_key, classifier_key, eval_subset
+from .evaluate import EvalConfig, Evaluator, calibration_key, chunk_images, classifier_key, eval_subset
 from .pipeline import Pipeline
 from .shared_work import Claims, for_each_claimed
-from .stage_cache import StageCache, fingerprint
+from .stage_cache import StageCache
 from .worst_case_table import summarize, summarize_transfer
 from runtime.files import write_json
 
@@ -289,8 +289,7 @@ def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path 
             else:
                 bar.update(1)
             bar.set_postfix_str(stage)
-        images = lambda start: fingerprint({"test_indices": idx[start:start + config.chunk].tolist(),
-                                            "data": str(data_root)})
+        images = lambda start: chunk_images(idx, start, config.chunk, data_root)
 
         def chunk_of(start: int) -> dict:
             part = slice(start, start + config.chunk)

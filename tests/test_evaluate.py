@@ -167,5 +167,5 @@ def test_chunk_keys_tell_classifiers_without_a_file_apart(tiny_pipeline):
         next(other.parameters()).add_(1.0)
     b = dataclasses.replace(tiny_pipeline, manifests=no_file, classifier=other)
     config = ev.EvalConfig(n=2)
-    assert ev.chunk_parts(a, config, "images", 0) != ev.chunk_parts(b, config, "images", 0)
-    assert ev.chunk_parts(a, config, "images", 0) == ev.chunk_parts(dataclasses.replace(a), config, "images", 0)
+    assert ev.run_parts(a, config) != ev.run_parts(b, config)
+    assert ev.run_parts(a, config) == ev.run_parts(dataclasses.replace(a), config)
