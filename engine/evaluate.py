@@ -330,7 +330,7 @@ def run_eval(pipeline: Pipeline, config: EvalConfig, json_path: Path | None = No
     for name in [*config.repairs, config.defense]:
         parse_repair(name)
     x, y, idx = eval_subset(config.n, config.seed, data_root, pipeline.inputs)
-    cache = StageCache(cache_dir or (json_path.parent / "stages" if json_path else None))
+    cache = StageCache(cache_dir or (json_path.parent / "stages" if json_path else None), prefix="chunk-")
     for old in json_path.parent.glob(f"{json_path.stem}.partial-*.json") if json_path else ():
         warnings.warn(f"{old} is the saved progress of an older version of `eval`, which this one does not read: its "
                       f"chunks are computed again (into {cache.folder}); delete the file once this run is done")

@@ -52,10 +52,14 @@ class Stage(NamedTuple):
 
 class StageCache:
     """``run(parts, compute)`` returns the Stage computed, or read from the folder where an output with the same
-    ``parts`` was saved before. ``folder=None`` keeps nothing. ``hits`` and ``misses`` count the calls."""
+    ``parts`` was saved before. ``folder=None`` keeps nothing. ``hits`` and ``misses`` count the calls.
 
-    def __init__(self, folder: Path | None) -> None:
-        self.folder = folder
+    ``prefix`` starts every file's name: a chunk's outcomes (a few kilobytes, the raw data of a table) are kept as
+    ``chunk-*.pt``, which the repository keeps, beside stages of attacked images (megabytes), which it ignores; so a
+    run that spans several machines or sessions goes on from its committed chunks."""
+
+    def __init__(self, folder: Path | None, prefix: str = "") -> None:
+        self.folder, self.prefix = folder, prefix
         self.hits = self.misses = 0
         self.environment = _environment()
         if folder is not None:
@@ -69,7 +73,7 @@ class StageCache:
         """``parts=None``: computed and not kept (what it depends on cannot be named)."""
         path = None
         if self.folder is not None and parts is not None:
-            path = self.folder / f"{self.name(parts)}.pt"
+            path = self.folder / f"{self.prefix}{self.name(parts)}.pt"
         saved = self.read(path) if path is not None and path.exists() else None
         if saved is not None:
             self.hits += 1

@@ -278,6 +278,7 @@ def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path 
     x, y, idx = eval_subset(config.offset + config.n, config.seed, data_root, pipeline.inputs)
     x, y, idx = x[config.offset:], y[config.offset:], idx[config.offset:]
     cache = StageCache(cache_dir or (json_path.parent / "stages" if json_path else None))
+    records = StageCache(cache.folder, prefix="chunk-")    # each chunk's outcomes, beside its stages' outputs
     runner = WorstCase(pipeline, config, defenses, cache)
     adaptive_n = config.n if config.adaptive_n is None else config.adaptive_n
     starts = range(0, config.n, config.chunk)
@@ -290,19 +291,24 @@ def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path 
                 bar.update(1)
             bar.set_postfix_str(stage)
         images = lambda start: chunk_images(idx, start, config.chunk, data_root)
+        # a defense without a key is not kept: then there is nothing to read back, and nothing is claimed
+        kept = all(d.key is not None and d.objective_key is not None for d in defenses.values())
+        chunk_parts = lambda start: {"worst-case chunk": images(start), "seed": config.seed + config.offset + start,
+                                     "eps": config.eps, "adaptive": start < adaptive_n, "budgets": runner.budgets,
+                                     "defenses": [[d.key, d.objective_key] for d in defenses.values()]}
 
         def chunk_of(start: int) -> dict:
-            part = slice(start, start + config.chunk)
-            return runner.run_chunk(x[part], y[part], images(start), config.seed + config.offset + start, advance,
-                                    start < adaptive_n)
-        # the same command in several processes: each chunk is run by one, the others read its stages back (a
-        # defense without a key is not kept: then there is nothing to read back, and nothing is claimed)
-        kept = all(d.key is not None and d.objective_key is not None for d in defenses.values())
-        claim = lambda start: cache.name({"worst-case chunk": images(start), "seed": config.seed + config.offset + start,
-                                          "eps": config.eps, "adaptive": start < adaptive_n, "budgets": runner.budgets,
-                                          "defenses": [[d.key, d.objective_key] for d in defenses.values()]})
-        chunks = for_each_claimed(list(starts), Claims(cache.folder if kept else None), claim, chunk_of, poll_seconds,
-                                  say=bar.write)
+            part, adaptive = slice(start, start + config.chunk), start < adaptive_n
+            done = records.run(chunk_parts(start) if kept else None,
+                               lambda: runner.run_chunk(x[part], y[part], images(start),
+                                                        config.seed + config.offset + start, advance, adaptive))
+            if done.reused:                              # every stage of it out of the count, as advance does
+                bar.total -= len(runner.stages(adaptive))
+                bar.refresh()
+            return done.output
+        # the same command in several processes: each chunk is run by one, the others read its outcomes back
+        chunks = for_each_claimed(list(starts), Claims(cache.folder if kept else None),
+                                  lambda start: cache.name(chunk_parts(start)), chunk_of, poll_seconds, say=bar.write)
     base, outcomes, seconds, images_per_stage = [], {name: {a: [[] for _ in range(config.repeats)]
                                                             for a in ATTACKS_ON_DEFENSE} for name in defenses}, {}, {}
     for chunk in chunks:
@@ -322,6 +328,7 @@ def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path 
               "test_indices_sha256": hashlib.sha256(idx.numpy().tobytes()).hexdigest(),
               "seconds_per_image": {k: round(v / images_per_stage[k], 3) for k, v in seconds.items()},
               "stages": {"computed": cache.misses, "reused": cache.hits},
+              "chunks": {"computed": records.misses, "reused": records.hits},
               "threads": torch.get_num_threads(), "device": str(pipeline.device),
               "weights": {k: m["sha256"] for k, m in pipeline.manifests.items()}}
     if json_path:

@@ -43,7 +43,8 @@ def test_eval_json_schema_and_table(tiny_pipeline, fake_test_set, tmp_path):
     pairs = {(t["a"], t["b"]) for t in saved["mcnemar"]}
     assert ("pgd/none", "pgd/mtl") in pairs and ("none/none", "none/mtl") in pairs
     assert ("bpda-eot/noise", "bpda-eot/contrastive") in pairs and ("pgd/noise", "pgd/mtl") in pairs
-    assert len(list((tmp_path / "stages").glob("*.pt"))) == 2 and not list((tmp_path / "stages").glob("*.claim"))
+    assert len(list((tmp_path / "stages").glob("chunk-*.pt"))) == 2                 # the repository keeps these
+    assert not list((tmp_path / "stages").glob("*.claim"))
     table = ev.markdown_table(result)
     assert table.count("\n| ") >= 4 and "pgd/none vs pgd/mtl" in table and "mean SSL loss" in table
     ev.plot(result, tmp_path / "eval.png")

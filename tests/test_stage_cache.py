@@ -42,3 +42,24 @@ def test_a_damaged_output_is_computed_again_with_a_warning(tmp_path):
         stage = StageCache(tmp_path).run({"stage": "a"}, compute)
     assert stage.output == [[True]] and not stage.reused and len(calls) == 2
     assert StageCache(tmp_path).run({"stage": "a"}, compute).reused                   # written again, whole
+
+
+def test_the_repository_keeps_chunk_outcomes_and_ignores_attacked_images(tmp_path):
+    """A run spanning sessions goes on from what is committed: its `chunk-*.pt` (kilobytes), not its stages' attacked
+    images (megabytes) or its claims."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("needs git and a clone of the repository")
+    cache = StageCache(tmp_path, prefix="chunk-")
+    cache.run({"chunk": 0}, lambda: [True])
+    kept_name = next(tmp_path.glob("chunk-*.pt")).name
+    ignored = lambda path: subprocess.run(["git", "check-ignore", "-q", path], cwd=root).returncode == 0
+    assert not ignored(f"results/worst_case/stages/{kept_name}")
+    assert not ignored(f"results/imagenette/stages/{kept_name}")
+    for path in ("results/worst_case/stages/0123abcd.pt", "results/imagenette/stages/0123abcd.claim",
+                 "results/imagenette/stages/.takeover.lock"):
+        assert ignored(path), path

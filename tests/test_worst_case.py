@@ -134,9 +134,10 @@ def test_an_interrupted_run_resumes_from_its_last_stage_to_the_same_table(shippe
     assert not (tmp_path / "w.json").exists()
     resumed = wc.run_worst_case(shipped, config, tmp_path / "w.json", progress=False, defenses=defenses)
     assert calls == per_chunk + per_chunk[:2] + per_chunk[1:]               # nothing finished was run again
-    drop = lambda r: {k: v for k, v in r.items() if k not in ("seconds_per_image", "stages")}
+    drop = lambda r: {k: v for k, v in r.items() if k not in ("seconds_per_image", "stages", "chunks")}
     assert drop(resumed) == drop(whole)
     assert resumed["stages"]["reused"] > 0 and whole["stages"]["reused"] == 0
+    assert resumed["chunks"] == {"computed": 1, "reused": 1}                  # the first chunk's outcomes were kept
 
 
 def test_a_rerun_recomputes_only_what_its_options_change(shipped, fake_test_set, tmp_path, monkeypatch):
@@ -149,8 +150,8 @@ def test_a_rerun_recomputes_only_what_its_options_change(shipped, fake_test_set,
                                            defenses=defenses, cache_dir=tmp_path)
     first = run()
     calls = counting_attacks(monkeypatch)
-    assert run() == {**first, "seconds_per_image": first["seconds_per_image"],
-                     "stages": {"computed": 0, "reused": first["stages"]["computed"]}} and calls == []
+    assert run() == {**first, "stages": {"computed": 0, "reused": 0},                  # the chunk's outcomes kept
+                     "chunks": {"computed": 0, "reused": first["chunks"]["computed"]}} and calls == []
     run(iterations=3)
     assert calls == ["apgd-ce", "apgd-dlr", "aware"]
     calls.clear()
@@ -159,6 +160,24 @@ def test_a_rerun_recomputes_only_what_its_options_change(shipped, fake_test_set,
     calls.clear()
     run(seed=1)
     assert calls == ["autoattack", "apgd-ce", "apgd-dlr", "aware", "square"]
+
+
+def test_a_run_goes_on_from_its_committed_chunks_alone(shipped, fake_test_set, tmp_path, monkeypatch):
+    """What a clone of the repository holds of a run (its chunks' outcomes; the attacked images are not committed)
+    is enough to continue it elsewhere: finished chunks are not attacked again, and the table is the same."""
+    from engine.worst_case import WorstCaseConfig, run_worst_case
+
+    defenses = {"identity": stand_in(IDENTITY, "identity")}
+    run = lambda n: run_worst_case(shipped, WorstCaseConfig(**{**TINY, "n": n}), tmp_path / "w.json",
+                                   progress=False, defenses=defenses)
+    whole = run(8)
+    for path in (tmp_path / "stages").iterdir():
+        if not path.name.startswith("chunk-"):
+            path.unlink()
+    calls = counting_attacks(monkeypatch)
+    again = run(8)
+    drop = lambda r: {k: v for k, v in r.items() if k not in ("stages", "chunks")}
+    assert calls == [] and drop(again) == drop(whole) and again["chunks"] == {"computed": 0, "reused": 2}
 
 
 def test_each_key_holds_what_its_stage_depends_on(shipped, fake_test_set, tmp_path, monkeypatch):
