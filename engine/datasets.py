@@ -227,6 +227,13 @@ def model_set_split(data: str | os.PathLike | None, split: str, inputs: dict,
         raise DataError(f"this model set was trained on {inputs['dataset']} at {size}×{size}: pass --data DIR, "
                         "a folder of such images (class subfolders; train/ and val/ where it has them)")
     images = load_split(data, split, size, progress=True)
+    if images.classes and inputs.get("classes") and not set(images.classes) & set(inputs["classes"]):
+        # the SSL losses read no labels, but a folder none of whose classes the model set knows is another domain
+        # (a calibration measured there would set the repair's levels on images it never sees)
+        listed = lambda names: ", ".join(names[:5]) + (", …" if len(names) > 5 else "")
+        raise DataError(f"none of the class folders of {data} ({listed(images.classes)}) is among the model set's "
+                        f"{len(inputs['classes'])} classes ({listed(inputs['classes'])}): pass the folder of images "
+                        "it was trained on")
     if not labelled:
         return images.images, images.labels
     images = images.labelled()

@@ -138,6 +138,12 @@ def test_scoring_maps_folder_classes_to_the_model_sets_by_name(photo_folder, tmp
     assert sorted(y.tolist()) == [0, 0, 0, 2, 2, 2]
     with pytest.raises(DataError, match="not among the classifier's"):
         datasets.model_set_split(photo_folder, "test", {**inputs, "classes": ["cats", "birds"]}, labelled=True)
+    for labelled in (True, False):               # calibration reads no labels, but another domain's folder is refused
+        with pytest.raises(DataError, match=r"class folders of .*photos \(cats, dögs\) is among the model set's "
+                                            r"2 classes \(tench, church\)"):
+            datasets.model_set_split(photo_folder, "train", {**inputs, "classes": ["tench", "church"]}, labelled)
+    x, y = datasets.model_set_split(photo_folder, "train", inputs)        # an unlabelled read keeps its -1s
+    assert len(x) == 12 and (y >= 0).all()
 
 
 @pytest.mark.skipif(not IMAGENETTE_SAMPLE.exists(), reason="the shared Imagenette sample is not beside the repository")
