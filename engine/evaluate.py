@@ -28,7 +28,7 @@ from .pipeline import DEFAULT_TASKS, Gate, Pipeline, build_objective
 from .repair import RepairResult
 from .repair_spec import parse_repair
 from .shared_work import Claims, for_each_claimed
-from .stage_cache import StageCache, fingerprint
+from .stage_cache import CHUNKS, StageCache, fingerprint
 from .weights import model_input
 from runtime.files import write_json
 
@@ -330,7 +330,7 @@ def run_eval(pipeline: Pipeline, config: EvalConfig, json_path: Path | None = No
     for name in [*config.repairs, config.defense]:
         parse_repair(name)
     x, y, idx = eval_subset(config.n, config.seed, data_root, pipeline.inputs)
-    cache = StageCache(cache_dir or (json_path.parent / "stages" if json_path else None), prefix="chunk-")
+    cache = StageCache(cache_dir or (json_path.parent / "stages" if json_path else None), prefix=CHUNKS)
     for old in json_path.parent.glob(f"{json_path.stem}.partial-*.json") if json_path else ():
         warnings.warn(f"{old} is the saved progress of an older version of `eval`, which this one does not read: its "
                       f"chunks are computed again (into {cache.folder}); delete the file once this run is done")

@@ -23,6 +23,9 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
+# the name of every file that holds a chunk's outcomes starts so: .gitignore keeps these and ignores the other stages
+CHUNKS = "chunk-"
+
 # bumped when the code of an attack or of the repair changes what it returns, so that older outputs are not reused
 # (the versions of this package, torch and AutoAttack's package are in every key too)
 VERSION = 1

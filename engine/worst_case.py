@@ -43,7 +43,7 @@ from .defended import DefendedClassifier
 from .evaluate import EvalConfig, Evaluator, calibration_key, chunk_images, classifier_key, eval_subset
 from .pipeline import Pipeline
 from .shared_work import Claims, for_each_claimed
-from .stage_cache import StageCache
+from .stage_cache import CHUNKS, StageCache
 from .worst_case_table import summarize, summarize_transfer
 from runtime.files import write_json
 
@@ -278,7 +278,7 @@ def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path 
     x, y, idx = eval_subset(config.offset + config.n, config.seed, data_root, pipeline.inputs)
     x, y, idx = x[config.offset:], y[config.offset:], idx[config.offset:]
     cache = StageCache(cache_dir or (json_path.parent / "stages" if json_path else None))
-    records = StageCache(cache.folder, prefix="chunk-")    # each chunk's outcomes, beside its stages' outputs
+    records = StageCache(cache.folder, prefix=CHUNKS)    # each chunk's outcomes, beside its stages' outputs
     runner = WorstCase(pipeline, config, defenses, cache)
     adaptive_n = config.n if config.adaptive_n is None else config.adaptive_n
     starts = range(0, config.n, config.chunk)
