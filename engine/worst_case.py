@@ -32,7 +32,7 @@ import re
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -227,15 +227,23 @@ class WorstCase:
                     for r in range(self.cfg.repeats)]
 
     def run_chunk(self, x: torch.Tensor, y: torch.Tensor, images: str, seed: int,
-                  advance: Callable[[str, bool], None], adaptive: bool = True) -> dict:
+                  advance: Callable[[str, bool], None], adaptive: bool = True,
+                  begin: Callable[[str], None] = lambda stage: None) -> dict:
         """``images`` names the chunk's images (it keys their stages in the cache); ``seed`` seeds its attacks;
-        ``advance(stage, reused)`` is called after each stage. ``adaptive=False``: the base and its transfer only."""
+        ``begin(stage)`` is called before a stage is computed (not when it is read back), ``advance(stage, reused)``
+        after each stage. ``adaptive=False``: the base and its transfer only."""
         seconds: dict[str, float] = {}
         common = {"images": images, "seed": seed, "eps": self.cfg.eps}
         where = lambda parts: None if parts is None else {**common, **parts}
 
+        def announced(stage: str, compute: Callable[[], Any]) -> Callable[[], Any]:
+            def run() -> Any:
+                begin(stage)
+                return compute()
+            return run
+
         def attacked(name: str, parts: dict | None, compute: Callable[[], torch.Tensor]) -> torch.Tensor:
-            x_adv, seconds[name], reused = self.cache.run(where(parts), compute)
+            x_adv, seconds[name], reused = self.cache.run(where(parts), announced(name, compute))
             advance(name, reused)
             x_adv = x_adv.to(self.p.device)
             check_threat_model(x_adv, x, self.cfg.eps, name)
@@ -256,7 +264,7 @@ class WorstCase:
             scores, score_seconds, reused = {}, 0.0, True
             for attack, x_adv in finals.items():         # each final scored apart: a new budget rescores its own only
                 done = self.cache.run(where(self.parts("score", defense, made[attack])),
-                                      lambda: self.scored(defense, x_adv, y))
+                                      announced(f"score {name}", lambda: self.scored(defense, x_adv, y)))
                 scores[attack] = done.output
                 score_seconds, reused = score_seconds + done.seconds, reused and done.reused
             seconds[f"score {name}"] = score_seconds
@@ -287,9 +295,9 @@ def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path 
         def advance(stage: str, reused: bool) -> None:
             if reused:                                   # out of the count, so that the ETA is that of the work left
                 bar.total -= 1
+                bar.refresh()
             else:
                 bar.update(1)
-            bar.set_postfix_str(stage)
         images = lambda start: chunk_images(idx, start, config.chunk, data_root)
         # a defense without a key is not kept: then there is nothing to read back, and nothing is claimed
         kept = all(d.key is not None and d.objective_key is not None for d in defenses.values())
@@ -301,7 +309,8 @@ def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path 
             part, adaptive = slice(start, start + config.chunk), start < adaptive_n
             done = records.run(chunk_parts(start) if kept else None,
                                lambda: runner.run_chunk(x[part], y[part], images(start),
-                                                        config.seed + config.offset + start, advance, adaptive))
+                                                        config.seed + config.offset + start, advance, adaptive,
+                                                        begin=bar.set_postfix_str))
             if done.reused:                              # every stage of it out of the count, as advance does
                 bar.total -= len(runner.stages(adaptive))
                 bar.refresh()

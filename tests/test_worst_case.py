@@ -75,7 +75,7 @@ def test_every_stage_on_the_shipped_default_and_the_noise_control(shipped, fake_
     attacked = []                                       # (clean chunk, each attack's output on it)
     run_chunk, cache_run = wc.WorstCase.run_chunk, wc.StageCache.run
     monkeypatch.setattr(wc.WorstCase, "run_chunk",
-                        lambda self, x, *args: attacked.append((x, [])) or run_chunk(self, x, *args))
+                        lambda self, x, *args, **kw: attacked.append((x, [])) or run_chunk(self, x, *args, **kw))
 
     def kept(self, parts, compute):
         out = cache_run(self, parts, compute)
@@ -160,6 +160,24 @@ def test_a_rerun_recomputes_only_what_its_options_change(shipped, fake_test_set,
     calls.clear()
     run(seed=1)
     assert calls == ["autoattack", "apgd-ce", "apgd-dlr", "aware", "square"]
+
+
+def test_the_progress_names_each_stage_while_it_runs(shipped, tmp_path):
+    """The bar's label is the stage being computed, set before it starts (a stage can take an hour), and a stage read
+    back from the cache is never announced."""
+    import engine.worst_case as wc
+
+    runner = wc.WorstCase(shipped, wc.WorstCaseConfig(**{**TINY, "n": 4}),
+                          {"identity": stand_in(IDENTITY, "identity")}, wc.StageCache(tmp_path))
+    x, y, events = torch.rand(4, 3, 32, 32), torch.arange(4), []
+    run = lambda: runner.run_chunk(x, y, "four images", 0, lambda stage, reused: events.append(("done", stage, reused)),
+                                   begin=lambda stage: events.append(("begin", stage)))
+    run()
+    once = [e for i, e in enumerate(events) if i == 0 or e != events[i - 1]]   # scoring: one begin per final image set
+    assert once == [e for stage in runner.stages() for e in (("begin", stage), ("done", stage, False))]
+    events.clear()
+    run()
+    assert events == [("done", stage, True) for stage in runner.stages()]
 
 
 def test_a_run_goes_on_from_its_committed_chunks_alone(shipped, fake_test_set, tmp_path, monkeypatch):
