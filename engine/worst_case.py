@@ -292,10 +292,13 @@ def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path 
     starts = range(0, config.n, config.chunk)
     with tqdm(total=sum(len(runner.stages(start < adaptive_n)) for start in starts), desc="worst case",
               unit="stage", disable=not progress) as bar:
+        def skipped(stages: int) -> None:                # out of the count, so that the ETA is that of the work left
+            bar.total -= stages
+            bar.refresh()
+
         def advance(stage: str, reused: bool) -> None:
-            if reused:                                   # out of the count, so that the ETA is that of the work left
-                bar.total -= 1
-                bar.refresh()
+            if reused:
+                skipped(1)
             else:
                 bar.update(1)
         images = lambda start: chunk_images(idx, start, config.chunk, data_root)
@@ -311,9 +314,8 @@ def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path 
                                lambda: runner.run_chunk(x[part], y[part], images(start),
                                                         config.seed + config.offset + start, advance, adaptive,
                                                         begin=bar.set_postfix_str))
-            if done.reused:                              # every stage of it out of the count, as advance does
-                bar.total -= len(runner.stages(adaptive))
-                bar.refresh()
+            if done.reused:                              # every stage of it
+                skipped(len(runner.stages(adaptive)))
             return done.output
         # the same command in several processes: each chunk is run by one, the others read its outcomes back
         chunks = for_each_claimed(list(starts), Claims(cache.folder if kept else None),
