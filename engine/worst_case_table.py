@@ -24,21 +24,30 @@ def robust_every_time(runs: list[list[bool]]) -> list[bool]:
     return [all(image) for image in zip(*runs)]
 
 
-def summarize(base: list[bool], defenses: dict[str, dict[str, list[list[bool]]]]) -> dict:
+def summarize(base: list[bool], defenses: dict[str, dict[str, list[list[bool]]]], cumulative: bool = False) -> dict:
     """Rows of accuracy with Wilson intervals: the base, each attack on each defense (robust = right on every
     repeat), each defense's worst case (robust = right under every attack on every repeat; also per repeat, mean ±
-    std), and McNemar of each worst case against the base with its verdict."""
+    std), and McNemar of each worst case against the base with its verdict.
+
+    ``cumulative``: each attack ran only on the images that some scoring of every earlier one left right (an image
+    not attacked is recorded wrong on every scoring), so its row is given as the accuracy under it and every attack
+    before it; the worst case and its figures per repeat are the same as otherwise."""
     n, row = len(base), accuracy_row
-    out = {"n": n, "base": row(base), "defenses": {}}
+    out = {"n": n, "base": row(base), "rows": "cumulative" if cumulative else "each attack", "defenses": {}}
     for name, attacks in defenses.items():
         repeats = len(next(iter(attacks.values())))
         every = {a: robust_every_time(runs) for a, runs in attacks.items()}
+        if cumulative:
+            so_far = [True] * n
+            for a in every:
+                every[a] = so_far = [before and now for before, now in zip(so_far, every[a])]
         worst = [all(every[a][i] for a in attacks) for i in range(n)]
         per_repeat = [sum(all(attacks[a][r][i] for a in attacks) for i in range(n)) / n for r in range(repeats)]
+        over_repeats = lambda a: {} if cumulative else {
+            "mean_over_repeats": statistics.mean(sum(r) / n for r in attacks[a])}
         test = mcnemar_exact(base, worst)
         out["defenses"][name] = {
-            "attacks": {a: {**row(c), "mean_over_repeats": statistics.mean(sum(r) / n for r in attacks[a])}
-                        for a, c in every.items()},
+            "attacks": {a: {**row(c), **over_repeats(a)} for a, c in every.items()},
             "worst_case": {**row(worst), "per_repeat": per_repeat, "mean": statistics.mean(per_repeat),
                            "std": statistics.stdev(per_repeat) if repeats > 1 else 0.0},
             "mcnemar_vs_base": test, "verdict": verdict(test), "worst_correct": worst,
@@ -63,13 +72,18 @@ def markdown_table(result: dict) -> str:
              "| attack | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
              "| AutoAttack on the classifier alone (the base) | " + " | ".join(pct(result["base"]) for _ in names)
              + " |"]
-    for attack in result["defenses"][names[0]]["attacks"]:
-        lines.append(f"| {attack} | " + " | ".join(pct(result["defenses"][d]["attacks"][attack]) for d in names)
+    cumulative = result.get("rows") == "cumulative"
+    for i, attack in enumerate(result["defenses"][names[0]]["attacks"]):
+        label = f"+ {attack}" if cumulative and i else attack
+        lines.append(f"| {label} | " + " | ".join(pct(result["defenses"][d]["attacks"][attack]) for d in names)
                      + " |")
     worst = [result["defenses"][d]["worst_case"] for d in names]
     lines.append("| **worst case** | " + " | ".join(f"**{pct(w)}**" for w in worst) + " |")
     lines.append("| worst case per repeat, mean ± std | " + " | ".join(
         f"{100 * w['mean']:.1f} ± {100 * w['std']:.1f}" for w in worst) + " |")
+    if cumulative:
+        lines[0] += ("; each attack ran only on the images the rows above had not broken on every scoring "
+                     "(--survivors): a row is the accuracy under it and all above it")
     lines += ["", "| worst case vs base (exact McNemar) | base right only | defense right only | p | verdict |",
               "|---|---|---|---|---|"]
     for d in names:

@@ -173,8 +173,11 @@ def test_the_progress_names_each_stage_while_it_runs(shipped, tmp_path):
     run = lambda: runner.run_chunk(x, y, "four images", 0, lambda stage, reused: events.append(("done", stage, reused)),
                                    begin=lambda stage: events.append(("begin", stage)))
     run()
-    once = [e for i, e in enumerate(events) if i == 0 or e != events[i - 1]]   # scoring: one begin per final image set
-    assert once == [e for stage in runner.stages() for e in (("begin", stage), ("done", stage, False))]
+    done = [e[1] for e in events if e[0] == "done"]
+    assert done == runner.stages() and all(e[2] is False for e in events if e[0] == "done")
+    for stage in done:                       # announced before it ends (scoring: once per final image set, interleaved)
+        begun = [i for i, e in enumerate(events) if e == ("begin", stage)]
+        assert begun and max(begun) < events.index(("done", stage, False))
     events.clear()
     run()
     assert events == [("done", stage, True) for stage in runner.stages()]
@@ -293,3 +296,91 @@ def test_the_command_refuses_an_unknown_repair_or_a_split_off_its_chunks_before_
     assert result.exit_code == 2 and "name the repair" in result.output
     result = CliRunner().invoke(main, ["worst-case", "--n", "8", "--chunk", "4", "--adaptive-n", "6"])
     assert result.exit_code == 2 and "adaptive_n (6) must be a multiple of the chunk (4)" in result.output
+
+
+def test_survivors_attack_only_the_images_every_earlier_attack_left_robust(shipped, tmp_path, monkeypatch):
+    """--survivors: a defense that answers every input with one grey image is right, whatever the attack, on exactly
+    the images of that image's class. After the transfer each attack gets those images only; with none left, no
+    attack runs at all; without the option, each gets all four."""
+    import engine.worst_case as wc
+
+    grey = torch.full((1, 3, 32, 32), 0.5)
+    c = shipped.predict(grey).item()
+    constant = {"grey": stand_in(lambda x: grey.expand_as(x).clone(), "grey")}
+    seen, attack = [], wc.WorstCase.attack
+    monkeypatch.setattr(wc.WorstCase, "attack", lambda self, name, d, x, y, seed:
+                        seen.append((name, y.tolist())) or attack(self, name, d, x, y, seed))
+    x = torch.rand(4, 3, 32, 32)
+    run = lambda y, survivors: wc.WorstCase(shipped, wc.WorstCaseConfig(**{**TINY, "n": 4, "survivors": survivors}),
+                                            constant).run_chunk(x, torch.tensor(y), "four", 0, lambda *_: None)
+    out = run([c, (c + 1) % 10, c, (c + 2) % 10], survivors=True)
+    assert seen == [(a, [c, c]) for a in wc.ATTACKS_ON_DEFENSE[1:]]
+    assert all(runs == [[True, False, True, False]] * 2 for runs in out["defenses"]["grey"].values())
+    seen.clear()
+    out = run([(c + 1) % 10] * 4, survivors=True)
+    assert seen == [] and all(runs == [[False] * 4] * 2 for runs in out["defenses"]["grey"].values())
+    assert all(out["seconds"][f"{a} grey"] == 0 for a in wc.ATTACKS_ON_DEFENSE[1:])
+    run([c, (c + 1) % 10, c, (c + 2) % 10], survivors=False)
+    assert [len(labels) for _, labels in seen] == [4] * 4
+
+
+def test_survivors_attack_on_an_image_broken_on_some_scorings_only(shipped, monkeypatch):
+    """Scripted scorings (two repeats): the transfer breaks image 0 on the first scoring only, image 1 on both. Only
+    image 1 is spared the attacks after it, so that every repeat's figure is what a run without the option gives."""
+    import engine.worst_case as wc
+
+    transfer, scored = [[False, False, True, True], [True, False, True, True]], []
+
+    def scripted(self, defense, x_adv, y):
+        scored.append(len(y))
+        return transfer if len(scored) == 1 else [[True] * len(y)] * 2
+    monkeypatch.setattr(wc.WorstCase, "scored", scripted)
+    outcomes = {}
+    for survivors in (False, True):
+        scored.clear()
+        runner = wc.WorstCase(shipped, wc.WorstCaseConfig(**{**TINY, "n": 4, "survivors": survivors}),
+                              {"identity": stand_in(IDENTITY, "identity")})
+        out = runner.run_chunk(torch.rand(4, 3, 32, 32), torch.arange(4), "four", 0, lambda *_: None)
+        outcomes[survivors] = out["defenses"]["identity"]
+        assert scored == [4, *[3 if survivors else 4] * 4]             # the images each final set was scored on
+    every = wc.summarize([True] * 4, {"d": outcomes[False]})["defenses"]["d"]
+    cumulative = wc.summarize([True] * 4, {"d": outcomes[True]}, cumulative=True)["defenses"]["d"]
+    assert every["worst_case"] == cumulative["worst_case"]                   # per repeat, mean and std included
+    assert every["worst_correct"] == cumulative["worst_correct"] == [False, False, True, True]
+    assert cumulative["attacks"]["square"]["accuracy"] == 0.5 and every["attacks"]["square"]["accuracy"] == 1.0
+
+
+def test_survivors_give_cumulative_rows_and_the_worst_case_as_their_last(shipped, fake_test_set, tmp_path,
+                                                                         monkeypatch):
+    """End to end on the identity: the base is read back from a run without the option, the attack rows never rise
+    from one to the next, the worst case is the last row, and the table says how the rows were made."""
+    import engine.worst_case as wc
+    from engine.worst_case_table import markdown_table
+
+    defenses = {"identity": stand_in(IDENTITY, "identity")}
+    run = lambda survivors: wc.run_worst_case(shipped, wc.WorstCaseConfig(**TINY, survivors=survivors),
+                                              progress=False, defenses=defenses, cache_dir=tmp_path)
+    every = run(False)
+    calls = counting_attacks(monkeypatch)
+    result = run(True)
+    assert "autoattack" not in calls and result["rows"] == "cumulative"
+    rows = [r["accuracy"] for r in result["defenses"]["identity"]["attacks"].values()]
+    assert rows == sorted(rows, reverse=True) and result["defenses"]["identity"]["worst_case"]["accuracy"] == rows[-1]
+    assert rows[0] == every["defenses"]["identity"]["attacks"]["transfer"]["accuracy"]
+    assert "| + apgd-ce |" in markdown_table(result) and "--survivors" in markdown_table(result)
+    assert "| + apgd-ce |" not in markdown_table(every)
+
+
+def test_the_command_passes_survivors_on(monkeypatch):
+    import engine.worst_case as wc
+
+    configs = []
+
+    def stop(pipeline, config, *args, **kw):
+        configs.append(config)
+        raise ValueError("stopped after reading the options")
+    monkeypatch.setattr(wc, "run_worst_case", stop)
+    for flag in ([], ["--survivors"]):
+        result = CliRunner().invoke(main, ["worst-case", "--n", "4", "--chunk", "4", *flag])
+        assert result.exit_code == 2 and "stopped after reading the options" in result.output
+    assert [c.survivors for c in configs] == [False, True]
