@@ -262,7 +262,7 @@ class WorstCase:
         outcomes = {}
         for name, defense in self.defenses.items():
             every = list(range(len(y)))
-            standing = every                             # the images no attack has broken yet
+            standing = every                             # the images no attack has broken on every scoring
             scores, score_seconds, reused = {}, 0.0, True
             for attack in ATTACKS_ON_DEFENSE if adaptive else ATTACKS_ON_DEFENSE[:1]:
                 on = standing if self.cfg.survivors and attack != "transfer" else every
