@@ -240,9 +240,9 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, stages_
 def worst_case(defense: str, control: str, n: int, offset: int, adaptive_n: int | None, survivors: bool, eps: float,
                iterations: int, base_iterations: int, eot: int, repeats: int, targets: int, base_queries: int,
                square_queries: int, surrogate_steps: int, lam: float, eps_r: float, repair_steps: int,
-               repair_step_size: float, views: int, level: float, chunk: int, json_path: Path | None, stages_dir: Path | None,
-               markdown_path: Path | None, seed: int, weights: Path | None, data_root: str | None,
-               calibration: Path | None, threads: int | None, quiet: bool) -> None:
+               repair_step_size: float, views: int, level: float, chunk: int, json_path: Path | None,
+               stages_dir: Path | None, markdown_path: Path | None, seed: int, weights: Path | None,
+               data_root: str | None, calibration: Path | None, threads: int | None, quiet: bool) -> None:
     """Does the repair help the classifier? The worst case per image over AutoAttack on the classifier alone, its
     transfer, APGD-CE/DLR through the repair (BPDA + EOT), the defense-aware attack and Square on the defense, each
     final image scored REPEATS times on the real repair; Wilson intervals, McNemar against the base and a verdict

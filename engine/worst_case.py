@@ -266,23 +266,23 @@ class WorstCase:
             scores, score_seconds, reused = {}, 0.0, True
             for attack in ATTACKS_ON_DEFENSE if adaptive else ATTACKS_ON_DEFENSE[:1]:
                 on = standing if self.cfg.survivors and attack != "transfer" else every
+                scores[attack] = [[False] * len(y) for _ in range(self.cfg.repeats)]  # not attacked: broken every time
                 if not on:                               # every image broken already: nothing left to attack
-                    scores[attack] = [[False] * len(y) for _ in range(self.cfg.repeats)]
                     seconds[f"{attack} {name}"] = 0.0
                     advance(f"{attack} {name}", True)
                     continue
+                x_on, y_on = x[on], y[on]
                 if attack == "transfer":
                     parts, x_adv = made, x_base
                 else:                                    # a subset is part of the key; all images keep the old key
                     parts = self.parts(attack, defense)
                     if parts is not None and on != every:
                         parts = {**parts, "on": on}
-                    x_adv = attacked(f"{attack} {name}", parts, x[on],
-                                     lambda: self.attack(attack, defense, x[on], y[on], seed))
+                    x_adv = attacked(f"{attack} {name}", parts, x_on,
+                                     lambda: self.attack(attack, defense, x_on, y_on, seed))
                 # each final image set scored apart: a new budget rescores its own only
                 done = self.cache.run(where(self.parts("score", defense, parts)),
-                                      announced(f"score {name}", lambda: self.scored(defense, x_adv, y[on])))
-                scores[attack] = [[False] * len(y) for _ in done.output]     # not attacked: broken every time
+                                      announced(f"score {name}", lambda: self.scored(defense, x_adv, y_on)))
                 for full, right in zip(scores[attack], done.output):
                     for i, ok in zip(on, right):
                         full[i] = ok
