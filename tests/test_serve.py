@@ -203,21 +203,27 @@ def test_a_slow_request_times_out_and_a_client_that_leaves_wedges_nothing(servic
 def test_overload_is_refused_at_once_with_retry_after(service, cli_outputs):
     images = [image for image, _ in cli_outputs.values()]
     white = png_bytes(np.full((32, 32, 3), 255, np.uint8))      # keeps the replica busy for SLOW_S
-    with ThreadPoolExecutor(33) as pool:
-        blocker = pool.submit(post, service, white)
-        time.sleep(0.5)
-        answers = list(pool.map(lambda i: (time.perf_counter(), post(service, images[i % len(images)]),
-                                           time.perf_counter()), range(32)))
-        blocker.result()
-    refused = [(t1 - t0, a) for t0, a, t1 in answers if a.status_code == 503]
-    assert refused, [a.status_code for _, a, _ in answers]
-    assert all(a.headers.get("retry-after") for _, a in refused)
-    assert all(seconds < 1.0 for seconds, _ in refused), [(round(s, 2), a.text[:40]) for s, a in refused if s >= 1]
-    # the rest waited behind the slow image: answered, or past the timeout (504 from the replica; 408 from Serve's
-    # proxy for one still waiting for the replica)
-    late = [a for _, a, _ in answers if a.status_code != 503]
-    assert {a.status_code for a in late} <= {200, 504, 408}, [(a.status_code, a.text) for a in late]
-    time.sleep(SLOW_S)                                                   # let the replica drain
+    start = time.perf_counter()
+    try:
+        with ThreadPoolExecutor(33) as pool:
+            blocker = pool.submit(post, service, white)
+            time.sleep(0.5)
+            answers = list(pool.map(lambda i: (time.perf_counter(), post(service, images[i % len(images)]),
+                                               time.perf_counter()), range(32)))
+            blocker.result()
+        refused = [(t1 - t0, a) for t0, a, t1 in answers if a.status_code == 503]
+        assert refused, [a.status_code for _, a, _ in answers]
+        assert all(a.headers.get("retry-after") for _, a in refused)
+        # "at once": a request let in line is answered no sooner than TIMEOUT_S (504) or the slow image's end (200);
+        # a refusal must come well before (a 2-core CI machine under 33 clients took 1.3 s for one)
+        slow = [(round(s, 2), a.text[:40]) for s, a in refused if s >= TIMEOUT_S - 1]
+        assert not slow, slow
+        # the rest waited behind the slow image: answered, or past the timeout (504 from the replica; 408 from Serve's
+        # proxy for one still waiting for the replica)
+        late = [a for _, a, _ in answers if a.status_code != 503]
+        assert {a.status_code for a in late} <= {200, 504, 408}, [(a.status_code, a.text) for a in late]
+    finally:   # the engine goes on with the white image past its 504: the next test must not queue behind it
+        time.sleep(max(0.0, SLOW_S - (time.perf_counter() - start)) + 0.5)
 
 
 def test_info_reports_the_settings_weights_and_versions(service, tiny_weights):
@@ -241,7 +247,9 @@ def test_the_page_repairs_a_picked_image_in_headless_chromium(service, cli_outpu
     name, (image, repaired) = next(iter(cli_outputs.items()))
     (tmp_path / name).write_bytes(image)
     (tmp_path / "notes.png").write_text("not an image")
-    expected = post(service, image, params={"format": "json"}).json()
+    answer = post(service, image, params={"format": "json"})
+    assert answer.status_code == 200, answer.text
+    expected = answer.json()
     with Browser(tmp_path / "profile") as browser:
         browser.open(service + "/")
         browser.type("#file", str(tmp_path / name))
