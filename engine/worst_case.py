@@ -73,7 +73,7 @@ class WorstCaseConfig:
     offset: int = 0
     seed: int = 0
     eps: float = 8 / 255
-    defenses: list[str] = field(default_factory=lambda: ["mtl:clean:exit", "noise"])   # the CLI's default; control
+    defenses: list[str] = field(default_factory=lambda: ["mtl:clean:exit", "noise"])   # the last: the control
     base_iterations: int = 100   # AutoAttack on the classifier alone: APGD and FAB iterations (standard: 100),
     targets: int = 9             # target classes of APGD-T and FAB-T (standard: 9)
     base_queries: int = 5000     # and Square's queries (standard: 5000)
@@ -356,7 +356,8 @@ def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path 
             images_per_stage[stage] = images_per_stage.get(stage, 0) + len(chunk["base"])
     adaptive = {name: {a: [runs[:adaptive_n] for runs in attacks[a]] for a in attacks}
                 for name, attacks in outcomes.items()}
-    result = {**summarize(base[:adaptive_n], adaptive, cumulative=config.survivors), "config": asdict(config),
+    result = {**summarize(base[:adaptive_n], adaptive, cumulative=config.survivors,
+                                  control=config.defenses[-1] if len(config.defenses) > 1 else None), "config": asdict(config),
               **({"transfer_all": summarize_transfer(base, {name: attacks["transfer"] for name, attacks in
                                                             outcomes.items()})} if adaptive_n < config.n else {}),
               "test_indices_sha256": hashlib.sha256(idx.numpy().tobytes()).hexdigest(),

@@ -8,11 +8,12 @@ import statistics
 from .evaluate import mcnemar_exact, wilson_interval
 
 
-def verdict(test: dict, alpha: float = 0.05) -> str:
-    """improves / weakens the base at 95 % (exact McNemar, a = base, b = the defense's worst case), or neither."""
+def verdict(test: dict, alpha: float = 0.05, better: str = "improves", worse: str = "weakens") -> str:
+    """``better`` / ``worse`` at 95 % (exact McNemar, a = the reference, b = the defense's worst case), or neither;
+    against the base: improves / weakens it."""
     if test["p"] >= alpha:
         return "no measurable difference"
-    return "improves" if test["b_only"] > test["a_only"] else "weakens"
+    return better if test["b_only"] > test["a_only"] else worse
 
 
 def accuracy_row(correct: list[bool]) -> dict:
@@ -24,10 +25,14 @@ def robust_every_time(runs: list[list[bool]]) -> list[bool]:
     return [all(image) for image in zip(*runs)]
 
 
-def summarize(base: list[bool], defenses: dict[str, dict[str, list[list[bool]]]], cumulative: bool = False) -> dict:
+def summarize(base: list[bool], defenses: dict[str, dict[str, list[list[bool]]]], cumulative: bool = False,
+              control: str | None = None) -> dict:
     """Rows of accuracy with Wilson intervals: the base, each attack on each defense (robust = right on every
     repeat), each defense's worst case (robust = right under every attack on every repeat; also per repeat, mean ±
-    std), and McNemar of each worst case against the base with its verdict.
+    std), and McNemar of each worst case against the base with its verdict; given the name of a ``control`` among
+    the defenses (the CLI's: the noise control), McNemar of each other one's worst case against the control's as
+    well (a repair that beats the base but not the noise control owes its gain to noise of its size, not to its
+    descent).
 
     ``cumulative``: each attack ran only on the images that some scoring of every earlier one left right (an image
     not attacked is recorded wrong on every scoring), so its row is given as the accuracy under it and every attack
@@ -52,6 +57,13 @@ def summarize(base: list[bool], defenses: dict[str, dict[str, list[list[bool]]]]
                            "std": statistics.stdev(per_repeat) if repeats > 1 else 0.0},
             "mcnemar_vs_base": test, "verdict": verdict(test), "worst_correct": worst,
             "correct": every}                            # per attack, per image: robust on every repeat
+    if control is not None:
+        reference = out["defenses"][control]["worst_correct"]
+        for name, defense in out["defenses"].items():
+            if name != control:
+                test = mcnemar_exact(reference, defense["worst_correct"])
+                defense["vs_control"] = {"control": control, **test,
+                                         "verdict": verdict(test, better="beats the control", worse="below the control")}
     return out
 
 
@@ -89,6 +101,13 @@ def markdown_table(result: dict) -> str:
     for d in names:
         t = result["defenses"][d]["mcnemar_vs_base"]
         lines.append(f"| {d} | {t['a_only']} | {t['b_only']} | {t['p']:.3g} | **{result['defenses'][d]['verdict']}** |")
+    against_control = [d for d in names if "vs_control" in result["defenses"][d]]
+    if against_control:
+        lines += ["", "| worst case vs the control's (exact McNemar) | control | control right only | defense right "
+                  "only | p | verdict |", "|---|---|---|---|---|---|"]
+        for d in against_control:
+            t = result["defenses"][d]["vs_control"]
+            lines.append(f"| {d} | {t['control']} | {t['a_only']} | {t['b_only']} | {t['p']:.3g} | **{t['verdict']}** |")
     if "transfer_all" in result:
         wide = result["transfer_all"]
         lines += ["", f"On all {wide['n']} images (the attacks on the defense ran on the first {result['n']}): "

@@ -57,6 +57,25 @@ def test_summary_counts_an_image_broken_once_as_broken():
     assert result["verdict"] == "no measurable difference"
 
 
+def test_a_repair_is_judged_against_the_noise_control_as_well_as_the_base():
+    from engine.worst_case import ATTACKS_ON_DEFENSE
+    from engine.worst_case_table import markdown_table, summarize
+
+    n = 12
+    outcomes = lambda right: {a: [list(right), list(right)] for a in ATTACKS_ON_DEFENSE}
+    repair = outcomes([True] * 8 + [False] * 4)        # right on 6 images the control loses, wrong on none it keeps
+    control = outcomes([True] * 2 + [False] * 10)
+    result = summarize([True] * 2 + [False] * 10, {"repair": repair, "noise": control}, control="noise")
+    result.update(config={"eps": 8 / 255, "repeats": 2}, seconds_per_image={})
+    assert result["defenses"]["repair"]["vs_control"] == {"control": "noise", "a_only": 0, "b_only": 6,
+                                                          "p": 0.03125, "verdict": "beats the control"}
+    assert result["defenses"]["repair"]["verdict"] == "improves"          # against the base: the same counts here
+    assert "vs_control" not in result["defenses"]["noise"]
+    assert "| repair | noise | 0 | 6 | 0.0312 | **beats the control** |" in markdown_table(result)
+    alone = summarize([True] * n, {"repair": repair, "noise": control})["defenses"]["repair"]
+    assert "vs_control" not in alone and "control" not in markdown_table({**result, "defenses": {"repair": alone}})
+
+
 def test_attacked_images_outside_the_threat_model_stop_the_run():
     from engine.worst_case import check_threat_model
 
@@ -91,6 +110,7 @@ def test_every_stage_on_the_shipped_default_and_the_noise_control(shipped, fake_
             assert (x_adv - x).abs().max() <= config.eps + 1e-6 and 0 <= x_adv.min() and x_adv.max() <= 1
     assert json.loads((tmp_path / "w.json").read_text())["n"] == 8
     assert list(result["defenses"]) == ["mtl:clean:exit", "noise"]
+    assert result["defenses"]["mtl:clean:exit"]["vs_control"]["control"] == "noise"      # the last one named
     for defense in result["defenses"].values():
         worst = defense["worst_case"]["accuracy"]
         assert all(worst <= defense["attacks"][a]["accuracy"] for a in ATTACKS_ON_DEFENSE)
