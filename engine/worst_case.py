@@ -73,7 +73,7 @@ class WorstCaseConfig:
     offset: int = 0
     seed: int = 0
     eps: float = 8 / 255
-    defenses: list[str] = field(default_factory=lambda: ["mtl:clean:exit", "noise"])   # the last: the control
+    defenses: list[str] = field(default_factory=lambda: ["mtl:clean:exit", "noise"])   # the last is the control
     base_iterations: int = 100   # AutoAttack on the classifier alone: APGD and FAB iterations (standard: 100),
     targets: int = 9             # target classes of APGD-T and FAB-T (standard: 9)
     base_queries: int = 5000     # and Square's queries (standard: 5000)
@@ -303,7 +303,8 @@ def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path 
     ``json_path``; none without either), so a killed run resumes from its last finished stage and a run that
     changes one budget, or covers more images, recomputes only that (engine/stage_cache.py); the same command in
     several processes splits the chunks between them (engine/shared_work.py). The stages of a defense passed in
-    without a ``key`` are not kept."""
+    without a ``key`` are not kept. The last of two or more defenses is the control: every other one's worst case is
+    tested against its worst case as well as against the base."""
     defenses = defenses or named_defenses(pipeline, config)
     x, y, idx = eval_subset(config.offset + config.n, config.seed, data_root, pipeline.inputs)
     x, y, idx = x[config.offset:], y[config.offset:], idx[config.offset:]
@@ -357,7 +358,7 @@ def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path 
     adaptive = {name: {a: [runs[:adaptive_n] for runs in attacks[a]] for a in attacks}
                 for name, attacks in outcomes.items()}
     result = {**summarize(base[:adaptive_n], adaptive, cumulative=config.survivors,
-                                  control=config.defenses[-1] if len(config.defenses) > 1 else None), "config": asdict(config),
+                                  control=list(defenses)[-1] if len(defenses) > 1 else None), "config": asdict(config),
               **({"transfer_all": summarize_transfer(base, {name: attacks["transfer"] for name, attacks in
                                                             outcomes.items()})} if adaptive_n < config.n else {}),
               "test_indices_sha256": hashlib.sha256(idx.numpy().tobytes()).hexdigest(),
