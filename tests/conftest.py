@@ -68,6 +68,20 @@ def tiny_weights(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray (2 CPUs) for the whole session, shut down at its end: Ray started again in a process that had
+    shut it down can leave threads of the first session pointing at freed memory (ray-project/ray#31145; the likely
+    cause of the one crash at exit in docs/testing.md). Its workers import the tests' modules (Serve's replicas
+    unpickle the test's stand-in engine), so the repository is on their path."""
+    ray = pytest.importorskip("ray", reason="needs Ray (the ray or serve extra)")
+    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    os.environ.setdefault("RAY_worker_niceness", "0")      # Ray's default 15 starves its workers beside a busy job
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
 def tiny_pipeline(tiny_weights):
     return load_pipeline(tiny_weights, objective="plain")
 

@@ -1,7 +1,6 @@
 """`cli.py repair --ray`: the same PNGs and report on a local Ray cluster (2 CPUs, 2 actors) as in one process, bad
 inputs included; without Ray Data a clear usage error."""
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -22,13 +21,9 @@ def repair(*args):
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    ray = pytest.importorskip("ray", reason="needs Ray Data (the ray extra)")
+def local_ray(ray_cluster):
     pytest.importorskip("ray.data", reason="needs Ray Data (the ray extra)")
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    yield ray
-    ray.shutdown()
+    return ray_cluster
 
 
 @pytest.fixture

@@ -3,7 +3,6 @@ byte for byte, whatever they are batched with; every bad input gets its status; 
 batch; a client that leaves wedges nothing; nothing is left running."""
 import asyncio
 import json
-import os
 import shutil
 import socket
 import time
@@ -57,23 +56,20 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def service(tiny_weights, tmp_path_factory):
-    """One replica of the tiny weights' repair with the SERVICE options, behind FaultyRepair; the replicas import
-    this module, so the repository is on their path."""
-    import ray
+def service(ray_cluster, tiny_weights, tmp_path_factory):
+    """One replica of the tiny weights' repair with the SERVICE options, behind FaultyRepair, on the session's Ray
+    (runtime/serve.py's stop() would take Ray down with Serve: the session's fixture does that at its end)."""
+    from ray import serve
 
     from commands.serve import serving
     from runtime import serve as service_module
 
-    os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
-    os.environ.setdefault("RAY_worker_niceness", "0")
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
     make_repair, settings, where = serving(["--weights", str(tiny_weights), "--port", str(free_port()), *SERVICE])
     try:
         service_module.start(FaultyRepair(make_repair), settings, where)
         yield f"http://{where.host}:{where.port}"
     finally:
-        service_module.stop()
+        serve.shutdown()
 
 
 @pytest.fixture(scope="module")
