@@ -357,8 +357,9 @@ def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path 
             images_per_stage[stage] = images_per_stage.get(stage, 0) + len(chunk["base"])
     adaptive = {name: {a: [runs[:adaptive_n] for runs in attacks[a]] for a in attacks}
                 for name, attacks in outcomes.items()}
-    result = {**summarize(base[:adaptive_n], adaptive, cumulative=config.survivors,
-                                  control=list(defenses)[-1] if len(defenses) > 1 else None), "config": asdict(config),
+    control = list(defenses)[-1] if len(defenses) > 1 else None        # the CLI's --control
+    result = {**summarize(base[:adaptive_n], adaptive, cumulative=config.survivors, control=control),
+              "config": asdict(config),
               **({"transfer_all": summarize_transfer(base, {name: attacks["transfer"] for name, attacks in
                                                             outcomes.items()})} if adaptive_n < config.n else {}),
               "test_indices_sha256": hashlib.sha256(idx.numpy().tobytes()).hexdigest(),
