@@ -62,8 +62,8 @@ def summarize(base: list[bool], defenses: dict[str, dict[str, list[list[bool]]]]
         for name, defense in out["defenses"].items():
             if name != control:
                 test = mcnemar_exact(reference, defense["worst_correct"])
-                defense["vs_control"] = {"control": control, **test,
-                                         "verdict": verdict(test, better="beats the control", worse="below the control")}
+                judged = verdict(test, better="beats the control", worse="below the control")
+                defense["vs_control"] = {"control": control, **test, "verdict": judged}
     return out
 
 
@@ -107,7 +107,8 @@ def markdown_table(result: dict) -> str:
                   "only | p | verdict |", "|---|---|---|---|---|---|"]
         for d in against_control:
             t = result["defenses"][d]["vs_control"]
-            lines.append(f"| {d} | {t['control']} | {t['a_only']} | {t['b_only']} | {t['p']:.3g} | **{t['verdict']}** |")
+            lines.append(f"| {d} | {t['control']} | {t['a_only']} | {t['b_only']} | {t['p']:.3g} | "
+                         f"**{t['verdict']}** |")
     if "transfer_all" in result:
         wide = result["transfer_all"]
         lines += ["", f"On all {wide['n']} images (the attacks on the defense ran on the first {result['n']}): "
