@@ -187,6 +187,17 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, stages_
         plot(result, plot_path)
 
 
+def parse_budget(text: str | None) -> tuple[int, int] | None:
+    """``IxE`` (e.g. 200x8) as (iterations, eot)."""
+    if text is None:
+        return None
+    parts = text.lower().replace("×", "x").split("x")
+    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise click.BadParameter(f"{text!r} is not ITERATIONSxEOT with both above 0, e.g. 200x8",
+                                 param_hint="--stronger")
+    return int(parts[0]), int(parts[1])
+
+
 @click.command("worst-case")
 @click.option("--repair", "defense", default="mtl:clean:exit", show_default=True,
               help="The defense (an eval repair name); the default is `cli.py repair`'s default repair.")
@@ -210,6 +221,10 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, stages_
               help="AutoAttack on the classifier alone: APGD and FAB iterations (the standard version's 100).")
 @click.option("--eot", type=click.IntRange(min=1), default=4, show_default=True,
               help="Repair samples averaged per APGD step through the defense.")
+@click.option("--stronger", callback=lambda ctx, param, text: parse_budget(text), default=None, metavar="IxE",
+              help="After every other attack, APGD-CE and APGD-DLR once more at I iterations and EOT E (e.g. "
+                   "200x8): does more budget lower the worst case? With --survivors and a finished table's "
+                   "--stages, only its images still standing are attacked; every other stage is read back.")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
               help="Scorings of each final image on the real defense (seeds 0, 7919, …); robust = right every time.")
 @click.option("--targets", type=click.IntRange(1, 9), default=9, show_default=True,
@@ -238,9 +253,9 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, stages_
 @THREADS_OPTION
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def worst_case(defense: str, control: str, n: int, offset: int, adaptive_n: int | None, survivors: bool, eps: float,
-               iterations: int, base_iterations: int, eot: int, repeats: int, targets: int, base_queries: int,
-               square_queries: int, surrogate_steps: int, lam: float, eps_r: float, repair_steps: int,
-               repair_step_size: float, views: int, level: float, chunk: int, json_path: Path | None,
+               iterations: int, base_iterations: int, eot: int, stronger: tuple[int, int] | None, repeats: int,
+               targets: int, base_queries: int, square_queries: int, surrogate_steps: int, lam: float, eps_r: float,
+               repair_steps: int, repair_step_size: float, views: int, level: float, chunk: int, json_path: Path | None,
                stages_dir: Path | None, markdown_path: Path | None, seed: int, weights: Path | None,
                data_root: str | None, calibration: Path | None, threads: int | None, quiet: bool) -> None:
     """Does the repair help the classifier? The worst case per image over AutoAttack on the classifier alone, its
@@ -275,7 +290,7 @@ def worst_case(defense: str, control: str, n: int, offset: int, adaptive_n: int 
         config = WorstCaseConfig(n=n, offset=offset, adaptive_n=adaptive_n, survivors=survivors, seed=seed,
                                  eps=eps, defenses=list(dict.fromkeys(names)), iterations=iterations,
                                  base_iterations=base_iterations, targets=targets, base_queries=base_queries,
-                                 square_queries=square_queries, eot=eot, repeats=repeats,
+                                 square_queries=square_queries, eot=eot, stronger=stronger, repeats=repeats,
                                  surrogate_steps=surrogate_steps, aware_lambda=lam, eps_r=eps_r,
                                  repair_steps=repair_steps, repair_step_size=repair_step_size, views=views,
                                  level=level, chunk=chunk)

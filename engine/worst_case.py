@@ -15,6 +15,8 @@ resumes and a rerun with another budget recomputes only what that budget changes
 5. **worst case per image**: every final image is scored on the *real* defense (all steps, the early exit as
    shipped) ``repeats`` times with different seeds (the first is the CLI's seed, 0); an image counts as robust only
    if it is classified correctly under every attack every time. The figure is also given per repeat (mean ± std).
+6. **stronger** (optional): APGD-CE and APGD-DLR once more at a larger budget after all the others, which answers
+   the question every such table owes (does more budget lower the worst case?) on the same images.
 
 The attacks are AutoAttack's published implementation (``pyautoattack``); only the glue is here. The defenses are
 the eval's repair names (engine/repair_spec.py), or any ``Defense`` (tests use stand-ins).
@@ -95,12 +97,28 @@ class WorstCaseConfig:
     #                              left right (AutoAttack's own practice): the same worst case and figures per repeat
     #                              at a fraction of the cost where the transfer breaks most images; the attack rows
     #                              become cumulative
+    stronger: tuple[int, int] | None = None   # (iterations, eot): APGD-CE and APGD-DLR once more at this budget after
+    #                                           every other attack: does more budget lower the worst case? (with
+    #                                           survivors, on the images still standing only: a probe of a whole table
+    #                                           at the price of its last few images)
 
     def __post_init__(self) -> None:
         m = self.adaptive_n
         if m is not None and (not 0 < m <= self.n or (m % self.chunk and m != self.n)):
             raise ValueError(f"the attacks on the defense run on whole chunks of the first images: adaptive_n ({m}) "
                              f"must be a multiple of the chunk ({self.chunk}) and at most n ({self.n})")
+        if self.stronger is not None:
+            self.stronger = tuple(self.stronger)          # a list once read back from JSON
+            iterations, eot = self.stronger
+            if iterations < self.iterations or eot < self.eot or self.stronger == (self.iterations, self.eot):
+                raise ValueError(f"the stronger budget ({iterations} iterations, EOT {eot}) must not be below the "
+                                 f"table's ({self.iterations} iterations, EOT {self.eot}) in either, and above it in "
+                                 f"one")
+
+
+def stronger_name(attack: str, budget: tuple[int, int]) -> str:
+    """The row of an APGD run again at the stronger budget, e.g. ``apgd-ce (I 200, E 8)``."""
+    return f"{attack} (I {budget[0]}, E {budget[1]})"
 
 
 def named_defenses(pipeline: Pipeline, config: WorstCaseConfig) -> dict[str, Defense]:
@@ -181,6 +199,15 @@ class WorstCase:
             "square": {"classifier": classifier, "queries": config.square_queries, "every_image": True},
             "score": {"classifier": classifier, "repeats": config.repeats}}
         self.budgets["apgd-dlr"] = self.budgets["apgd-ce"]
+        # the table's rows in order, each with the attack it runs (a stronger row: an APGD at the stronger budget)
+        self.attack_of = {attack: attack for attack in ATTACKS_ON_DEFENSE}
+        if config.stronger:
+            iterations, eot = config.stronger
+            for attack in ("apgd-ce", "apgd-dlr"):
+                row = stronger_name(attack, config.stronger)
+                self.attack_of[row] = attack
+                self.budgets[row] = {**self.budgets[attack], "iterations": iterations, "eot": eot}
+        self.attacks = list(self.attack_of)
 
     def parts(self, stage: str, defense: Defense, of: dict | None = None) -> dict | None:
         """What a stage on ``defense`` depends on (None: the defense has no key; not kept). ``of``: a scoring's
@@ -188,10 +215,11 @@ class WorstCase:
         depends = defense.objective_key if stage == "aware" else defense.key
         if depends is None or (stage == "score" and of is None):
             return None
-        return {"stage": stage, "defense": depends, **self.budgets[stage], **({"of": of} if of else {})}
+        kind = self.attack_of.get(stage, stage)         # a stronger row is kept as its APGD at that budget
+        return {"stage": kind, "defense": depends, **self.budgets[stage], **({"of": of} if of else {})}
 
     def stages(self, adaptive: bool = True) -> list[str]:
-        attacks = (*ATTACKS_ON_DEFENSE[1:], "score") if adaptive else ("score",)
+        attacks = (*self.attacks[1:], "score") if adaptive else ("score",)
         return ["autoattack"] + [f"{attack} {name}" for name in self.defenses for attack in attacks]
 
     def base(self, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
@@ -212,10 +240,12 @@ class WorstCase:
 
     def attack_defense(self, name: str, defense: Defense, x: torch.Tensor, y: torch.Tensor,
                        seed: int) -> torch.Tensor:
-        cfg = self.cfg
-        if name in ("apgd-ce", "apgd-dlr"):
+        cfg, budget = self.cfg, self.budgets.get(name, {})
+        kind = self.attack_of.get(name, name)
+        if kind in ("apgd-ce", "apgd-dlr"):
             through = DefendedClassifier(self.p, bpda=True, seed=seed, repair=defense.surrogate or defense.repair)
-            return APGDEveryImage(through, cfg.eps, name.removeprefix("apgd-"), cfg.iterations, cfg.eot, seed)(x, y)
+            return APGDEveryImage(through, cfg.eps, kind.removeprefix("apgd-"), budget["iterations"], budget["eot"],
+                                  seed)(x, y)
         if name == "aware":
             return DefenseAwarePGD(self.classifier, defense.objective or self.p.objective, cfg.aware_lambda,
                                    cfg.eps, cfg.eps / 4, cfg.iterations, seed)(x, y)
@@ -264,7 +294,7 @@ class WorstCase:
             every = list(range(len(y)))
             standing = every                             # the images no attack has broken on every scoring
             scores, score_seconds, reused = {}, 0.0, True
-            for attack in ATTACKS_ON_DEFENSE if adaptive else ATTACKS_ON_DEFENSE[:1]:
+            for attack in self.attacks if adaptive else self.attacks[:1]:
                 on = standing if self.cfg.survivors and attack != "transfer" else every
                 scores[attack] = [[False] * len(y) for _ in range(self.cfg.repeats)]  # not attacked: broken every time
                 if not on:                               # every image broken already: nothing left to attack
@@ -345,7 +375,7 @@ def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path 
         chunks = for_each_claimed(list(starts), Claims(cache.folder if kept else None),
                                   lambda start: cache.name(chunk_parts(start)), chunk_of, poll_seconds, say=bar.write)
     base, outcomes, seconds, images_per_stage = [], {name: {a: [[] for _ in range(config.repeats)]
-                                                            for a in ATTACKS_ON_DEFENSE} for name in defenses}, {}, {}
+                                                            for a in runner.attacks} for name in defenses}, {}, {}
     for chunk in chunks:
         base += chunk["base"]
         for name, attacks in chunk["defenses"].items():

@@ -96,6 +96,10 @@ def markdown_table(result: dict) -> str:
     if cumulative:
         lines[0] += ("; each attack ran only on the images the rows above had not broken on every scoring "
                      "(--survivors): a row is the accuracy under it and all above it")
+    if cfg.get("stronger"):
+        iterations, eot = cfg["stronger"]
+        lines[0] += (f"; the rows marked (I {iterations}, E {eot}) ran APGD again at {iterations} iterations and EOT "
+                     f"{eot} after every other attack (--stronger)")
     lines += ["", "| worst case vs base (exact McNemar) | base right only | defense right only | p | verdict |",
               "|---|---|---|---|---|"]
     for d in names:

@@ -391,7 +391,8 @@ def test_survivors_give_cumulative_rows_and_the_worst_case_as_their_last(shipped
     assert "| + apgd-ce |" not in markdown_table(every)
 
 
-def test_the_command_passes_survivors_on(monkeypatch):
+def configs_read(monkeypatch) -> list:
+    """The configs the command builds from its options: its run is stopped there (exit 2, the message below)."""
     import engine.worst_case as wc
 
     configs = []
@@ -400,6 +401,11 @@ def test_the_command_passes_survivors_on(monkeypatch):
         configs.append(config)
         raise ValueError("stopped after reading the options")
     monkeypatch.setattr(wc, "run_worst_case", stop)
+    return configs
+
+
+def test_the_command_passes_survivors_on(monkeypatch):
+    configs = configs_read(monkeypatch)
     for flag in ([], ["--survivors"]):
         result = CliRunner().invoke(main, ["worst-case", "--n", "4", "--chunk", "4", *flag])
         assert result.exit_code == 2 and "stopped after reading the options" in result.output
