@@ -192,7 +192,7 @@ def parse_budget(text: str | None) -> tuple[int, int] | None:
     if text is None:
         return None
     parts = text.lower().replace("×", "x").split("x")
-    if len(parts) != 2 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+    if len(parts) != 2 or not all(p.strip().isascii() and p.strip().isdigit() and int(p) > 0 for p in parts):
         raise click.BadParameter(f"{text!r} is not ITERATIONSxEOT with both above 0, e.g. 200x8",
                                  param_hint="--stronger")
     return int(parts[0]), int(parts[1])
@@ -223,8 +223,9 @@ def parse_budget(text: str | None) -> tuple[int, int] | None:
               help="Repair samples averaged per APGD step through the defense.")
 @click.option("--stronger", callback=lambda ctx, param, text: parse_budget(text), default=None, metavar="IxE",
               help="After every other attack, APGD-CE and APGD-DLR once more at I iterations and EOT E (e.g. "
-                   "200x8): does more budget lower the worst case? With --survivors and a finished table's "
-                   "--stages, only its images still standing are attacked; every other stage is read back.")
+                   "200x8; at least --iterations and --eot): does more budget lower the worst case? Add it to a "
+                   "finished table's command: its chunks are read back, and with --survivors only the images still "
+                   "standing are attacked.")
 @click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
               help="Scorings of each final image on the real defense (seeds 0, 7919, …); robust = right every time.")
 @click.option("--targets", type=click.IntRange(1, 9), default=9, show_default=True,

@@ -72,15 +72,24 @@ class StageCache:
         """The name of the file ``parts``' output is kept in (without its suffix)."""
         return fingerprint({**parts, "environment": self.environment})
 
+    def path(self, parts: dict | None) -> Path | None:
+        """Where ``parts``' output is kept (None: nothing is kept)."""
+        if self.folder is None or parts is None:
+            return None
+        return self.folder / f"{self.prefix}{self.name(parts)}.pt"
+
+    def get(self, parts: dict | None) -> Stage | None:
+        """The output kept under ``parts``, or None; nothing is computed (nor counted)."""
+        path = self.path(parts)
+        saved = self.read(path) if path is not None and path.exists() else None
+        return None if saved is None else Stage(saved["output"], saved["seconds"], True)
+
     def run(self, parts: dict | None, compute: Callable[[], Any]) -> Stage:
         """``parts=None``: computed and not kept (what it depends on cannot be named)."""
-        path = None
-        if self.folder is not None and parts is not None:
-            path = self.folder / f"{self.prefix}{self.name(parts)}.pt"
-        saved = self.read(path) if path is not None and path.exists() else None
+        saved, path = self.get(parts), self.path(parts)
         if saved is not None:
             self.hits += 1
-            return Stage(saved["output"], saved["seconds"], True)
+            return saved
         self.misses += 1
         start = time.perf_counter()
         output = compute()

@@ -46,7 +46,7 @@ from .evaluate import EvalConfig, Evaluator, calibration_key, chunk_images, clas
 from .pipeline import Pipeline
 from .shared_work import Claims, for_each_claimed
 from .stage_cache import CHUNKS, StageCache
-from .worst_case_table import summarize, summarize_transfer
+from .worst_case_table import stronger_name, summarize, summarize_transfer
 from runtime.files import write_json
 
 RepairFn = Callable[[torch.Tensor, int], torch.Tensor]       # (images, seed) -> repaired images
@@ -109,16 +109,14 @@ class WorstCaseConfig:
                              f"must be a multiple of the chunk ({self.chunk}) and at most n ({self.n})")
         if self.stronger is not None:
             self.stronger = tuple(self.stronger)          # a list once read back from JSON
+            if len(self.stronger) != 2 or not all(isinstance(v, int) and v > 0 for v in self.stronger):
+                raise ValueError(f"the stronger budget is (iterations, eot), two integers above 0, not "
+                                 f"{self.stronger}")
             iterations, eot = self.stronger
             if iterations < self.iterations or eot < self.eot or self.stronger == (self.iterations, self.eot):
-                raise ValueError(f"the stronger budget ({iterations} iterations, EOT {eot}) must not be below the "
-                                 f"table's ({self.iterations} iterations, EOT {self.eot}) in either, and above it in "
-                                 f"one")
-
-
-def stronger_name(attack: str, budget: tuple[int, int]) -> str:
-    """The row of an APGD run again at the stronger budget, e.g. ``apgd-ce (I 200, E 8)``."""
-    return f"{attack} (I {budget[0]}, E {budget[1]})"
+                raise ValueError(f"the stronger budget ({iterations} iterations, EOT {eot}) must be at least the "
+                                 f"table's ({self.iterations} iterations, EOT {self.eot}) in both, and above it in "
+                                 f"at least one")
 
 
 def named_defenses(pipeline: Pipeline, config: WorstCaseConfig) -> dict[str, Defense]:
@@ -199,6 +197,7 @@ class WorstCase:
             "square": {"classifier": classifier, "queries": config.square_queries, "every_image": True},
             "score": {"classifier": classifier, "repeats": config.repeats}}
         self.budgets["apgd-dlr"] = self.budgets["apgd-ce"]
+        self.table_budgets = dict(self.budgets)          # those of the table without the stronger rows
         # the table's rows in order, each with the attack it runs (a stronger row: an APGD at the stronger budget)
         self.attack_of = {attack: attack for attack in ATTACKS_ON_DEFENSE}
         if config.stronger:
@@ -240,9 +239,9 @@ class WorstCase:
 
     def attack_defense(self, name: str, defense: Defense, x: torch.Tensor, y: torch.Tensor,
                        seed: int) -> torch.Tensor:
-        cfg, budget = self.cfg, self.budgets.get(name, {})
-        kind = self.attack_of.get(name, name)
-        if kind in ("apgd-ce", "apgd-dlr"):
+        cfg, kind = self.cfg, self.attack_of.get(name, name)
+        if kind in ("apgd-ce", "apgd-dlr"):              # a stronger row: its budget, from the same random start
+            budget = self.budgets[name]
             through = DefendedClassifier(self.p, bpda=True, seed=seed, repair=defense.surrogate or defense.repair)
             return APGDEveryImage(through, cfg.eps, kind.removeprefix("apgd-"), budget["iterations"], budget["eot"],
                                   seed)(x, y)
@@ -262,10 +261,12 @@ class WorstCase:
 
     def run_chunk(self, x: torch.Tensor, y: torch.Tensor, images: str, seed: int,
                   advance: Callable[[str, bool], None], adaptive: bool = True,
-                  begin: Callable[[str], None] = lambda stage: None) -> dict:
+                  begin: Callable[[str], None] = lambda stage: None, known: dict | None = None) -> dict:
         """``images`` names the chunk's images (it keys their stages in the cache); ``seed`` seeds its attacks;
         ``begin(stage)`` is called before a stage is computed (not when it is read back), ``advance(stage, reused)``
-        after each stage. ``adaptive=False``: the base and its transfer only."""
+        after each stage. ``adaptive=False``: the base and its transfer only. ``known``: this chunk's outcomes from
+        the table without the stronger rows (its chunk record), whose rows are taken as they are: only the stronger
+        rows are computed, so a clone that holds the chunk records alone probes a table as cheaply as its machine."""
         seconds: dict[str, float] = {}
         common = {"images": images, "seed": seed, "eps": self.cfg.eps}
         where = lambda parts: None if parts is None else {**common, **parts}
@@ -286,15 +287,26 @@ class WorstCase:
 
         x, y = x.to(self.p.device), y.to(self.p.device)
         made = {"stage": "autoattack", **self.budgets["autoattack"]}
-        x_base = attacked("autoattack", made, x, lambda: self.base(x, y, seed))
-        with torch.no_grad():
-            base = (self.p.predict(x_base) == y).tolist()
+        if known is None:
+            x_base = attacked("autoattack", made, x, lambda: self.base(x, y, seed))
+            with torch.no_grad():
+                base = (self.p.predict(x_base) == y).tolist()
+        else:
+            base, seconds = known["base"], dict(known["seconds"])
+            advance("autoattack", True)
         outcomes = {}
         for name, defense in self.defenses.items():
             every = list(range(len(y)))
             standing = every                             # the images no attack has broken on every scoring
-            scores, score_seconds, reused = {}, 0.0, True
+            scores, reused = {}, True
+            score_seconds = seconds.get(f"score {name}", 0.0)          # the known rows' scorings
             for attack in self.attacks if adaptive else self.attacks[:1]:
+                if known is not None and attack in known["defenses"][name]:
+                    scores[attack] = known["defenses"][name][attack]
+                    if attack != "transfer":             # (the transfer is no stage of its own: AutoAttack's images)
+                        advance(f"{attack} {name}", True)
+                    standing = [i for i in standing if any(run[i] for run in scores[attack])]
+                    continue
                 on = standing if self.cfg.survivors and attack != "transfer" else every
                 scores[attack] = [[False] * len(y) for _ in range(self.cfg.repeats)]  # not attacked: broken every time
                 if not on:                               # every image broken already: nothing left to attack
@@ -357,17 +369,21 @@ def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path 
         images = lambda start: chunk_images(idx, start, config.chunk, data_root)
         # a defense without a key is not kept: then there is nothing to read back, and nothing is claimed
         kept = all(d.key is not None and d.objective_key is not None for d in defenses.values())
-        chunk_parts = lambda start: {"worst-case chunk": images(start), "seed": config.seed + config.offset + start,
-                                     "eps": config.eps, "adaptive": start < adaptive_n, "budgets": runner.budgets,
-                                     "defenses": [[d.key, d.objective_key] for d in defenses.values()],
-                                     **({"survivors": True} if config.survivors else {})}
+        chunk_parts = lambda start, budgets=runner.budgets: {
+            "worst-case chunk": images(start), "seed": config.seed + config.offset + start, "eps": config.eps,
+            "adaptive": start < adaptive_n, "budgets": budgets,
+            "defenses": [[d.key, d.objective_key] for d in defenses.values()],
+            **({"survivors": True} if config.survivors else {})}
 
         def chunk_of(start: int) -> dict:
             part, adaptive = slice(start, start + config.chunk), start < adaptive_n
+            # --stronger: the table's own chunk (the same command without it) is read, and only the new rows run
+            table = records.get(chunk_parts(start, runner.table_budgets)) if config.stronger and kept else None
             done = records.run(chunk_parts(start) if kept else None,
                                lambda: runner.run_chunk(x[part], y[part], images(start),
                                                         config.seed + config.offset + start, advance, adaptive,
-                                                        begin=bar.set_postfix_str))
+                                                        begin=bar.set_postfix_str,
+                                                        known=table and table.output))
             if done.reused:                              # every stage of it
                 skipped(len(runner.stages(adaptive)))
             return done.output

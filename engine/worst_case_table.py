@@ -8,6 +8,11 @@ import statistics
 from .evaluate import mcnemar_exact, wilson_interval
 
 
+def stronger_name(attack: str, budget: tuple[int, int]) -> str:
+    """The row of an APGD run once more at the stronger budget (iterations, eot), e.g. ``apgd-ce (I 200, E 8)``."""
+    return f"{attack} (I {budget[0]}, E {budget[1]})"
+
+
 def verdict(test: dict, alpha: float = 0.05, better: str = "improves", worse: str = "weakens") -> str:
     """``better`` / ``worse`` at 95 % (exact McNemar, a = the reference, b = the defense's worst case), or neither;
     against the base: improves / weakens it."""
@@ -98,8 +103,8 @@ def markdown_table(result: dict) -> str:
                      "(--survivors): a row is the accuracy under it and all above it")
     if cfg.get("stronger"):
         iterations, eot = cfg["stronger"]
-        lines[0] += (f"; the rows marked (I {iterations}, E {eot}) ran APGD again at {iterations} iterations and EOT "
-                     f"{eot} after every other attack (--stronger)")
+        lines[0] += (f"; {stronger_name('apgd-ce', cfg['stronger'])} and its DLR twin: APGD once more at {iterations} "
+                     f"iterations and EOT {eot} after every other attack (--stronger)")
     lines += ["", "| worst case vs base (exact McNemar) | base right only | defense right only | p | verdict |",
               "|---|---|---|---|---|"]
     for d in names:

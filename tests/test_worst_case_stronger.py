@@ -43,12 +43,15 @@ def test_the_stronger_rows_attack_what_still_stands_at_their_own_budget(shipped,
     assert budgets == [("ce", 2, 2), ("dlr", 2, 2), ("ce", 3, 3), ("dlr", 3, 3)]
     assert list(out["defenses"]["grey"]) == [*wc.ATTACKS_ON_DEFENSE, *ROWS]
     assert runner.stages() == ["autoattack", *[f"{a} grey" for a in [*wc.ATTACKS_ON_DEFENSE[1:], *ROWS, "score"]]]
+    kept = lambda row: runner.parts(row, runner.defenses["grey"])
+    assert kept(ROWS[0]) == {**kept("apgd-ce"), "iterations": 3, "eot": 3}     # kept as APGD-CE at that budget
 
 
 def test_a_finished_table_is_probed_at_the_price_of_its_standing_images(shipped, fake_test_set, tmp_path,
                                                                          monkeypatch):
-    """Every stage of the finished table is read back; only the stronger rows run, on the chunks where an image
-    still stands; the worst case can only fall, and the table says how its last rows were made."""
+    """From the table's chunk records alone (what a clone holds: the attacked images are not committed), only the
+    stronger rows run, on the chunks where an image still stands; the table's rows are the same, the worst case can
+    only fall, and the table says how its last rows were made."""
     import engine.worst_case as wc
     from engine.worst_case_table import markdown_table
 
@@ -56,10 +59,14 @@ def test_a_finished_table_is_probed_at_the_price_of_its_standing_images(shipped,
     run = lambda **options: wc.run_worst_case(shipped, wc.WorstCaseConfig(**TINY, survivors=True, **options),
                                               progress=False, defenses=defenses, cache_dir=tmp_path)
     table = run()
+    for path in tmp_path.iterdir():
+        if not path.name.startswith("chunk-"):
+            path.unlink()
     calls = counting_attacks(monkeypatch)
     probed = run(stronger=STRONGER)
     standing = table["defenses"]["identity"]["worst_correct"]      # deterministic: right on one scoring = on all
     chunks = [standing[i:i + TINY["chunk"]] for i in range(0, TINY["n"], TINY["chunk"])]
+    assert any(standing)                                        # the stronger rows have something to attack
     assert calls == [row for chunk in chunks if any(chunk) for row in ROWS]
     before, after = table["defenses"]["identity"], probed["defenses"]["identity"]
     assert probed["base"] == table["base"] and list(after["attacks"]) == [*wc.ATTACKS_ON_DEFENSE, *ROWS]
@@ -75,9 +82,10 @@ def test_the_command_reads_the_stronger_budget_and_refuses_a_weaker_one(monkeypa
     result = invoke("--stronger", "200x8")
     assert result.exit_code == 2 and "stopped after reading the options" in result.output
     assert configs[0].stronger == (200, 8)
-    for wrong, message in (("200", "not ITERATIONSxEOT"), ("0x8", "not ITERATIONSxEOT"),
-                           ("50x8", "must not be below the table's (100 iterations, EOT 4)"),
-                           ("100x4", "above it in one")):
+    for wrong, message in (("200", "not ITERATIONSxEOT"), ("0x8", "not ITERATIONSxEOT"), ("2²x8", "ITERATIONSxEOT"),
+                           ("50x8", "must be at least the table's (100 iterations, EOT 4)"),
+                           ("100x4", "above it in at least one")):
         result = invoke("--stronger", wrong)
         assert result.exit_code == 2 and message in result.output, (wrong, result.output)
-    assert len(configs) == 1
+    assert invoke("--stronger", "200x4").exit_code == 2 and configs[-1].stronger == (200, 4)   # more iterations only
+    assert len(configs) == 2
