@@ -1,0 +1,47 @@
+"""The committed worst-case tables come back from their committed chunk records, with nothing computed: the commands
+docs/results.md gives still name the same keys (a change to what a key holds would silently make hours of committed
+runs unreadable), and today's bookkeeping still makes the same tables of them."""
+import json
+import shutil
+
+import pytest
+from click.testing import CliRunner
+
+from cli import main
+from tests.conftest import ROOT, needs_cifar, needs_shipped
+
+pytest.importorskip("pyautoattack", reason="needs AutoAttack (pip install -e '.[attacks]')")
+pytestmark = [needs_shipped, needs_cifar]
+
+RESULTS = ROOT / "results" / "worst_case"
+# every key holds the versions the records were made with (engine/stage_cache.py): elsewhere they are not found
+RECORDED_WITH = {"cache": 1, "torch": "2.14.1+cu130", "mssl-repair": "0.1.0", "pyautoattack": "0.2.0"}
+BUDGET = ["--chunk", "25", "--threads", "1", "--n", "1000", "--adaptive-n", "500", "--iterations", "100", "--eot", "4",
+          "--square-queries", "200", "--quiet"]
+TABLES = {                                                # docs/results.md's commands, output options aside
+    "cifar10_default": BUDGET,
+    "cifar10_joint_standard": ["--weights", str(ROOT / "weights" / "joint-standard"), "--repair", "mtl-joint",
+                               "--views", "2", "--repair-steps", "20", "--survivors", *BUDGET],
+}
+
+
+@pytest.mark.parametrize("table", TABLES)
+def test_a_committed_table_is_read_back_from_its_chunk_records(table, tmp_path, monkeypatch):
+    import engine.worst_case as wc
+    from engine.stage_cache import _environment
+
+    if _environment() != RECORDED_WITH:
+        pytest.skip(f"the committed chunk records are keyed by {RECORDED_WITH}, this is {_environment()}")
+    stages = tmp_path / "stages"                          # a copy: the run writes its claims beside the records
+    stages.mkdir()
+    for record in (RESULTS / "stages").glob("chunk-*.pt"):
+        shutil.copy(record, stages)
+
+    def recomputed(*args, **kw):
+        raise AssertionError("a committed chunk was computed again: its key has changed")
+    monkeypatch.setattr(wc.WorstCase, "run_chunk", recomputed)
+    result = CliRunner().invoke(main, ["worst-case", *TABLES[table], "--stages", str(stages),
+                                       "--json", str(tmp_path / "w.json"), "--markdown", str(tmp_path / "w.md")])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "w.json").read_text()) == json.loads((RESULTS / f"{table}.json").read_text())
+    assert (tmp_path / "w.md").read_text() == (RESULTS / f"{table}.md").read_text()
