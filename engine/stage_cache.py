@@ -80,13 +80,16 @@ class StageCache:
 
     def get(self, parts: dict | None) -> Stage | None:
         """The output kept under ``parts``, or None; nothing is computed (nor counted)."""
-        path = self.path(parts)
+        return self._kept(self.path(parts))
+
+    def _kept(self, path: Path | None) -> Stage | None:
         saved = self.read(path) if path is not None and path.exists() else None
         return None if saved is None else Stage(saved["output"], saved["seconds"], True)
 
     def run(self, parts: dict | None, compute: Callable[[], Any]) -> Stage:
         """``parts=None``: computed and not kept (what it depends on cannot be named)."""
-        saved, path = self.get(parts), self.path(parts)
+        path = self.path(parts)
+        saved = self._kept(path)
         if saved is not None:
             self.hits += 1
             return saved

@@ -100,7 +100,7 @@ class WorstCaseConfig:
     stronger: tuple[int, int] | None = None   # (iterations, eot): APGD-CE and APGD-DLR once more at this budget after
     #                                           every other attack: does more budget lower the worst case? (with
     #                                           survivors, on the images still standing only: a probe of a whole table
-    #                                           at the price of its last few images)
+    #                                           at the price of the images right on some scoring of every attack)
 
     def __post_init__(self) -> None:
         m = self.adaptive_n
@@ -377,13 +377,16 @@ def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path 
 
         def chunk_of(start: int) -> dict:
             part, adaptive = slice(start, start + config.chunk), start < adaptive_n
-            # --stronger: the table's own chunk (the same command without it) is read, and only the new rows run
-            table = records.get(chunk_parts(start, runner.table_budgets)) if config.stronger and kept else None
+
+            def table() -> dict | None:
+                """--stronger: the table's own chunk (the same command without it), whose rows are not run again;
+                read only where this chunk's own record is missing."""
+                found = records.get(chunk_parts(start, runner.table_budgets)) if config.stronger and kept else None
+                return found and found.output
             done = records.run(chunk_parts(start) if kept else None,
                                lambda: runner.run_chunk(x[part], y[part], images(start),
                                                         config.seed + config.offset + start, advance, adaptive,
-                                                        begin=bar.set_postfix_str,
-                                                        known=table and table.output))
+                                                        begin=bar.set_postfix_str, known=table()))
             if done.reused:                              # every stage of it
                 skipped(len(runner.stages(adaptive)))
             return done.output

@@ -1,6 +1,6 @@
-"""The committed worst-case tables (and the probe of one) come back from their committed chunk records, with nothing computed: the commands
-docs/results.md gives still name the same keys (a change to what a key holds would silently make hours of committed
-runs unreadable), and today's bookkeeping still makes the same tables of them."""
+"""The committed worst-case tables (and the probe of one) come back from their committed chunk records, with nothing
+computed: the commands docs/results.md gives still name the same keys (a change to what a key holds would silently
+make hours of committed runs unreadable), and today's bookkeeping still makes the same tables of them."""
 import json
 import shutil
 
