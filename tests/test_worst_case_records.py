@@ -27,15 +27,17 @@ IMAGENETTE = os.environ.get("IMAGENETTE_ROOT")
 needs_imagenette = pytest.mark.skipif(not (IMAGENETTE and (Path(IMAGENETTE) / "val").is_dir()),
                                       reason="IMAGENETTE_ROOT is not set to the whole Imagenette set "
                                              "(../shared/data/imagenette/README.md says where it comes from)")
-IMAGENETTE_TABLE = ["--weights", str(ROOT / "weights" / "imagenette"), "--data", str(IMAGENETTE), "--eps", "4/255",
-                    "--survivors", "--chunk", "25", "--threads", "1", "--n", "500", "--iterations", "20", "--eot", "1",
-                    "--square-queries", "200", "--quiet"]
+IMAGENETTE_BUDGET = ["--weights", str(ROOT / "weights" / "imagenette"), "--data", str(IMAGENETTE), "--eps", "4/255",
+                     "--survivors", "--chunk", "25", "--threads", "1", "--iterations", "20", "--eot", "1",
+                     "--square-queries", "200", "--quiet"]
 committed = lambda name, command, needs: pytest.param(name, command, marks=needs, id=name)
 TABLES = [                                                # docs/results.md's commands, output options aside
     committed("cifar10_default", TABLE, needs_cifar),
     committed("cifar10_joint_standard", [*JOINT, *TABLE], needs_cifar),
     committed("probe_joint_stronger_i200_e8", [*JOINT, "--n", "100", *BUDGET, "--stronger", "200x8"], needs_cifar),
-    committed("imagenette_default", IMAGENETTE_TABLE, needs_imagenette),
+    committed("imagenette_default", [*IMAGENETTE_BUDGET, "--n", "500"], needs_imagenette),
+    committed("probe_imagenette_stronger_i100_e4", [*IMAGENETTE_BUDGET, "--n", "100", "--stronger", "100x4"],
+              needs_imagenette),
 ]
 
 
