@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from runtime.cli import FRACTION, checked_eps, default_threads
+from runtime.cli import FRACTION, checked_eps, default_threads, max_pixels_option
 
 from .common import check_device, load_checked, option_group, parse_alpha, parse_tasks, weights_option
 
@@ -63,6 +63,7 @@ REPAIR_SETTINGS = [
                  help="Centre-crop and scale images that are not S×S (S: the model set's size) instead of reporting "
                       "an error. Default: as the model set was trained (on for a set trained on a folder of photos, "
                       "off for CIFAR-10's)."),
+    max_pixels_option(),
 ]
 
 
@@ -132,7 +133,8 @@ def repair(input_dir: Path, output_dir: Path, batch_size: int, overwrite: bool, 
                           batch_size=batch_size, early_exit=settings["early_exit"])
     try:
         if ray_options is None:
-            report = repair_folder(pipeline, input_dir, output_dir, config, resize, overwrite, not quiet, resume)
+            report = repair_folder(pipeline, input_dir, output_dir, config, resize, overwrite, not quiet, resume,
+                                   max_pixels=settings["max_pixels"])
         else:
             import functools
 
@@ -142,7 +144,8 @@ def repair(input_dir: Path, output_dir: Path, batch_size: int, overwrite: bool, 
             # each actor loads what the driver loaded (the export cache, if any, is already written)
             load = functools.partial(load_exported_pipeline, **load_options)
             report = repair_folder_on_ray(pipeline, load, input_dir, output_dir, config, resize, overwrite,
-                                          not quiet, load_options["threads"], resume, **ray_options)
+                                          not quiet, load_options["threads"], resume,
+                                          max_pixels=settings["max_pixels"], **ray_options)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     for line, to_stderr in summary_lines(report, output_dir):

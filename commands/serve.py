@@ -42,6 +42,17 @@ BUNDLE_FIXED = ("weights", "tasks", "classifier_file", "alpha", "views", "object
               help="A request not repaired within this time is answered 504.")
 @click.option("--max-body-mb", type=click.FloatRange(min=0, min_open=True), default=20, show_default=True,
               help="Larger request bodies are refused (413).")
+@click.option("--max-pending-mb", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="Bodies a replica holds received and not yet decoded, over all its requests; an upload past it is "
+                   "refused (503). Default: 4 × --max-body-mb.")
+@click.option("--receive-timeout-s", type=click.FloatRange(min=0, min_open=True), default=30, show_default=True,
+              help="A body not received within this time is answered 408 (a client that declares a body and "
+                   "never sends it).")
+@click.option("--large-decodes", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="Images of over 4 MP decoded at once on a replica (as many more may wait; more are refused, "
+                   "503); smaller ones decode in a lane of their own. Memory: docs/serving.md.")
+@click.option("--keep-alive-s", type=click.IntRange(min=1), default=5, show_default=True,
+              help="How long Serve's proxy keeps an idle client connection open.")
 @click.option("--ray-address", default=None,
               help="The Ray cluster to join (auto: the one running here; default: start a local one).")
 @click.pass_context
@@ -81,6 +92,7 @@ def _serving(ctx: click.Context):
     """(make_repair, ServiceSettings, Deployment) from `serve`'s parsed options; usage errors before Ray starts."""
     try:
         from runtime import serve as service
+        from runtime.uploads import UploadLimits
     except ImportError as e:
         raise click.UsageError(f"serve needs Ray Serve, which is not installed ({e}): "
                                "pip install 'mssl-repair[serve]'") from None
@@ -93,11 +105,20 @@ def _serving(ctx: click.Context):
     check_device(settings["device"])
     gpus = options["replica_gpus"] if options["replica_gpus"] is not None else int(settings["device"] == "cuda")
     queued = options["max_queued"] if options["max_queued"] is not None else options["max_batch_size"]
+    body = int(options["max_body_mb"] * 2**20)
+    pending = 4 * body if options["max_pending_mb"] is None else int(options["max_pending_mb"] * 2**20)
+    try:
+        uploads = UploadLimits(max_body_bytes=body, max_pending_bytes=pending,
+                               receive_timeout_s=options["receive_timeout_s"], max_pixels=settings.pop("max_pixels"),
+                               large_decodes=options["large_decodes"])
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--max-pending-mb") from None
     limits = dict(max_batch_size=options["max_batch_size"], batch_wait_ms=options["batch_wait_ms"], max_queued=queued,
-                  timeout_s=options["timeout_s"], max_body_bytes=int(options["max_body_mb"] * 2**20))
+                  timeout_s=options["timeout_s"], uploads=uploads)
     make_repair, service_settings = (_bundle_service(ctx, options["bundle_dir"], settings, limits)
                                      if options["bundle_dir"] else _torch_service(settings, limits))
-    where = service.Deployment(options["host"], options["port"], options["replicas"], options["replica_cpus"], gpus)
+    where = service.Deployment(options["host"], options["port"], options["replicas"], options["replica_cpus"], gpus,
+                               options["keep_alive_s"])
     return make_repair, service_settings, where
 
 

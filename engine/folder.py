@@ -9,6 +9,7 @@ from typing import Callable
 import torch
 
 from runtime import folder
+from runtime.decode_policy import MAX_PIXELS
 
 from .imageio import quantize
 from .pipeline import Pipeline
@@ -37,12 +38,13 @@ def report_config(pipeline: Pipeline, config: RepairConfig) -> dict:
 
 
 def repair_folder(pipeline: Pipeline, input_dir: Path, output_dir: Path, config: RepairConfig,
-                  resize: bool = False, overwrite: bool = False, progress: bool = True, resume: bool = False) -> dict:
+                  resize: bool = False, overwrite: bool = False, progress: bool = True, resume: bool = False, *,
+                  max_pixels: int = MAX_PIXELS) -> dict:
     """Repair every readable image under ``input_dir``; returns the report (also written to ``output_dir``).
-    ``resume``: finish a stopped run of the same settings."""
+    ``resume``: finish a stopped run of the same settings; ``max_pixels``: the decode policy's limit."""
     return folder.repair_folder(lambda x: repair_batch(pipeline, torch.from_numpy(x), config), input_dir,
                                 output_dir, report_config(pipeline, config), config.batch_size, resize, overwrite,
-                                progress, resume)
+                                progress, resume, max_pixels=max_pixels)
 
 
 @dataclass
@@ -65,7 +67,7 @@ def repair_folder_on_ray(pipeline: Pipeline, load: Callable[[], Pipeline], input
                          threads: int | None = None, resume: bool = False, **ray_options) -> dict:
     """``repair_folder`` with the repair on Ray Data actors, each loading its pipeline with ``load()`` (the same
     one as ``pipeline``, which gives the report's config). ``ray_options``: address, workers, worker_cpus,
-    worker_gpus of ``runtime.ray_folder.repair_folder_ray``."""
+    worker_gpus, max_pixels of ``runtime.ray_folder.repair_folder_ray``."""
     from runtime.ray_folder import repair_folder_ray
 
     return repair_folder_ray(BatchRepairFactory(load, config, threads), input_dir, output_dir,

@@ -35,6 +35,23 @@ class Fraction(click.ParamType):
 
 
 FRACTION = Fraction()
+
+
+def max_pixels_option():
+    """``--max-pixels``: the decode policy's limit (runtime/decode_policy.py), the same for every command that reads
+    images."""
+    from .decode_policy import MAX_PIXELS, check_max_pixels
+
+    def checked(ctx, param, value: int) -> int:
+        try:
+            return check_max_pixels(value)
+        except ValueError as e:
+            raise click.BadParameter(str(e).removeprefix(f"--max-pixels {value}: ")) from None
+
+    return click.option("--max-pixels", type=int, default=MAX_PIXELS, show_default=True, callback=checked,
+                        help="An image whose header states more pixels is refused before it is decoded (an error "
+                             "row; 413 from the service): a 48 KB PNG can claim 20000×20000. Formats read: PNG, "
+                             "JPEG, BMP, WebP, TIFF, GIF (first frame).")
 MAX_EPS = 64 / 255          # beyond this an L∞ "repair" repaints the image (measured: --eps 2 turned it to noise)
 
 
@@ -91,13 +108,15 @@ def main() -> None:
 @click.option("--resize/--no-resize", default=None,
               help="Centre-crop and scale images that are not S×S (S: the bundle's size) instead of reporting an "
                    "error. Default: as the model set was trained (on for a set trained on a folder of photos).")
+@max_pixels_option()
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs and reports.")
 @click.option("--resume", is_flag=True,
               help="Finish a stopped run into the same --output with the same options (report.jsonl).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def repair(bundle_dir: Path, input_dir: Path, output_dir: Path, eps: float, steps: int, step_size: float, seed: int,
            batch_size: int, gate_fpr: float | None, early_exit: bool, threads: int | None,
-           allow_large_eps: bool, resize: bool | None, overwrite: bool, resume: bool, quiet: bool) -> None:
+           allow_large_eps: bool, resize: bool | None, max_pixels: int, overwrite: bool, resume: bool,
+           quiet: bool) -> None:
     """Repair every image under INPUT into OUTPUT (same relative paths, lossless PNG) with a report."""
     from .bundle import Bundle, BundleRepair
     from .folder import check_folders, repair_folder, summary_lines
@@ -115,7 +134,7 @@ def repair(bundle_dir: Path, input_dir: Path, output_dir: Path, eps: float, step
     resize = bundle.resize if resize is None else resize
     try:
         report = repair_folder(settings.on(bundle), input_dir, output_dir, config, batch_size, resize, overwrite,
-                               not quiet, resume)
+                               not quiet, resume, max_pixels=max_pixels)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     for line, to_stderr in summary_lines(report, output_dir):

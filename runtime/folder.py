@@ -16,7 +16,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .files import write_csv, write_json
-from .imageio import IMAGE_EXTENSIONS, SIZE, ImageRecord, encode_png, input_root, read_folder, write_png
+from .imageio import (IMAGE_EXTENSIONS, MAX_PIXELS, SIZE, ImageRecord, encode_png, input_root, read_folder,
+                      write_png)
 from .journal import JOURNAL, Journal, done_rows
 
 REPORT_FILES = ("report.json", "report.csv")
@@ -93,13 +94,13 @@ class FolderPlan:
 
 
 def plan_folder(input_dir: Path, output_dir: Path, config: dict, resize: bool = False, overwrite: bool = False,
-                resume: bool = False, keep_images: bool = True) -> FolderPlan:
+                resume: bool = False, keep_images: bool = True, *, max_pixels: int = MAX_PIXELS) -> FolderPlan:
     """Check the folders, read (or with ``keep_images=False`` only validate) every input at the repair's
-    ``config["size"]`` (default 32), assign outputs, and open the journal; with ``resume``, the images an earlier
-    run of ``config`` finished are done already."""
+    ``config["size"]`` (default 32) under the decode policy's ``max_pixels``, assign outputs, and open the journal;
+    with ``resume``, the images an earlier run of ``config`` finished are done already."""
     check_folders(input_dir, output_dir, overwrite, resume)
     done = done_rows(output_dir, config) if resume else {}
-    records = read_folder(input_dir, resize, keep_images, config.get("size", SIZE))
+    records = read_folder(input_dir, resize, keep_images, config.get("size", SIZE), max_pixels=max_pixels)
     if not records:
         raise ValueError(f"no files under {input_dir} (looked recursively for images)")
     if all(rec.skipped for rec in records):
@@ -156,12 +157,13 @@ def finish_report(plan: FolderPlan, config: dict, output_dir: Path, seconds: flo
 
 
 def repair_folder(repair_batch: BatchRepair, input_dir: Path, output_dir: Path, config: dict, batch_size: int,
-                  resize: bool = False, overwrite: bool = False, progress: bool = True, resume: bool = False) -> dict:
+                  resize: bool = False, overwrite: bool = False, progress: bool = True, resume: bool = False, *,
+                  max_pixels: int = MAX_PIXELS) -> dict:
     """Repair every readable image under ``input_dir`` with ``repair_batch``, ``batch_size`` images at a time;
     returns the report (also written to ``output_dir``), whose "config" is ``config``. ``resume``: finish a
-    stopped run of the same config (runtime/journal.py)."""
+    stopped run of the same config (runtime/journal.py); ``max_pixels``: the decode policy's limit."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    plan = plan_folder(input_dir, output_dir, config, resize, overwrite, resume)
+    plan = plan_folder(input_dir, output_dir, config, resize, overwrite, resume, max_pixels=max_pixels)
     start = time.time()
     with tqdm(total=len(plan.todo), unit="img", desc="repair", disable=not progress) as bar:
         for i in range(0, len(plan.todo), batch_size):

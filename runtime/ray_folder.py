@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .folder import BatchRepair, finish_report, plan_folder, repaired_this_run, save_repaired
-from .imageio import SIZE, ImageError, input_root, read_image
+from .imageio import MAX_PIXELS, SIZE, ImageError, input_root, read_image
 
 EXTRA = "pip install 'mssl-repair[ray]' (Ray Data: ray[data])"
 
@@ -51,8 +51,9 @@ class RepairActor:
     Each output row carries the time the actor's engine was ready, from which the driver tells Ray's start-up
     apart from the repair."""
 
-    def __init__(self, make_repair: Callable[[], BatchRepair], resize: bool, size: int = SIZE) -> None:
-        self.make_repair, self.resize, self.size = make_repair, resize, size
+    def __init__(self, make_repair: Callable[[], BatchRepair], resize: bool, size: int = SIZE,
+                 max_pixels: int = MAX_PIXELS) -> None:
+        self.make_repair, self.resize, self.size, self.max_pixels = make_repair, resize, size, max_pixels
         self.repair: BatchRepair | None = None
         self.ready_at = 0.0
 
@@ -65,7 +66,7 @@ class RepairActor:
         images, errors = [], []
         for path in batch["path"]:
             try:
-                images.append(read_image(Path(path), self.resize, self.size)[0])
+                images.append(read_image(Path(path), self.resize, self.size, max_pixels=self.max_pixels)[0])
                 errors.append("")
             except ImageError as e:                 # the file changed between planning and repair
                 images.append(None)
@@ -94,7 +95,7 @@ def connect_ray(ray, address: str | None) -> None:
 def repair_folder_ray(make_repair: Callable[[], BatchRepair], input_dir: Path, output_dir: Path, config: dict,
                       batch_size: int, resize: bool = False, overwrite: bool = False, progress: bool = True,
                       address: str | None = None, workers: int | None = None, worker_cpus: float = 1,
-                      worker_gpus: float = 0, resume: bool = False) -> dict:
+                      worker_gpus: float = 0, resume: bool = False, max_pixels: int = MAX_PIXELS) -> dict:
     """``repair_folder`` on Ray Data: ``workers`` actors (default: as many as the cluster's CPUs allow at
     ``worker_cpus`` each), each with ``worker_cpus`` CPUs and ``worker_gpus`` GPUs, on the cluster at ``address``
     (None: the one this process is connected to, else a new local one; "auto": a running cluster)."""
@@ -110,7 +111,8 @@ def repair_folder_ray(make_repair: Callable[[], BatchRepair], input_dir: Path, o
         quiet_ray_logs()
         connect_ray(ray, address)
     try:
-        plan = plan_folder(input_dir, output_dir, config, resize, overwrite, resume, keep_images=False)
+        plan = plan_folder(input_dir, output_dir, config, resize, overwrite, resume, keep_images=False,
+                           max_pixels=max_pixels)
         if plan.todo:
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars, context.print_on_execution_start = False, False
@@ -119,7 +121,7 @@ def repair_folder_ray(make_repair: Callable[[], BatchRepair], input_dir: Path, o
             with warnings.catch_warnings():     # max_restarts goes through ray_remote_args, deprecated from 2.60
                 warnings.simplefilter("ignore", DeprecationWarning)
                 results = ray.data.from_arrow(path_blocks(plan.todo, input_root(input_dir), batch_size)).map_batches(
-                    RepairActor, fn_constructor_args=(make_repair, resize, config.get("size", SIZE)),
+                    RepairActor, fn_constructor_args=(make_repair, resize, config.get("size", SIZE), max_pixels),
                     batch_size=batch_size,
                     compute=ray.data.ActorPoolStrategy(size=workers), num_cpus=worker_cpus, num_gpus=worker_gpus,
                     batch_format="numpy", max_restarts=0)   # an actor that dies fails the run: no silent retry

@@ -13,20 +13,22 @@ an exported bundle here in the runtime, which never imports PyTorch) and answers
 
 Requests that arrive together are repaired as one batch (``Batcher``) on a worker thread, so the event loop
 collects the next batch meanwhile. An image's repair never depends on its batch-mates (docs/design.md, principle 3):
-a served PNG is the CLI's, whatever it was batched with. Bad input is answered with a status and a message and never
-reaches a batch; a batch that fails is repaired again one image at a time, so only the image at fault fails.
+a served PNG is the CLI's, whatever it was batched with. Uploads are received and decoded within bounds of bytes,
+time and pixels, off the event loop (runtime/uploads.py); bad input is answered with a 4xx and a message and never
+reaches a batch; a batch that fails is repaired again one image at a time, so only the image at fault fails. An error
+of the service itself is a short answer with the request's id; its detail goes to the replica's log under that id.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
+import logging
 import os
 import sys
 import time
+import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
-from email.parser import BytesParser
-from email.policy import HTTP
 from pathlib import Path
 from typing import Callable
 from urllib.parse import quote
@@ -37,9 +39,12 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from .folder import BatchRepair
-from .imageio import ImageError, UnreadableImage, decode_image, encode_png
+from .imageio import encode_png
+from .uploads import RequestError, UploadLimits, Uploads
 
 PAGE = Path(__file__).with_name("serve_page.html")
+# Serve's replica log (logs/serve/replica_*.log in the Ray session's folder), each line with its request's id
+log = logging.getLogger("ray.serve")
 
 
 @dataclass
@@ -55,46 +60,22 @@ class ServiceSettings:
     # requests that may wait on a replica beyond the batch it is repairing; more are refused at once (503)
     max_queued: int = 64
     retry_after_s: int = 1
-    max_body_bytes: int = 20 * 2**20
     timeout_s: float = 60.0
+    uploads: UploadLimits = field(default_factory=UploadLimits)
     info: dict = field(default_factory=dict)
 
 
-class RequestError(Exception):
-    """A request the service refuses: HTTP ``status`` and a message for the client."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
-
-
-def image_bytes(body: bytes, content_type: str) -> bytes:
-    """The image in a request body: the body itself, or the first file part of a multipart/form-data body."""
-    if not content_type.lower().startswith("multipart/"):
-        return body
-    message = BytesParser(policy=HTTP).parsebytes(f"Content-Type: {content_type}\r\n\r\n".encode() + body)
-    for part in message.iter_parts() if message.is_multipart() else []:
-        if part.get_filename() is not None or part.get_content_maintype() == "image":
-            return part.get_payload(decode=True) or b""
-    raise RequestError(415, "the multipart body has no file part: send the image as a file field, or as the raw body")
-
-
-def decode_upload(data: bytes, settings: ServiceSettings) -> tuple[np.ndarray, list[str]]:
-    """(3×S×S float32, notes) as ``cli.py repair`` reads the same file, or RequestError: 415 where the data is not an
-    image, 422 where it is one the model set cannot take."""
-    if not data:
-        raise RequestError(415, "empty body: send the image (PNG, JPEG, ...) as the request body")
-    try:
-        return decode_image(data, settings.resize, settings.size)
-    except UnreadableImage as e:
-        raise RequestError(415, str(e)) from None
-    except ImageError as e:
-        raise RequestError(422, str(e).replace("pass --resize", "the service was started with --no-resize")) from None
-
-
-def error_response(status: int, message: str, retry_after_s: int | None = None) -> JSONResponse:
+def error_response(status: int, message: str, rid: str, retry_after_s: int | None = None) -> JSONResponse:
     headers = {"Retry-After": str(retry_after_s)} if retry_after_s is not None else None
-    return JSONResponse({"error": message, "status": status}, status_code=status, headers=headers)
+    return JSONResponse({"error": message, "status": status, "request_id": rid}, status_code=status, headers=headers)
+
+
+def request_id(request: Request) -> str:
+    """The id Serve's proxy gave the request (its ``X-Request-Id``, which it also puts on the answer), or one made
+    here, once, where the replica is called without the proxy."""
+    if "request_id" not in request.scope:
+        request.scope["request_id"] = request.headers.get("x-request-id") or uuid.uuid4().hex
+    return request.scope["request_id"]
 
 
 def header_text(value: object) -> str:
@@ -122,6 +103,8 @@ class Batcher:
     def __init__(self, run: Callable, max_size: int, wait_s: float) -> None:
         self.run, self.max_size, self.wait_s = run, max_size, wait_s
         self.queue: asyncio.Queue | None = None
+        self.task: asyncio.Task | None = None       # kept: a task nobody holds may be collected mid-run
+        self.failure: str | None = None             # why the batching task ended, if it did
         self.running = 0                   # requests in the batch being gathered or run
 
     @property
@@ -136,27 +119,47 @@ class Batcher:
     def enqueue(self, item: object) -> asyncio.Future:
         """The item in the queue now (no await before it counts in ``load``); its future gets (result, facts)."""
         loop = asyncio.get_running_loop()
+        if self.failure:
+            raise RuntimeError(self.failure)
         if self.queue is None:             # made on the loop that serves the requests, on the first one
             self.queue = asyncio.Queue()
-            loop.create_task(self.gather_and_run())
+            self.task = loop.create_task(self.gather_and_run())
+            self.task.add_done_callback(self.ended)
         future = loop.create_future()
         self.queue.put_nowait((item, future))
         return future
 
+    def ended(self, task: asyncio.Task) -> None:
+        """The batching task ended (it never should): every waiting request gets the error at once, and the replica
+        reports itself unhealthy (``RepairService.check_health``), so that Serve replaces it."""
+        error = None if task.cancelled() else task.exception()
+        self.failure = f"the batcher stopped: {'cancelled' if error is None else repr(error)}"
+        log.error(self.failure, exc_info=error)
+        while not self.queue.empty():
+            _, future = self.queue.get_nowait()
+            if not future.done():
+                future.set_exception(RuntimeError(self.failure))
+
+    async def gather(self) -> list[tuple[object, asyncio.Future]]:
+        """The next batch: the first waiting request, what else waits and what arrives within ``wait_s``."""
+        loop = asyncio.get_running_loop()
+        batch = [await self.queue.get()]
+        deadline = loop.time() + self.wait_s
+        while len(batch) < self.max_size:
+            self.running = len(batch)
+            if not self.queue.empty():
+                batch.append(self.queue.get_nowait())
+                continue
+            try:
+                batch.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
+            except asyncio.TimeoutError:
+                break
+        return batch
+
     async def gather_and_run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
-            batch = [await self.queue.get()]
-            deadline = loop.time() + self.wait_s
-            while len(batch) < self.max_size:
-                self.running = len(batch)
-                if not self.queue.empty():
-                    batch.append(self.queue.get_nowait())
-                    continue
-                try:
-                    batch.append(await asyncio.wait_for(self.queue.get(), max(0.0, deadline - loop.time())))
-                except asyncio.TimeoutError:
-                    break
+            batch = await self.gather()
             live = [(item, future) for item, future in batch if not future.cancelled()]
             self.running = len(live)
             if not live:
@@ -182,19 +185,29 @@ class RepairService:
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="repair")
         self.repair: BatchRepair = self.worker.submit(make_repair).result()
         self.batcher = Batcher(self.repair_many, settings.max_batch_size, settings.batch_wait_ms / 1000)
+        self.uploads = Uploads(settings.uploads, settings.size, settings.resize)
 
     async def __call__(self, request: Request) -> Response:
-        start = time.perf_counter()
+        start, rid = time.perf_counter(), request_id(request)
         route = ROUTES.get((request.method, request.url.path))
         if route is None:
             known = sorted({path for _, path in ROUTES})
             status = 405 if any(path == request.url.path for _, path in ROUTES) else 404
             return error_response(status, f"{request.method} {request.url.path}: not a route of this service "
-                                          f"({', '.join(known)})")
+                                          f"({', '.join(known)})", rid)
         try:
             return await route(self, request, start)
         except RequestError as e:
-            return error_response(e.status, str(e), self.settings.retry_after_s if e.status == 503 else None)
+            return error_response(e.status, str(e), rid, self.settings.retry_after_s if e.status == 503 else None)
+        except Exception:  # noqa: BLE001  (the service's own fault: a short answer, the detail in the log)
+            log.exception("request %s (%s %s) failed", rid, request.method, request.url.path)
+            return error_response(500, f"internal error of the service (request {rid}: the replica's log has "
+                                       "the detail)", rid)
+
+    def check_health(self) -> None:
+        """Serve's health check (every 10 s): a replica whose batcher stopped raises, and Serve replaces it."""
+        if self.batcher.failure:
+            raise RuntimeError(self.batcher.failure)
 
     # --- routes ----------------------------------------------------------------------------------------------------
 
@@ -223,13 +236,16 @@ class RepairService:
     async def info_route(self, request: Request, start: float) -> Response:
         return JSONResponse({"size": self.settings.size, "resize": self.settings.resize,
                              "classes": self.settings.classes, "repair": self.settings.repair,
-                             "service": {k: v for k, v in asdict(self.settings).items()
-                                         if k in ("max_batch_size", "batch_wait_ms", "max_body_bytes", "timeout_s")},
+                             "service": {**{k: v for k, v in asdict(self.settings).items()
+                                            if k in ("max_batch_size", "batch_wait_ms", "max_queued", "timeout_s")},
+                                         **asdict(self.settings.uploads)},
                              # the replica that answered: a bundle's never loads PyTorch
                              "replica": {"pid": os.getpid(), "torch_loaded": "torch" in sys.modules},
                              **self.settings.info})
 
     async def health_route(self, request: Request, start: float) -> Response:
+        if self.batcher.failure:
+            raise RequestError(503, f"unhealthy: {self.batcher.failure}; Serve replaces this replica")
         return Response("ok\n", media_type="text/plain")
 
     async def page_route(self, request: Request, start: float) -> Response:
@@ -240,43 +256,33 @@ class RepairService:
     async def repaired(self, request: Request) -> tuple[dict, list[str]]:
         """The request's image decoded and repaired (in a batch with whatever arrives with it): (row, notes)."""
         self.admit()                       # before reading the body: a refusal costs nothing
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > self.settings.max_body_bytes:
-            raise RequestError(413, f"body of {int(declared)} bytes is over the limit of "
-                                    f"{self.settings.max_body_bytes} (--max-body-mb)")
         start = time.perf_counter()
-        body = await self.read_body(request)
+        # the body in, the line checked again (others may have come in meanwhile), the image decoded
+        image, notes = await self.uploads.image(request, self.admit)
         row_timing = {"receive_ms": round(1000 * (time.perf_counter() - start), 1)}
-        image, notes = decode_upload(image_bytes(body, request.headers.get("content-type", "")), self.settings)
-        self.admit()                       # again: others may have come in while this body was read
         try:
             row, batch = await asyncio.wait_for(self.batcher.enqueue(image), self.settings.timeout_s)
         except asyncio.TimeoutError:
             raise RequestError(504, f"not repaired within {self.settings.timeout_s} s (--timeout-s): the service "
                                     "is overloaded, try again later") from None
         if isinstance(row, Exception):
-            raise RequestError(500, f"the repair failed on this image: {row}")
+            rid = request_id(request)
+            log.error("request %s: the repair failed: %r", rid, row, exc_info=row)
+            raise RequestError(500, f"the repair failed on this image (request {rid}: the replica's log has the "
+                                    "detail)")
         facts = {"batch_size": batch.size, "waiting": batch.waiting, "batch_ms": batch.run_ms}
         return {**row, **row_timing, **facts}, notes
 
     def admit(self) -> None:
         """RequestError 503 where the replica's line is full: the replica knows it exactly (Serve's router learns it
-        late), so it refuses itself whatever would wait past the batch being gathered or run and max_queued more."""
+        late), so it refuses itself whatever would wait past the batch being gathered or run and max_queued more.
+        Images being decoded count in the line, bodies still being received do not (their bytes are bounded by
+        --max-pending-mb and their time by --receive-timeout-s)."""
         full = self.settings.max_batch_size + self.settings.max_queued
-        if self.batcher.load >= full:
+        if self.batcher.load + self.uploads.decoding >= full:
             raise RequestError(503, f"the service is full ({full} requests on this replica: a batch being repaired "
                                     f"and {self.settings.max_queued} waiting, --max-queued); retry in "
                                     f"{self.settings.retry_after_s} s")
-
-    async def read_body(self, request: Request) -> bytes:
-        chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > self.settings.max_body_bytes:
-                raise RequestError(413, f"body is over the limit of {self.settings.max_body_bytes} bytes "
-                                        "(--max-body-mb)")
-            chunks.append(chunk)
-        return b"".join(chunks)
 
     async def repair_many(self, images: list[np.ndarray]) -> list[dict | Exception]:
         return await asyncio.get_running_loop().run_in_executor(self.worker, self.repair_isolated, images)
@@ -333,12 +339,14 @@ def info_versions() -> dict:
 
 @dataclass
 class Deployment:
-    """How the service is spread over the cluster, and where it listens."""
+    """How the service is spread over the cluster, and where it listens (``keep_alive_s``: how long Serve's proxy
+    keeps an idle connection open)."""
     host: str = "127.0.0.1"
     port: int = 8000
     replicas: int = 1
     replica_cpus: float = 1
     replica_gpus: float = 0
+    keep_alive_s: int = 5
 
 
 APP_NAME = "mssl-repair"
@@ -367,7 +375,8 @@ def start_serve(where: Deployment, timeout_s: float, ray_address: str | None = N
         os.environ.setdefault("RAY_worker_niceness", "0")      # as runtime/ray_folder.py: the replicas are the job
         connect_ray(ray, ray_address)
     # past the timeout, a request at a replica is answered 504 by it; one still waiting for a replica, 408 by the proxy
-    serve.start(http_options=HTTPOptions(host=where.host, port=where.port, request_timeout_s=timeout_s + 1))
+    serve.start(http_options=HTTPOptions(host=where.host, port=where.port, request_timeout_s=timeout_s + 1,
+                                         keep_alive_timeout_s=where.keep_alive_s))
 
 
 def deploy(make_repair: Callable[[], BatchRepair], settings: ServiceSettings, where: Deployment) -> None:

@@ -24,10 +24,12 @@ ROOT = Path(__file__).resolve().parent.parent
 STEPS = 3
 SLOW_S = 6            # how long the stand-in engine takes over a white image: past the service's timeout
 TIMEOUT_S = 3
+RECEIVE_TIMEOUT_S = 2
 # the service's options beside the weights and port: batches of up to 4 gathered for 300 ms, 8 more requests
-# waiting on the replica at most, bodies up to 0.1 MiB
+# waiting on the replica at most, bodies up to 0.5 MiB (a 9000 × 9000 PNG of zeros is 0.23) received within 2 s
 SERVICE = ["--steps", str(STEPS), "--threads", "1", "--replica-cpus", "1", "--max-batch-size", "4", "--batch-wait-ms",
-           "300", "--max-queued", "8", "--timeout-s", str(TIMEOUT_S), "--max-body-mb", "0.1"]
+           "300", "--max-queued", "8", "--timeout-s", str(TIMEOUT_S), "--max-body-mb", "0.5", "--receive-timeout-s",
+           str(RECEIVE_TIMEOUT_S)]
 
 
 class FaultyRepair:
@@ -153,7 +155,7 @@ def test_json_and_multipart_and_classify_agree_with_the_png(service, cli_outputs
 def test_bad_requests_get_their_status_and_the_service_stays_up(service, cli_outputs):
     image = next(iter(cli_outputs.values()))[0]
     cases = {
-        "over the size limit": (post(service, b"\0" * 200_000), 413),
+        "over the size limit": (post(service, b"\0" * 600_000), 413),
         "not an image": (post(service, b"hello"), 415),
         "an empty body": (post(service, b""), 415),
         "another size, no resize": (post(service, png_bytes(np.zeros((40, 48, 3), np.uint8) + 9)), 422),
@@ -167,15 +169,59 @@ def test_bad_requests_get_their_status_and_the_service_stays_up(service, cli_out
     assert post(service, image).status_code == 200
 
 
+def replica_log_lines(text: str) -> list[str]:
+    """Lines of Serve's replica logs (in the Ray session's folder) that hold ``text``."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs" / "serve"
+    return [line for path in logs.glob("replica_*.log") for line in path.read_text(errors="replace").splitlines()
+            if text in line]
+
+
 def test_a_poisoned_image_fails_alone_in_its_batch(service, cli_outputs):
     black = png_bytes(np.zeros((32, 32, 3), np.uint8))
     images = [image for image, _ in list(cli_outputs.values())[:3]]
     with ThreadPoolExecutor(4) as pool:
         answers = list(pool.map(lambda data: post(service, data), [images[0], black, images[1], images[2]]))
-    assert answers[1].status_code == 500 and "poisoned batch" in answers[1].json()["error"]
+    failed = answers[1].json()
+    # a short answer with the request's id, which Serve also puts on the answer; the detail in the replica's log
+    assert answers[1].status_code == 500 and "poisoned batch" not in failed["error"]
+    assert failed["request_id"] == answers[1].headers["x-request-id"] and failed["request_id"] in failed["error"]
+    deadline = time.time() + 10                     # the log is written by the replica's process
+    while not any("poisoned batch" in line for line in replica_log_lines(failed["request_id"])):
+        assert time.time() < deadline, "the failure is not in the replica's log under its request id"
+        time.sleep(0.2)
     expected = [repaired for _, repaired in list(cli_outputs.values())[:3]]
     assert [a.content for a in (answers[0], answers[2], answers[3])] == expected
     assert max(int(a.headers["x-batch-size"]) for a in (answers[0], answers[2], answers[3])) > 1
+
+
+def test_hostile_uploads_get_a_4xx_and_the_service_goes_on(service, cli_outputs):
+    from bench.hostile_files import HOSTILE, two_frame_gif
+
+    for name, (make, _, status, text) in HOSTILE.items():
+        answer = post(service, make())
+        assert answer.status_code == status, (name, answer.text)
+        assert text in answer.json()["error"] and answer.json()["request_id"] == answer.headers["x-request-id"]
+    gif = requests.post(service + "/v1/repair", data=two_frame_gif(), headers={"Content-Type": "image/gif"},
+                        params={"format": "json"}, timeout=60)
+    assert gif.status_code == 200 and "first frame" in gif.json()["notes"][0]
+    image, repaired = next(iter(cli_outputs.values()))
+    assert post(service, image).content == repaired
+    assert requests.get(service + "/healthz", timeout=10).text == "ok\n"
+
+
+def test_a_body_that_never_comes_is_dropped_after_the_receive_timeout(service, cli_outputs):
+    image, repaired = next(iter(cli_outputs.values()))
+    host, port = service.removeprefix("http://").split(":")
+    start = time.perf_counter()
+    with socket.create_connection((host, int(port)), timeout=30) as s:
+        s.sendall(b"POST /v1/repair HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                  + f"Content-Length: {len(image)}\r\n\r\n".encode() + image[:10])
+        answer = s.recv(4096).decode(errors="replace")
+    assert answer.startswith("HTTP/1.1 408"), answer
+    assert RECEIVE_TIMEOUT_S <= time.perf_counter() - start < TIMEOUT_S + 5
+    assert post(service, image).content == repaired
 
 
 def test_a_slow_request_times_out_and_a_client_that_leaves_wedges_nothing(service, cli_outputs):
