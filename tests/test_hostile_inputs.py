@@ -117,6 +117,25 @@ def test_max_pixels_is_an_option_of_repair_and_checked(tiny_weights, tmp_path):
     assert too_big.exit_code == 2 and "--max-pixels" in too_big.output
 
 
+def test_the_runtime_without_pytorch_keeps_the_same_policy(tiny_bundle, tmp_path):
+    from tests.test_runtime import run_without_torch
+
+    src = tmp_path / "in"
+    src.mkdir()
+    (src / "bomb.png").write_bytes(header_bomb())
+    (src / "eps.png").write_bytes(eps())
+    (src / "a.png").write_bytes(png(np.full((32, 32, 3), 99, np.uint8)))
+    done = run_without_torch("repair", "--bundle", str(tiny_bundle), "--input", str(src), "--output",
+                             str(tmp_path / "out"), "--steps", "1", "--threads", "1", "--quiet")
+    assert done.returncode == 1, done.stderr
+    rows = {r["file"]: r for r in json.loads((tmp_path / "out" / "report.json").read_text())["images"]}
+    assert "400,000,000 pixels, over the limit of 50,000,000" in rows["bomb.png"]["error"]
+    assert "not a PNG, JPEG" in rows["eps.png"]["error"] and rows["a.png"]["status"] == "repaired"
+    refused = run_without_torch("repair", "--bundle", str(tiny_bundle), "--input", str(src), "--output",
+                                str(tmp_path / "o2"), "--max-pixels", "0")
+    assert refused.returncode == 2 and "--max-pixels" in refused.stderr
+
+
 # --- a replica's uploads, driven directly (no Ray): Serve hands the replica a starlette Request -----------------------
 
 serve = pytest.importorskip("runtime.serve", reason="needs Ray Serve (pip install 'mssl-repair[serve]')")
