@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 from click.testing import CliRunner
 
+from bench.hostile_files import eps, header_bomb
 from cli import main
 from tests.conftest import EXAMPLES
 
@@ -28,13 +29,16 @@ def local_ray(ray_cluster):
 
 @pytest.fixture
 def mixed_folder(tmp_path):
-    """Ten example images in two folders, a text file named .png and a labels.csv."""
+    """Ten example images in two folders, a text file named .png, two hostile files (a header bomb and an EPS file
+    named .png: the decode policy's errors) and a labels.csv."""
     src = tmp_path / "in"
     (src / "sub").mkdir(parents=True)
     pngs = sorted(EXAMPLES.glob("*.png"))[:10]
     for i, p in enumerate(pngs):
         shutil.copy(p, src / ("sub" if i % 3 == 0 else "") / p.name)
     (src / "broken.png").write_text("not an image")
+    (src / "bomb.png").write_bytes(header_bomb())
+    (src / "sub" / "eps.png").write_bytes(eps())
     shutil.copy(EXAMPLES / "labels.csv", src / "labels.csv")
     return src
 
@@ -43,7 +47,7 @@ def test_ray_run_is_byte_identical_to_one_process(local_ray, tiny_weights, mixed
     single = repair("--input", mixed_folder, "--output", tmp_path / "one", "--weights", tiny_weights, *COMMON)
     on_ray = repair("--input", mixed_folder, "--output", tmp_path / "ray", "--weights", tiny_weights, *COMMON,
                     "--ray", "--workers", "2")
-    assert single.exit_code == on_ray.exit_code == 1, on_ray.output    # the broken file: exit 1, the rest repaired
+    assert single.exit_code == on_ray.exit_code == 1, on_ray.output    # the bad files: exit 1, the rest repaired
     one, ray_out = tmp_path / "one", tmp_path / "ray"
     pngs = sorted(p.relative_to(one) for p in one.rglob("*.png"))
     assert len(pngs) == 10
@@ -52,10 +56,11 @@ def test_ray_run_is_byte_identical_to_one_process(local_ray, tiny_weights, mixed
     a, b = (json.loads((d / "report.json").read_text()) for d in (one, ray_out))
     assert a["images"] == b["images"] and a["config"] == b["config"]
     assert (one / "report.csv").read_bytes() == (ray_out / "report.csv").read_bytes()
-    assert b["summary"]["ray_workers"] == 2 and b["summary"]["n_error"] == 1
+    assert b["summary"]["ray_workers"] == 2 and b["summary"]["n_error"] == 3
     assert 0 < b["summary"]["ray_startup_s"] < b["summary"]["seconds"]       # timed apart from the repair
     assert b["summary"]["images_per_s_after_startup"] > b["summary"]["images_per_s"]
     assert "broken.png" in on_ray.output
+    assert "over the limit" in b["images"][[r["file"] for r in b["images"]].index("bomb.png")]["error"]
 
 
 def test_ray_run_keeps_what_is_there(local_ray, tiny_weights, mixed_folder, tmp_path):
