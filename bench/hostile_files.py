@@ -88,6 +88,18 @@ def lying_tiff(side: int = 32) -> bytes:
     return bytes(data)
 
 
+def tiled_tiff(tile: int = 45984) -> bytes:
+    """A 32×32 greyscale TIFF of a few hundred bytes whose one deflated tile is declared tile × tile: Pillow's decoder
+    allocates the whole tile (45984²: 2 GB) before it finds the data short."""
+    data = zlib.compress(b"\x07" * 64 * 64)
+    entries = [(256, 3, 32), (257, 3, 32), (258, 3, 8), (259, 3, 8), (262, 3, 1), (277, 3, 1), (322, 4, tile),
+               (323, 4, tile), (324, 4, None), (325, 4, len(data))]
+    start = 8 + 2 + 12 * len(entries) + 4                        # the tile's data right after the one IFD
+    ifd = b"".join(struct.pack("<HHI", tag, kind, 1) + (struct.pack("<HH", value, 0) if kind == 3 else
+                   struct.pack("<I", start if value is None else value)) for tag, kind, value in entries)
+    return b"II*\x00" + struct.pack("<IH", 8, len(entries)) + ifd + b"\0" * 4 + data
+
+
 # name -> (maker, file name in a folder, the service's status, what the folder's error row says)
 HOSTILE = {
     "header_bomb": (header_bomb, "bomb.png", 413, "400,000,000 pixels, over the limit"),
@@ -97,4 +109,5 @@ HOSTILE = {
     "ico": (ico, "icon.png", 415, "not a PNG, JPEG"),
     "truncated_jpeg": (truncated_jpeg, "cut.jpg", 415, "cannot be decoded"),
     "lying_tiff": (lying_tiff, "strips.tif", 415, "cannot be decoded"),
+    "tiled_tiff": (tiled_tiff, "tiles.tif", 413, "in tiles of 45984×45984"),
 }

@@ -6,7 +6,8 @@ Two rules, both applied before a single pixel is decoded:
 - **Formats**: only the decoders of the formats this tool documents (``ALLOWED_FORMATS``) ever see the data. Pillow
   otherwise tries every plugin it has: an EPS or PS upload would run Ghostscript where it is installed, and PSD, ICO,
   PCX, FITS, … would reach decoders no user of this project needs.
-- **Pixels**: ``Image.open`` is lazy — it reads the header, which states the size. The pixel count is checked there
+- **Pixels**: ``Image.open`` is lazy — it reads the header, which states the size (and a TIFF's tile size, which the
+  decoder allocates whole). The pixel count, the tile's too, is checked there
   against ``max_pixels``, so a 48 KB PNG whose header says 20000 × 20000 costs a header read, not 1.2 GB. Pillow's own
   decompression-bomb limit (a warning above ``Image.MAX_IMAGE_PIXELS``, an error above twice that) stays in force
   behind ours, and its error is reported as ours: ``max_pixels`` may not exceed Pillow's warning limit, so an image
@@ -74,7 +75,24 @@ def open_image(source: Path | bytes, max_pixels: int = MAX_PIXELS) -> Image.Imag
         img.close()
         raise TooManyPixels(f"image is {w}×{h} = {w * h:,} pixels, over the limit of {max_pixels:,} "
                             "(--max-pixels)")
+    tile = tiff_tile(img)
+    if tile[0] * tile[1] > max_pixels:
+        img.close()          # the decoder allocates a whole tile: a 161-byte 32×32 TIFF of 45984² tiles took 2 GB
+        raise TooManyPixels(f"TIFF of {w}×{h} in tiles of {tile[0]}×{tile[1]} = {tile[0] * tile[1]:,} pixels, over "
+                            f"the limit of {max_pixels:,} (--max-pixels)")
     return img
+
+
+def decode_pixels(img: Image.Image) -> int:
+    """The pixels a decoder allocates for ``img``: its own, or a TIFF tile's where that is larger."""
+    tile = tiff_tile(img)
+    return max(img.size[0] * img.size[1], tile[0] * tile[1])
+
+
+def tiff_tile(img: Image.Image) -> tuple[int, int]:
+    """A tiled TIFF's tile size (TileWidth, TileLength) from its header; (0, 0) for any other image."""
+    tags = getattr(img, "tag_v2", None) if img.format == "TIFF" else None
+    return (int(tags[322]), int(tags[323])) if tags is not None and 322 in tags and 323 in tags else (0, 0)
 
 
 def decoded(img: Image.Image) -> Image.Image:

@@ -104,6 +104,7 @@ class Batcher:
         self.run, self.max_size, self.wait_s = run, max_size, wait_s
         self.queue: asyncio.Queue | None = None
         self.task: asyncio.Task | None = None       # kept: a task nobody holds may be collected mid-run
+        self.batch: list[tuple[object, asyncio.Future]] = []    # the batch being gathered or run
         self.failure: str | None = None             # why the batching task ended, if it did
         self.running = 0                   # requests in the batch being gathered or run
 
@@ -135,15 +136,15 @@ class Batcher:
         error = None if task.cancelled() else task.exception()
         self.failure = f"the batcher stopped: {'cancelled' if error is None else repr(error)}"
         log.error(self.failure, exc_info=error)
-        while not self.queue.empty():
-            _, future = self.queue.get_nowait()
+        waiting = self.batch + [self.queue.get_nowait() for _ in range(self.queue.qsize())]
+        for _, future in waiting:
             if not future.done():
                 future.set_exception(RuntimeError(self.failure))
 
     async def gather(self) -> list[tuple[object, asyncio.Future]]:
         """The next batch: the first waiting request, what else waits and what arrives within ``wait_s``."""
         loop = asyncio.get_running_loop()
-        batch = [await self.queue.get()]
+        self.batch = batch = [await self.queue.get()]
         deadline = loop.time() + self.wait_s
         while len(batch) < self.max_size:
             self.running = len(batch)
@@ -174,6 +175,7 @@ class Batcher:
             for (_, future), result in zip(live, results):
                 if not future.done():
                     future.set_result((result, facts))
+            self.batch = []
 
 
 class RepairService:

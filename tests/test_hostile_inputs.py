@@ -79,6 +79,29 @@ def test_max_pixels_stays_within_pillows_bomb_limit():
             check_max_pixels(bad)
 
 
+def test_a_tiff_whose_tiles_ask_for_too_many_pixels_is_refused_before_decoding(monkeypatch):
+    from bench.hostile_files import tiled_tiff
+
+    assert decode_image(tiled_tiff(64))[0].max() == 7 / 255      # a tile larger than the image is allowed
+    monkeypatch.setattr(Image.Image, "load", lambda self: pytest.fail("decoded"))
+    with pytest.raises(TooManyPixels, match="32×32 in tiles of 45984×45984 = 2,114,528,256 pixels, over the limit"):
+        decode_image(tiled_tiff())
+
+
+def test_the_file_part_of_a_multipart_body_is_found_and_a_flood_of_parts_refused():
+    from runtime.uploads import RequestError, image_bytes
+
+    form = "multipart/form-data; boundary=XyZ"
+    field = b"--XyZ\r\nContent-Disposition: form-data; name=\"note\"\r\n\r\nhello\r\n"
+    file = b"--XyZ\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.png\"\r\n\r\nPNGDATA\r\n--XyZ"
+    assert image_bytes(field * 3 + file + b"--\r\n", form) == b"PNGDATA"
+    for body in (field * 20 + file + b"--\r\n", b"\n" * 2_000_000, b"--XyZ\r\n" * 300_000):
+        with pytest.raises(RequestError, match="no file part"):
+            image_bytes(body, form)
+    with pytest.raises(RequestError, match="without a boundary"):
+        image_bytes(file, "multipart/form-data")
+
+
 def test_a_gif_gives_its_first_frame_with_a_note():
     image, notes = decode_image(two_frame_gif())
     assert image[:, 0, 0].tolist() == [1.0, 0.0, 0.0]            # red, not the blue second frame
