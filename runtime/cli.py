@@ -35,6 +35,7 @@ class Fraction(click.ParamType):
 
 
 FRACTION = Fraction()
+MAX_EPS = 64 / 255          # beyond this an L∞ "repair" repaints the image (measured: --eps 2 turned it to noise)
 
 
 def max_pixels_option():
@@ -52,7 +53,6 @@ def max_pixels_option():
                         help="An image whose header states more pixels is refused before it is decoded (an error "
                              "row; 413 from the service): a 48 KB PNG can claim 20000×20000. Formats read: PNG, "
                              "JPEG, BMP, WebP, TIFF, GIF (first frame).")
-MAX_EPS = 64 / 255          # beyond this an L∞ "repair" repaints the image (measured: --eps 2 turned it to noise)
 
 
 def checked_eps(eps: float, steps: int, allow_large: bool) -> tuple[int, str | None]:

@@ -7,8 +7,8 @@ Two rules, both applied before a single pixel is decoded:
   otherwise tries every plugin it has: an EPS or PS upload would run Ghostscript where it is installed, and PSD, ICO,
   PCX, FITS, … would reach decoders no user of this project needs.
 - **Pixels**: ``Image.open`` is lazy — it reads the header, which states the size (and a TIFF's tile size, which the
-  decoder allocates whole). The pixel count, the tile's too, is checked there
-  against ``max_pixels``, so a 48 KB PNG whose header says 20000 × 20000 costs a header read, not 1.2 GB. Pillow's own
+  decoder allocates whole). Both pixel counts are checked there against ``max_pixels``, so a 48 KB PNG whose header
+  says 20000 × 20000 costs a header read, not 1.2 GB. Pillow's own
   decompression-bomb limit (a warning above ``Image.MAX_IMAGE_PIXELS``, an error above twice that) stays in force
   behind ours, and its error is reported as ours: ``max_pixels`` may not exceed Pillow's warning limit, so an image
   that Pillow warns of is always over ours too.

@@ -177,25 +177,24 @@ class Uploads:
     def opened(self, data: bytes):
         try:
             return open_image(data, self.limits.max_pixels)
-        except TooManyPixels as e:
-            raise RequestError(413, str(e)) from None
-        except UnreadableImage as e:
-            raise RequestError(415, str(e)) from None
+        except ImageError as e:
+            raise refusal(e) from None
 
     def finished(self, img) -> tuple[np.ndarray, list[str]]:
         try:
             return model_input(img, self.resize, self.size)
-        except TooManyPixels as e:
-            raise RequestError(413, str(e)) from None
-        except UnreadableImage as e:
-            raise RequestError(415, str(e)) from None
         except ImageError as e:
-            raise RequestError(422, str(e).replace("pass --resize", "the service was started with --no-resize")) \
-                from None
+            raise refusal(e) from None
 
-    def close(self) -> None:
-        self.common.shutdown(wait=False, cancel_futures=True)
-        self.large.shutdown(wait=False, cancel_futures=True)
+
+def refusal(error: ImageError) -> RequestError:
+    """The answer to an image the decode policy or the model set refuses: 413 too many pixels, 415 not an image it
+    can read, 422 one the models cannot take."""
+    if isinstance(error, TooManyPixels):
+        return RequestError(413, str(error))
+    if isinstance(error, UnreadableImage):
+        return RequestError(415, str(error))
+    return RequestError(422, str(error).replace("pass --resize", "the service was started with --no-resize"))
 
 
 class Ticket:

@@ -186,7 +186,7 @@ def stand_in_repair():
     from runtime.folder import image_rows
 
     def repair(x: np.ndarray) -> list[dict]:
-        n, logits, zero = len(x), np.zeros((len(x), 10)), np.zeros(len(x))
+        logits, zero = np.zeros((len(x), 10)), np.zeros(len(x))
         return image_rows(x, x, logits, logits, {}, {}, zero, zero, [str(i) for i in range(10)])
     return repair
 
