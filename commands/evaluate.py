@@ -226,8 +226,15 @@ def parse_budget(text: str | None) -> tuple[int, int] | None:
                    "200x8; at least --iterations and --eot): does more budget lower the worst case? Add it to a "
                    "finished table's command: its chunks are read back, and with --survivors only the images still "
                    "standing are attacked.")
-@click.option("--repeats", type=click.IntRange(min=1), default=3, show_default=True,
-              help="Scorings of each final image on the real defense (seeds 0, 7919, …); robust = right every time.")
+@click.option("--deployment", type=click.Choice(["fixed", "randomized"]), default="fixed", show_default=True,
+              help="The defense attacked: fixed, the function `cli.py repair` and `serve` deploy (the repair at "
+                   "--repair-seed: Square and every attack's final choice query it, each image scored once on it); "
+                   "randomized, fresh draws on every query and --repeats scorings (a per-request seed).")
+@click.option("--repair-seed", type=int, default=0, show_default=True,
+              help="The seed the repair is deployed with (`cli.py repair --seed`).")
+@click.option("--repeats", type=click.IntRange(min=1), default=None,
+              help="--deployment randomized: scorings of each final image (seeds --repair-seed + 0, 7919, …; "
+                   "default 3); robust = right every time. The fixed deployment is scored once.")
 @click.option("--targets", type=click.IntRange(1, 9), default=9, show_default=True,
               help="Target classes of APGD-T and FAB-T (standard: 9).")
 @click.option("--base-queries", type=click.IntRange(min=1), default=5000, show_default=True,
@@ -254,14 +261,15 @@ def parse_budget(text: str | None) -> tuple[int, int] | None:
 @THREADS_OPTION
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def worst_case(defense: str, control: str, n: int, offset: int, adaptive_n: int | None, survivors: bool, eps: float,
-               iterations: int, base_iterations: int, eot: int, stronger: tuple[int, int] | None, repeats: int,
+               iterations: int, base_iterations: int, eot: int, stronger: tuple[int, int] | None, deployment: str,
+               repair_seed: int, repeats: int | None,
                targets: int, base_queries: int, square_queries: int, surrogate_steps: int, lam: float, eps_r: float,
                repair_steps: int, repair_step_size: float, views: int, level: float, chunk: int, json_path: Path | None,
                stages_dir: Path | None, markdown_path: Path | None, seed: int, weights: Path | None,
                data_root: str | None, calibration: Path | None, threads: int | None, quiet: bool) -> None:
     """Does the repair help the classifier? The worst case per image over AutoAttack on the classifier alone, its
     transfer, APGD-CE/DLR through the repair (BPDA + EOT), the defense-aware attack and Square on the defense, each
-    final image scored REPEATS times on the real repair; Wilson intervals, McNemar against the base and a verdict
+    final image scored on the repair as deployed; Wilson intervals, McNemar against the base and a verdict
     (docs/results.md)."""
     import torch
 
@@ -291,7 +299,8 @@ def worst_case(defense: str, control: str, n: int, offset: int, adaptive_n: int 
         config = WorstCaseConfig(n=n, offset=offset, adaptive_n=adaptive_n, survivors=survivors, seed=seed,
                                  eps=eps, defenses=list(dict.fromkeys(names)), iterations=iterations,
                                  base_iterations=base_iterations, targets=targets, base_queries=base_queries,
-                                 square_queries=square_queries, eot=eot, stronger=stronger, repeats=repeats,
+                                 square_queries=square_queries, eot=eot, stronger=stronger,
+                                 deployment=deployment, repair_seed=repair_seed, repeats=repeats,
                                  surrogate_steps=surrogate_steps, aware_lambda=lam, eps_r=eps_r,
                                  repair_steps=repair_steps, repair_step_size=repair_step_size, views=views,
                                  level=level, chunk=chunk)

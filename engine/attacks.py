@@ -2,6 +2,7 @@
 Inputs are float images in [0, 1]."""
 from __future__ import annotations
 
+from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import torch
@@ -198,7 +199,10 @@ class APGDEveryImage(nn.Module):
         apgd = pyautoattack().autopgd_base.APGDAttack(self.model, n_iter=self.iters, eps=self.eps, seed=self.seed,
                                                       loss=self.loss, eot_iter=self.eot, rho=0.75, n_restarts=1,
                                                       device=x.device)
-        return apgd.perturb(x, y, best_loss=True).detach()
+        # the package seeds torch only when best_loss is False: its random start would come from the process's
+        # global generator (the same points for every seed, others after any other draw), so it is seeded here
+        with seeded(self.seed, x.device):
+            return apgd.perturb(x, y, best_loss=True).detach()
 
 
 class SquareEveryImage(nn.Module):
@@ -222,7 +226,67 @@ class SquareEveryImage(nn.Module):
         square = pyautoattack().square.SquareAttack(self.model, norm="Linf", eps=self.eps, n_queries=self.queries,
                                                     p_init=0.8, seed=self.seed, device=x.device)
         square.init_hyperparam(x)
-        with torch.random.fork_rng(devices=[x.device] if x.is_cuda else []):   # the caller's generator is left as it was
-            torch.random.manual_seed(self.seed)   # Square draws its squares from torch's global generator
+        with seeded(self.seed, x.device):         # Square draws its squares from torch's global generator
             _, x_adv = square.attack_single_run(x, y.long().to(x.device))
         return x_adv.detach()
+
+
+@contextmanager
+def seeded(seed: int, device: torch.device) -> Iterator[None]:
+    """torch's global generator (and the device's) seeded with ``seed`` inside, left as it was outside: for the
+    attacks of ``pyautoattack`` that draw from it, so that a seed gives the same points in a fresh, a resumed or a
+    split run."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.random.manual_seed(seed)
+        yield
+
+
+class KeptByDeployed(nn.Module):
+    """``model`` (what an attack differentiates: a BPDA surrogate, fresh draws, the classifier alone) with every
+    point the attack asks it about judged on ``deployed`` as well: x -> logits of the function a user deploys (the
+    repair at its fixed seed, all steps, then the classifier). ``kept`` holds per image the first point ``deployed``
+    misclassified, else the one of its smallest margin (true logit minus the largest other).
+
+    An attack chooses its final point by what it runs (APGD: its highest loss on the surrogate's draws); an attacker
+    of the deployed service gets that function's exact answer to every query, and keeps what it says — so the point
+    kept here is the attack's, judged as that attacker would. The attack must call the model on the whole batch.
+
+    Shapes: x N×3×H×W in [0, 1], y N.
+
+    Example::
+
+        judged = KeptByDeployed(DefendedClassifier(pipeline, bpda=True), deployed, x, y)
+        APGDEveryImage(judged, eps=8/255)(x, y)
+        x_adv = judged.kept
+    """
+
+    def __init__(self, model: nn.Module, deployed: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                 y: torch.Tensor) -> None:
+        super().__init__()
+        self.model, self.deployed, self.y = model, deployed, y
+        self.kept = x.detach().clone()
+        self.margin = torch.full((len(x),), float("inf"), device=x.device)
+        self.broken = torch.zeros(len(x), dtype=torch.bool, device=x.device)
+        self.last: torch.Tensor | None = None
+        self.judged = 0                          # distinct points judged (APGD asks EOT times about each iterate)
+
+    def judge(self, x_adv: torch.Tensor) -> None:
+        x_adv = x_adv.detach()
+        if self.last is not None and torch.equal(x_adv, self.last):
+            return
+        if x_adv.shape != self.kept.shape:
+            raise ValueError(f"an attack asked about {tuple(x_adv.shape)} of a batch of {tuple(self.kept.shape)}: "
+                             "the deployed function judges whole batches only")
+        self.last, self.judged = x_adv.clone(), self.judged + 1
+        with torch.no_grad():
+            logits = self.deployed(x_adv)
+        true = logits.gather(1, self.y[:, None]).squeeze(1)
+        other = logits.scatter(1, self.y[:, None], float("-inf")).amax(1)
+        margin, wrong = true - other, logits.argmax(1) != self.y
+        take = ~self.broken & (wrong | (margin < self.margin))
+        self.kept[take], self.margin[take] = x_adv[take], margin[take]
+        self.broken |= wrong
+
+    def forward(self, x_adv: torch.Tensor) -> torch.Tensor:
+        self.judge(x_adv)
+        return self.model(x_adv)

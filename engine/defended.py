@@ -7,7 +7,9 @@ purification defence. Without it no gradient reaches the input (a repair of sign
 everywhere): for forward-only use, such as scoring transfer attacks.
 
 Each call draws the repair's randomness afresh (the seed advances with every forward), so that an attack which
-averages gradients over calls (EOT) sees the randomized defence it faces. Both work under ``torch.no_grad()`` —
+averages gradients over calls (EOT) sees the randomized defence it faces; with ``fresh_draws=False`` every call runs
+``seed`` itself: the function `cli.py repair --seed SEED` and `cli.py serve` deploy, whose draws depend only on the
+seed and each image's pixels (runtime/draws.py). Both work under ``torch.no_grad()`` —
 how torchattacks, AutoAttack and ART call a model — since the repair turns autograd on for its own loop.
 
 Example::
@@ -30,19 +32,23 @@ RepairFn = Callable[[torch.Tensor, int], torch.Tensor]      # (images, seed) -> 
 
 class Purifier(nn.Module):
     """x N×3×H×W in [0, 1] -> the repaired x (``pipeline.repair`` at ``eps``, ``steps``, ``step_size``, or
-    ``repair``: a callable (images, seed) -> repaired images, for a repair the pipeline's defaults do not name)."""
+    ``repair``: a callable (images, seed) -> repaired images, for a repair the pipeline's defaults do not name).
+    ``fresh_draws``: each call with the next seed (a randomized defense), or always with ``seed`` (the deployed
+    one)."""
 
     def __init__(self, pipeline, bpda: bool = True, eps: float = 16 / 255, steps: int = 40,
-                 step_size: float = 2 / 255, seed: int = 0, repair: RepairFn | None = None) -> None:
+                 step_size: float = 2 / 255, seed: int = 0, repair: RepairFn | None = None,
+                 fresh_draws: bool = True) -> None:
         super().__init__()
-        self.bpda, self.seed, self.calls = bpda, seed, 0
+        self.bpda, self.seed, self.calls, self.fresh_draws = bpda, seed, 0, fresh_draws
         self._repair = repair or (lambda x, s: pipeline.repair(x, eps, steps, step_size, s))
 
     def repair(self, x: torch.Tensor) -> torch.Tensor:
-        """The repaired images, without a gradient; each call with the next seed."""
+        """The repaired images, without a gradient."""
         self.calls += 1
+        seed = self.seed + 1_000_003 * self.calls if self.fresh_draws else self.seed
         with torch.enable_grad():           # attack libraries call models under no_grad; the repair needs autograd
-            return self._repair(x.detach(), self.seed + 1_000_003 * self.calls).detach()
+            return self._repair(x.detach(), seed).detach()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         repaired = self.repair(x)
@@ -54,9 +60,10 @@ class DefendedClassifier(nn.Module):
     same arguments in front of it)."""
 
     def __init__(self, pipeline, bpda: bool = True, eps: float = 16 / 255, steps: int = 40,
-                 step_size: float = 2 / 255, seed: int = 0, repair: RepairFn | None = None) -> None:
+                 step_size: float = 2 / 255, seed: int = 0, repair: RepairFn | None = None,
+                 fresh_draws: bool = True) -> None:
         super().__init__()
-        self.purifier = Purifier(pipeline, bpda, eps, steps, step_size, seed, repair)
+        self.purifier = Purifier(pipeline, bpda, eps, steps, step_size, seed, repair, fresh_draws)
         self.classifier = pipeline.classifier
 
     def repair(self, x: torch.Tensor) -> torch.Tensor:

@@ -27,8 +27,8 @@ import torch
 CHUNKS = "chunk-"
 
 # bumped when the code of an attack or of the repair changes what it returns, so that older outputs are not reused
-# (the versions of this package, torch and AutoAttack's package are in every key too)
-VERSION = 1
+# (the versions of this package, torch and AutoAttack's package are in every key too). 2: APGD's random start seeded
+VERSION = 2
 
 
 def _environment() -> dict:

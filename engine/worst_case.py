@@ -13,10 +13,23 @@ resumes and a rerun with another budget recomputes only what that budget changes
 4. **black-box**: Square on classifier(defense(x)) with the real defense in every query (no gradients: what
    gradient masking cannot hide from), on every image, as the APGDs are (engine/attacks.py's ``…EveryImage``);
 5. **worst case per image**: every final image is scored on the *real* defense (all steps, the early exit as
-   shipped) ``repeats`` times with different seeds (the first is the CLI's seed, 0); an image counts as robust only
-   if it is classified correctly under every attack every time. The figure is also given per repeat (mean ± std).
+   shipped); an image counts as robust only if it is classified correctly under every attack.
 6. **stronger** (optional): APGD-CE and APGD-DLR once more at a larger budget after all the others, which answers
    the question every such table owes (does more budget lower the worst case?) on the same images.
+
+**Which defense is attacked** (``deployment``) is the threat model:
+
+- ``"fixed"`` (the default): the function `cli.py repair` and `cli.py serve` deploy — the repair at one seed
+  (``repair_seed``, the CLI's 0), whose draws depend only on that seed and each image's pixels, so it answers every
+  query the same. Square queries exactly that function; every point the gradient attacks ask about is judged on it
+  too, and each keeps the first point it misclassified, else the one of its smallest margin (engine/attacks.py's
+  ``KeptByDeployed``: what an attacker of the service, who gets its exact answers, would keep); each final image is
+  scored once on it. The gradients of the BPDA attacks still average EOT samples of other seeds: an expectation is a
+  good surrogate for a function whose draws are a hash of its input, and only the point kept must be the deployed
+  function's choice.
+- ``"randomized"``: a defense whose draws are fresh on every query (a per-request seed): every query of the
+  attacks and every scoring draws anew, each final image is scored ``repeats`` times (seeds ``repair_seed + r ·
+  SCORE_SEED``), and an image is robust only if right every time; the figure is also given per repeat (mean ± std).
 
 The attacks are AutoAttack's published implementation (``pyautoattack``); only the glue is here. The defenses are
 the eval's repair names (engine/repair_spec.py), or any ``Defense`` (tests use stand-ins).
@@ -40,7 +53,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from .attacks import APGDEveryImage, AutoAttackAPGD, DefenseAwarePGD, SquareEveryImage
+from .attacks import APGDEveryImage, AutoAttackAPGD, DefenseAwarePGD, KeptByDeployed, SquareEveryImage
 from .defended import DefendedClassifier
 from .evaluate import EvalConfig, Evaluator, calibration_key, chunk_images, classifier_key, eval_subset
 from .pipeline import Pipeline
@@ -51,7 +64,8 @@ from runtime.files import write_json
 
 RepairFn = Callable[[torch.Tensor, int], torch.Tensor]       # (images, seed) -> repaired images
 ATTACKS_ON_DEFENSE = ("transfer", "apgd-ce", "apgd-dlr", "aware", "square")
-SCORE_SEED = 7919          # repeat r scores with seed r * SCORE_SEED: repeat 0 is the CLI's seed 0
+SCORE_SEED = 7919          # randomized: repeat r scores with seed repair_seed + r * SCORE_SEED
+DEPLOYMENTS = ("fixed", "randomized")
 
 
 @dataclass
@@ -82,7 +96,10 @@ class WorstCaseConfig:
     iterations: int = 100        # the attacks on the defense: APGD iterations and the aware PGD's steps
     square_queries: int = 1000   # Square on the defense: every query runs the real repair
     eot: int = 4                 # repair samples averaged per APGD step through the defense
-    repeats: int = 3             # scorings of each final image on the real defense
+    deployment: str = "fixed"    # the threat model: the deployed function at repair_seed, or fresh draws per query
+    repair_seed: int = 0         # the seed the repair is deployed with (`cli.py repair --seed`)
+    repeats: int | None = None   # scorings of each final image on the real defense: 1 when fixed (the function is
+    #                              deterministic), 3 by default when randomized
     surrogate_steps: int = 10    # repair steps in the BPDA attacks' forward (the scored repair keeps repair_steps)
     aware_lambda: float = 1.0
     eps_r: float = 16 / 255      # the repair, as `cli.py repair` runs it by default
@@ -103,6 +120,13 @@ class WorstCaseConfig:
     #                                           at the price of the images right on some scoring of every attack)
 
     def __post_init__(self) -> None:
+        if self.deployment not in DEPLOYMENTS:
+            raise ValueError(f"the deployment is one of {', '.join(DEPLOYMENTS)}, not {self.deployment!r}")
+        if self.repeats is None:
+            self.repeats = 1 if self.deployment == "fixed" else 3
+        if self.deployment == "fixed" and self.repeats != 1:
+            raise ValueError(f"the fixed deployment answers every query the same: each image is scored once, not "
+                             f"{self.repeats} times (repeated scorings belong to --deployment randomized)")
         m = self.adaptive_n
         if m is not None and (not 0 < m <= self.n or (m % self.chunk and m != self.n)):
             raise ValueError(f"the attacks on the defense run on whole chunks of the first images: adaptive_n ({m}) "
@@ -196,6 +220,11 @@ class WorstCase:
             "aware": {"classifier": classifier, "iterations": config.iterations, "lambda": config.aware_lambda},
             "square": {"classifier": classifier, "queries": config.square_queries, "every_image": True},
             "score": {"classifier": classifier, "repeats": config.repeats}}
+        if config.deployment == "fixed":                 # (the randomized protocol's keys are those of before)
+            for stage in ("apgd-ce", "aware", "square", "score"):
+                self.budgets[stage]["deployed"] = {"seed": config.repair_seed}
+        elif config.repair_seed:
+            self.budgets["score"]["repair_seed"] = config.repair_seed
         self.budgets["apgd-dlr"] = self.budgets["apgd-ce"]
         self.table_budgets = dict(self.budgets)          # those of the table without the stronger rows
         # the table's rows in order, each with the attack it runs (a stronger row: an APGD at the stronger budget)
@@ -211,7 +240,10 @@ class WorstCase:
     def parts(self, stage: str, defense: Defense, of: dict | None = None) -> dict | None:
         """What a stage on ``defense`` depends on (None: the defense has no key; not kept). ``of``: a scoring's
         attacked images' parts."""
-        depends = defense.objective_key if stage == "aware" else defense.key
+        depends = defense.key
+        if stage == "aware":                             # its images: the objective's; fixed: judged by the defense
+            depends = defense.objective_key if self.cfg.deployment == "randomized" else (
+                defense.key and defense.objective_key and {"objective": defense.objective_key, "judge": defense.key})
         if depends is None or (stage == "score" and of is None):
             return None
         kind = self.attack_of.get(stage, stage)         # a stronger row is kept as its APGD at that budget
@@ -237,26 +269,43 @@ class WorstCase:
         finally:
             checks.removeFilter(KNOWN_TO_BE_RANDOMIZED)
 
+    def deployed(self, defense: Defense) -> DefendedClassifier:
+        """The defended classifier as deployed: the real repair at the deployment's seed on every call."""
+        return DefendedClassifier(self.p, bpda=False, seed=self.cfg.repair_seed, repair=defense.repair,
+                                  fresh_draws=False)
+
     def attack_defense(self, name: str, defense: Defense, x: torch.Tensor, y: torch.Tensor,
                        seed: int) -> torch.Tensor:
         cfg, kind = self.cfg, self.attack_of.get(name, name)
+        fixed = cfg.deployment == "fixed"
+        judged = lambda model: KeptByDeployed(model, self.deployed(defense), x, y) if fixed else model
         if kind in ("apgd-ce", "apgd-dlr"):              # a stronger row: its budget, from the same random start
             budget = self.budgets[name]
-            through = DefendedClassifier(self.p, bpda=True, seed=seed, repair=defense.surrogate or defense.repair)
-            return APGDEveryImage(through, cfg.eps, kind.removeprefix("apgd-"), budget["iterations"], budget["eot"],
-                                  seed)(x, y)
-        if name == "aware":
-            return DefenseAwarePGD(self.classifier, defense.objective or self.p.objective, cfg.aware_lambda,
-                                   cfg.eps, cfg.eps / 4, cfg.iterations, seed)(x, y)
-        if name == "square":
-            real = DefendedClassifier(self.p, bpda=False, seed=seed, repair=defense.repair)
+            through = judged(DefendedClassifier(self.p, bpda=True, seed=seed,
+                                                repair=defense.surrogate or defense.repair))
+            x_adv = APGDEveryImage(through, cfg.eps, kind.removeprefix("apgd-"), budget["iterations"],
+                                   budget["eot"], seed)(x, y)
+        elif name == "aware":
+            through = judged(self.classifier)
+            x_adv = DefenseAwarePGD(through, defense.objective or self.p.objective, cfg.aware_lambda,
+                                    cfg.eps, cfg.eps / 4, cfg.iterations, seed)(x, y)
+        elif name == "square":                           # every query runs the real repair
+            real = self.deployed(defense) if fixed else DefendedClassifier(self.p, bpda=False, seed=seed,
+                                                                           repair=defense.repair)
             return SquareEveryImage(real, cfg.eps, cfg.square_queries, seed)(x, y)
-        raise ValueError(f"unknown attack {name!r}")
+        else:
+            raise ValueError(f"unknown attack {name!r}")
+        if not fixed:
+            return x_adv
+        through.judge(x_adv)                             # the attack's own final point is a candidate too
+        return through.kept
 
     def scored(self, defense: Defense, x_adv: torch.Tensor, y: torch.Tensor) -> list[list[bool]]:
-        """Per repeat, per image: the classifier right on the real defense's repair (seed r · SCORE_SEED)."""
+        """Per repeat, per image: the classifier right on the real defense's repair (fixed: once, at the deployed
+        seed; randomized: at seeds repair_seed + r · SCORE_SEED)."""
+        seed = self.cfg.repair_seed
         with torch.no_grad():
-            return [(self.p.predict(defense.repair(x_adv, r * SCORE_SEED)) == y).tolist()
+            return [(self.p.predict(defense.repair(x_adv, seed + r * SCORE_SEED)) == y).tolist()
                     for r in range(self.cfg.repeats)]
 
     def run_chunk(self, x: torch.Tensor, y: torch.Tensor, images: str, seed: int,

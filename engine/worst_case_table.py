@@ -80,12 +80,22 @@ def summarize_transfer(base: list[bool], transfer: dict[str, list[list[bool]]]) 
                          for name, c in every.items()}}
 
 
+def attacked_model(cfg: dict) -> str:
+    """Which defense the table attacked, in words (a table made before the option existed: the randomized one)."""
+    if cfg.get("deployment", "randomized") == "fixed":
+        return (f"the defense attacked is the one deployed: the repair at seed {cfg['repair_seed']} (`cli.py repair "
+                f"--seed {cfg['repair_seed']}`), which Square queries and every attack's kept point is judged on; "
+                f"each final image scored once on it (--deployment fixed)")
+    return (f"an image counts as robust only if right on all {cfg['repeats']} scorings of the real defense, "
+            f"fresh draws on every query and scoring (--deployment randomized)")
+
+
 def markdown_table(result: dict) -> str:
     pct = lambda r: f"{100 * r['accuracy']:.1f} ({100 * r['ci95'][0]:.1f}–{100 * r['ci95'][1]:.1f})"
     names = list(result["defenses"])
     cfg = result["config"]
-    lines = [f"n = {result['n']} images, ε = {cfg['eps'] * 255:.3g}/255; accuracy % (95 % Wilson CI); an image "
-             f"counts as robust only if right on all {cfg['repeats']} scorings of the real defense", "",
+    lines = [f"n = {result['n']} images, ε = {cfg['eps'] * 255:.3g}/255; accuracy % (95 % Wilson CI); "
+             + attacked_model(cfg), "",
              "| attack | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|",
              "| AutoAttack on the classifier alone (the base) | " + " | ".join(pct(result["base"]) for _ in names)
              + " |"]
@@ -96,8 +106,9 @@ def markdown_table(result: dict) -> str:
                      + " |")
     worst = [result["defenses"][d]["worst_case"] for d in names]
     lines.append("| **worst case** | " + " | ".join(f"**{pct(w)}**" for w in worst) + " |")
-    lines.append("| worst case per repeat, mean ± std | " + " | ".join(
-        f"{100 * w['mean']:.1f} ± {100 * w['std']:.1f}" for w in worst) + " |")
+    if cfg["repeats"] > 1:
+        lines.append("| worst case per repeat, mean ± std | " + " | ".join(
+            f"{100 * w['mean']:.1f} ± {100 * w['std']:.1f}" for w in worst) + " |")
     if cumulative:
         lines[0] += ("; each attack ran only on the images the rows above had not broken on every scoring "
                      "(--survivors): a row is the accuracy under it and all above it")

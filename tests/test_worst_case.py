@@ -15,9 +15,10 @@ from tests.conftest import SHIPPED, needs_shipped
 pytest.importorskip("pyautoattack", reason="needs AutoAttack (pip install -e '.[attacks]')")
 pytestmark = needs_shipped
 
-# the tiny run: 8 images, 2 iterations, E = 2, R = 2; small query budgets so that it takes seconds
-TINY = dict(n=8, base_iterations=2, iterations=2, eot=2, repeats=2, base_queries=8, square_queries=4,
-            surrogate_steps=2, chunk=4)
+# the tiny run: 8 images, 2 iterations, E = 2, R = 2 (the randomized deployment, whose repeated scorings the
+# bookkeeping below is about); small query budgets so that it takes seconds
+TINY = dict(n=8, base_iterations=2, iterations=2, eot=2, deployment="randomized", repeats=2, base_queries=8,
+            square_queries=4, surrogate_steps=2, chunk=4)
 
 
 @pytest.fixture(scope="module")
