@@ -156,11 +156,13 @@ class Evaluator:
                                         self.objectives.get(name), self.gate if spec.gated else None,
                                         early_exit=spec.early_exit)
 
-    def aware_objective(self) -> torch.nn.Module:
-        """What the defense-aware attacker keeps low: the gate's score where the defense is gated (so that the
-        attacked image passes the gate unrepaired), else the defense's own repair objective."""
-        if not self.specs[self.cfg.defense].gated:
-            return self.objectives[self.cfg.defense]
+    def aware_objective(self, name: str | None = None) -> torch.nn.Module:
+        """What the defense-aware attacker keeps low against repair ``name`` (default: the config's defense): the
+        gate's score where it is gated (what decides its output: an attacked image the gate passes is not
+        repaired), else its own repair objective."""
+        name = name or self.cfg.defense
+        if not self.specs[name].gated:
+            return self.objectives[name]
         tasks = self.gate.tasks
         return build_objective({t: self.nets[t] for t in tasks}, self.gate.calibration.score_weights(tasks),
                                self.cfg.views)

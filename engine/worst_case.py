@@ -145,8 +145,10 @@ class WorstCaseConfig:
 
 def named_defenses(pipeline: Pipeline, config: WorstCaseConfig) -> dict[str, Defense]:
     """The config's repair names as defenses, each with the eval's repair (its surrogate: fewer steps) and keys that
-    hold what its RepairSpec uses (the noise control: its bound alone). A defense without an objective of its own
-    (the noise control) is attacked with the first one's, as `cli.py eval`'s aware attack is."""
+    hold what its RepairSpec uses (the noise control: its bound alone). The aware attack keeps low what decides
+    each defense's output: a gated one's gate score (an image the gate passes is not repaired), else its repair
+    objective; a defense with neither (the noise control) is attacked with the first one's, as `cli.py eval`'s aware
+    attack is."""
     eval_config = EvalConfig(n=config.n, attacks=["none"], repairs=list(config.defenses), eps_r=config.eps_r,
                              repair_steps=config.repair_steps, repair_step_size=config.repair_step_size,
                              views=config.views, level=config.level)
@@ -170,10 +172,13 @@ def named_defenses(pipeline: Pipeline, config: WorstCaseConfig) -> dict[str, Def
 
     def objective_key(objective) -> dict:         # its networks and what fixes it beyond them (α, levels, views)
         return {"networks": networks(objective.tasks), "objective": objective.signature()}
-    aimed = next((evaluator.objectives[d] for d in config.defenses if d in evaluator.objectives), pipeline.objective)
+    # the aware attack aims at what decides a defense's output: a gated one's gate score, else its repair objective
+    aims = {d: evaluator.aware_objective(d) for d in config.defenses
+            if evaluator.specs[d].gated or d in evaluator.objectives}
+    aimed = next(iter(aims.values()), pipeline.objective)
 
     def defense(name: str) -> Defense:
-        objective = evaluator.objectives.get(name, aimed)
+        objective = aims.get(name, aimed)
         return Defense(repair=lambda x, s: evaluator.repair(name, x, s).images,
                        surrogate=lambda x, s: evaluator.repair(name, x, s, config.surrogate_steps).images,
                        objective=objective, key=key(name), objective_key=objective_key(objective))
