@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from runtime.cli import FRACTION, checked_eps, default_threads, max_pixels_option
+from runtime.cli import FRACTION, SEED, SEED_HELP, checked_eps, default_threads, max_pixels_option
 
 from .common import check_device, load_checked, option_group, parse_alpha, parse_tasks, weights_option
 
@@ -40,7 +40,7 @@ REPAIR_SETTINGS = [
     click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
                  help="Clean-loss statistics for --objective clean and --gate (default: calibration.json beside "
                       "the weights; made by `cli.py calibrate`)."),
-    click.option("--seed", type=int, default=0, show_default=True),
+    click.option("--seed", type=SEED, default="0", show_default=True, help=SEED_HELP),
     click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
     click.option("--early-exit/--no-early-exit", default=True, show_default=True,
                  help="An image leaves the loop once its objective is zero (every task at its clean level): the same "

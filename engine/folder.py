@@ -10,6 +10,7 @@ import torch
 
 from runtime import folder
 from runtime.decode_policy import MAX_PIXELS
+from runtime.draws import deployed_seed, seed_record
 
 from .imageio import quantize
 from .pipeline import Pipeline
@@ -20,7 +21,7 @@ class RepairConfig:
     eps: float = 16 / 255
     steps: int = 40
     step_size: float = 2 / 255
-    seed: int = 0
+    seed: int | None = 0           # None: a fresh seed for every batch (`--seed random`, runtime/draws.py)
     batch_size: int = 64
     early_exit: bool = True        # engine.repair.reverse_attack: an image leaves once its objective is zero
 
@@ -29,7 +30,7 @@ def report_config(pipeline: Pipeline, config: RepairConfig) -> dict:
     """What the report records of the repair: enough to tell two runs' settings apart."""
     gate = pipeline.gate
     return {
-        **asdict(config), "size": pipeline.size, "backend": pipeline.backend.name, "tasks": pipeline.tasks,
+        **asdict(config), "seed": seed_record(config.seed), "size": pipeline.size, "backend": pipeline.backend.name, "tasks": pipeline.tasks,
         "alpha": [pipeline.objective.alpha[t] for t in pipeline.tasks], "device": str(pipeline.device),
         "objective": "plain" if pipeline.objective.levels is None else "clean", "levels": pipeline.objective.levels,
         "gate": None if gate is None else {"fpr": gate.fpr, "tasks": gate.tasks, "threshold": gate.threshold},
@@ -81,9 +82,10 @@ def repair_batch(pipeline: Pipeline, x: torch.Tensor, config: RepairConfig) -> l
     same augmentation parameters (the first step's draws of each input), so the two are comparable."""
     x = x.to(pipeline.device)
     objective = pipeline.objective
-    params = objective.sample_params(x, config.seed)
+    seed = deployed_seed(config.seed)
+    params = objective.sample_params(x, seed)
     before = pipeline.backend.task_losses(x, params)
-    result = pipeline.repair_with_trace(x, config.eps, config.steps, config.step_size, config.seed, losses=before,
+    result = pipeline.repair_with_trace(x, config.eps, config.steps, config.step_size, seed, losses=before,
                                         early_exit=config.early_exit)
     repaired = quantize(result.images)
     after = pipeline.backend.task_losses(repaired, params)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .draws import batch_draws
+from .draws import batch_draws, deployed_seed, seed_record
 from .files import sha256sum
 from .folder import BatchRepair, image_rows
 from .imageio import quantize
@@ -149,7 +149,7 @@ class BundleRepair:
     opens the bundle (onnxruntime sessions, ``threads`` intra-op threads) only when called."""
     folder: str
     threads: int | None
-    seed: int = 0
+    seed: int | None = 0            # None: a fresh seed for every batch (`--seed random`)
     eps: float = 16 / 255
     steps: int = 40
     step_size: float = 2 / 255
@@ -160,14 +160,14 @@ class BundleRepair:
         return self.on(Bundle(self.folder, self.threads))
 
     def on(self, bundle: Bundle) -> BatchRepair:
-        return lambda x: bundle.repair_batch(x, self.seed, self.eps, self.steps, self.step_size, self.gate_fpr,
-                                             self.early_exit)
+        return lambda x: bundle.repair_batch(x, deployed_seed(self.seed), self.eps, self.steps, self.step_size,
+                                             self.gate_fpr, self.early_exit)
 
     def config(self, bundle: Bundle, batch_size: int) -> dict:
         """The repair's settings as a report records them (runtime/folder.py), for ``bundle`` (this folder's)."""
         gate = None if self.gate_fpr is None else {"fpr": self.gate_fpr, "tasks": bundle.tasks,
                                                    "threshold": bundle.gate_threshold(self.gate_fpr)}
-        return {"eps": self.eps, "steps": self.steps, "step_size": self.step_size, "seed": self.seed,
+        return {"eps": self.eps, "steps": self.steps, "step_size": self.step_size, "seed": seed_record(self.seed),
                 "batch_size": batch_size, "early_exit": self.early_exit, "size": bundle.size, "backend": bundle.name,
                 "tasks": bundle.tasks, "alpha": [bundle.alpha[t] for t in bundle.tasks], "device": "cpu",
                 "objective": "plain" if bundle.levels is None else "clean", "levels": bundle.levels, "gate": gate,

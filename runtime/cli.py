@@ -35,6 +35,33 @@ class Fraction(click.ParamType):
 
 
 FRACTION = Fraction()
+
+
+class Seed(click.ParamType):
+    """The repair's seed: an integer (the same draws for the same image on every run), or ``random`` (None: fresh
+    draws for every batch, runtime/draws.py's ``deployed_seed``)."""
+
+    name = "integer|random"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, int):
+            return value
+        text = str(value).strip()
+        if text == "random":
+            return None
+        try:
+            seed = int(text)
+        except ValueError:
+            self.fail(f"{value!r} is not an integer or 'random'", param, ctx)
+        if not -2 ** 63 <= seed < 2 ** 63:
+            self.fail(f"{seed} does not fit in 64 bits", param, ctx)
+        return seed
+
+
+SEED = Seed()
+SEED_HELP = ("The repair's draws: an integer seed makes it a deterministic function of the image (what `cli.py "
+             "worst-case` attacks by default); 'random' draws a fresh seed for every batch, so that an image sent "
+             "twice meets other draws (`cli.py worst-case --deployment randomized`).")
 MAX_EPS = 64 / 255          # beyond this an L∞ "repair" repaints the image (measured: --eps 2 turned it to noise)
 
 
@@ -94,7 +121,7 @@ def main() -> None:
 @click.option("--steps", type=click.IntRange(min=0), default=40, show_default=True,
               help="Sign-gradient steps (0: random start only, the noise control).")
 @click.option("--step-size", type=FRACTION, default="2/255", show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=SEED, default="0", show_default=True, help=SEED_HELP)
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--gate", "gate_fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
               help="Repair only inputs whose SSL losses exceed what this fraction of clean images exceeds "
@@ -113,7 +140,8 @@ def main() -> None:
 @click.option("--resume", is_flag=True,
               help="Finish a stopped run into the same --output with the same options (report.jsonl).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def repair(bundle_dir: Path, input_dir: Path, output_dir: Path, eps: float, steps: int, step_size: float, seed: int,
+def repair(bundle_dir: Path, input_dir: Path, output_dir: Path, eps: float, steps: int, step_size: float,
+           seed: int | None,
            batch_size: int, gate_fpr: float | None, early_exit: bool, threads: int | None,
            allow_large_eps: bool, resize: bool | None, max_pixels: int, overwrite: bool, resume: bool,
            quiet: bool) -> None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import secrets
 
 import numpy as np
 
@@ -28,6 +29,19 @@ JITTER = dict(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1)
 P_JITTER, P_GRAY, P_FLIP = 0.8, 0.2, 0.5
 SIZE = 32                                      # the default image side (CIFAR-10); draws take the images' own
 START = "start"                                # the stream of the random start (no task has this name)
+
+
+def deployed_seed(seed: int | None) -> int:
+    """The seed a batch is repaired with: ``seed``, or where it is None (`--seed random`: a deployment whose draws are
+    fresh on every request) a new one from the operating system for each batch, so that an image sent twice meets
+    other draws — the defense `cli.py worst-case --deployment randomized` evaluates. With a fixed seed the repair is a
+    deterministic function of the image (`--deployment fixed`, the default)."""
+    return secrets.randbits(63) if seed is None else seed
+
+
+def seed_record(seed: int | None) -> int | str:
+    """How a report records the seed: the integer, or "random"."""
+    return "random" if seed is None else seed
 
 
 def image_rng(seed: int, image: np.ndarray, stream: str) -> np.random.Generator:
