@@ -30,7 +30,8 @@ def report_config(pipeline: Pipeline, config: RepairConfig) -> dict:
     """What the report records of the repair: enough to tell two runs' settings apart."""
     gate = pipeline.gate
     return {
-        **asdict(config), "seed": seed_record(config.seed), "size": pipeline.size, "backend": pipeline.backend.name, "tasks": pipeline.tasks,
+        **asdict(config), "seed": seed_record(config.seed), "size": pipeline.size, "backend": pipeline.backend.name,
+        "tasks": pipeline.tasks,
         "alpha": [pipeline.objective.alpha[t] for t in pipeline.tasks], "device": str(pipeline.device),
         "objective": "plain" if pipeline.objective.levels is None else "clean", "levels": pipeline.objective.levels,
         "gate": None if gate is None else {"fpr": gate.fpr, "tasks": gate.tasks, "threshold": gate.threshold},

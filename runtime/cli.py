@@ -35,6 +35,7 @@ class Fraction(click.ParamType):
 
 
 FRACTION = Fraction()
+MAX_EPS = 64 / 255          # beyond this an L∞ "repair" repaints the image (measured: --eps 2 turned it to noise)
 
 
 class Seed(click.ParamType):
@@ -62,7 +63,6 @@ SEED = Seed()
 SEED_HELP = ("The repair's draws: an integer seed makes it a deterministic function of the image (what `cli.py "
              "worst-case` attacks by default); 'random' draws a fresh seed for every batch, so that an image sent "
              "twice meets other draws (`cli.py worst-case --deployment randomized`).")
-MAX_EPS = 64 / 255          # beyond this an L∞ "repair" repaints the image (measured: --eps 2 turned it to noise)
 
 
 def max_pixels_option():
