@@ -12,6 +12,7 @@ import os
 import platform
 import time
 from pathlib import Path
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import numpy as np
@@ -148,9 +149,10 @@ def triangular_lr(step: int, total: int, peak: float, warmup: float = 0.2) -> fl
 
 def run_epochs(model: nn.Module, cfg: dict, train_x: torch.Tensor, generator: torch.Generator, device: torch.device,
                step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
-               name: str, checkpoint: Checkpoint | None = None) -> None:
+               name: str, checkpoint: Checkpoint | None = None, on_step: Callable[[], None] | None = None) -> None:
     """The shared loop: shuffle, batch, ``step_loss(indices, x_batch)``, step with the triangular schedule; with a
-    checkpoint, the state is saved after every epoch and a saved run continues from its last epoch."""
+    checkpoint, the state is saved after every epoch and a saved run continues from its last epoch. ``on_step`` is
+    called after every step (a progress bar)."""
     steps_per_epoch = len(train_x) // cfg["batch"]
     if steps_per_epoch == 0:
         raise DataError(f"{len(train_x)} training images are fewer than one batch of {cfg['batch']}")
@@ -173,6 +175,8 @@ def run_epochs(model: nn.Module, cfg: dict, train_x: torch.Tensor, generator: to
             optimizer.step()
             running += loss.item()
             step += 1
+            if on_step:
+                on_step()
         log(f"{name} epoch {epoch + 1}/{cfg['epochs']}: loss {running / steps_per_epoch:.4f}, "
             f"{time.time() - start:.0f} s")
         if checkpoint:
@@ -198,10 +202,15 @@ def batched(fn: Callable[[torch.Tensor], torch.Tensor], x_uint8: torch.Tensor, d
 
 # ---------------------------------------------------------------------------------------------------------- recipes
 
-def train_classifier(model: nn.Module, cfg: dict, data: dict, generator: torch.Generator, device: torch.device,
-                     checkpoint: Checkpoint | None = None):
+# A recipe's step: the loss of one batch (its indices into the training split, its images in [0, 1]) and the
+# optimizer that steps on it.
+Step = tuple[Callable[[torch.Tensor, torch.Tensor], torch.Tensor], torch.optim.Optimizer]
+
+
+def classifier_step(model: nn.Module, cfg: dict, data: dict, generator: torch.Generator,
+                    device: torch.device) -> Step:
     """Fast adversarial training (FGSM from a random start); a ``fgsm_step`` of 0 is clean training."""
-    optimizer, eps, step_size = sgd(model, cfg), cfg["eps"], cfg["fgsm_step"]
+    eps, step_size = cfg["eps"], cfg["fgsm_step"]
 
     def fgsm_rs_loss(idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         x, y = crop_flip(x, generator), data["train_y"][idx].to(device)
@@ -212,9 +221,13 @@ def train_classifier(model: nn.Module, cfg: dict, data: dict, generator: torch.G
         delta = (delta.detach() + step_size * grad.sign()).clamp(-eps, eps)
         return F.cross_entropy(model((x + delta).clamp(0, 1)), y)
 
-    run_epochs(model, cfg, data["train_x"], generator, device, fgsm_rs_loss, optimizer, "classifier", checkpoint)
-    model.eval().requires_grad_(False)
-    return model, classifier_metrics(model, data, device, eps=cfg["eps"])
+    return fgsm_rs_loss, sgd(model, cfg)
+
+
+def classifier_done(model: nn.Module, cfg: dict, data: dict, generator: torch.Generator,
+                    device: torch.device) -> dict:
+    model.requires_grad_(False)
+    return classifier_metrics(model, data, device, n_pgd=cfg.get("pgd_n"), eps=cfg["eps"])
 
 
 def classifier_metrics(model: nn.Module, data: dict, device: torch.device, n_pgd: int | None = None,
@@ -234,23 +247,26 @@ def classifier_metrics(model: nn.Module, data: dict, device: torch.device, n_pgd
             "n_test": len(test_x)}
 
 
-def train_rotation(model: nn.Module, cfg: dict, data: dict, generator: torch.Generator, device: torch.device,
-                   checkpoint: Checkpoint | None = None):
+def rotation_step(model: nn.Module, cfg: dict, data: dict, generator: torch.Generator,
+                  device: torch.device) -> Step:
     labels = torch.arange(4, device=device)
 
     def rotation_loss(idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         rotated = rotate_all(crop_flip(x, generator))          # 4 blocks of N, rotation k in block k
         return F.cross_entropy(model(rotated), labels.repeat_interleave(len(x)))
 
-    run_epochs(model, cfg, data["train_x"], generator, device, rotation_loss, sgd(model, cfg), "rotation", checkpoint)
-    model.eval()
+    return rotation_loss, sgd(model, cfg)
+
+
+def rotation_done(model: nn.Module, cfg: dict, data: dict, generator: torch.Generator, device: torch.device) -> dict:
+    labels = torch.arange(4, device=device)
     correct = batched(lambda x: (model(rotate_all(x)).argmax(1).view(4, -1) == labels[:, None]).float().sum(0),
                       data["test_x"], device)
-    return model, {"rotation_accuracy": correct.sum().item() / (4 * len(data["test_x"]))}
+    return {"rotation_accuracy": correct.sum().item() / (4 * len(data["test_x"]))}
 
 
-def train_contrastive(model: nn.Module, cfg: dict, data: dict, generator: torch.Generator, device: torch.device,
-                      checkpoint: Checkpoint | None = None):
+def contrastive_step(model: nn.Module, cfg: dict, data: dict, generator: torch.Generator,
+                     device: torch.device) -> Step:
 
     def simclr_loss(idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         params = {k: v.to(device) for k, v in augment.sample_views(len(x), 2, generator, x.shape[-1]).items()}
@@ -258,14 +274,15 @@ def train_contrastive(model: nn.Module, cfg: dict, data: dict, generator: torch.
         z = model(views.flatten(0, 1)).view(len(x), 2, -1)
         return nt_xent_pairs(z[:, 0], z[:, 1], cfg["tau"])
 
-    run_epochs(model, cfg, data["train_x"], generator, device, simclr_loss, adamw(model, cfg), "contrastive",
-               checkpoint)
-    model.eval()
+    return simclr_loss, adamw(model, cfg)
+
+
+def contrastive_done(model: nn.Module, cfg: dict, data: dict, generator: torch.Generator,
+                     device: torch.device) -> dict:
     fill_bank(model, data, generator, device)
     if (data["train_y"] < 0).any() or (data["test_y"] < 0).any():      # kNN accuracy needs every image's class
-        return model, {"bank_size": model.bank.shape[0]}
-    knn = knn_accuracy(model, data, device, k=20)
-    return model, {"knn_accuracy": knn, "knn_k": 20, "bank_size": model.bank.shape[0]}
+        return {"bank_size": model.bank.shape[0]}
+    return {"knn_accuracy": knn_accuracy(model, data, device, k=20), "knn_k": 20, "bank_size": model.bank.shape[0]}
 
 
 @torch.no_grad()
@@ -293,8 +310,8 @@ def knn_accuracy(model: nn.Module, data: dict, device: torch.device, k: int = 20
     return correct / len(test_f)
 
 
-def train_inpainting(model: nn.Module, cfg: dict, data: dict, generator: torch.Generator, device: torch.device,
-                     checkpoint: Checkpoint | None = None):
+def inpainting_step(model: nn.Module, cfg: dict, data: dict, generator: torch.Generator,
+                    device: torch.device) -> Step:
 
     def masked_mse(idx: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         x = crop_flip(x, generator)
@@ -302,10 +319,12 @@ def train_inpainting(model: nn.Module, cfg: dict, data: dict, generator: torch.G
         mask = inpainting_masks(cfg.get("mask", "centre"), len(x), x.shape[-1], seed).to(device)
         return ((model(x, mask) - x) ** 2 * mask).sum() / (mask.sum() * 3)
 
-    run_epochs(model, cfg, data["train_x"], generator, device, masked_mse, adamw(model, cfg), "inpainting",
-               checkpoint)
-    model.eval()
-    return model, inpainting_metrics(model, data, device, cfg.get("mask", "centre"))
+    return masked_mse, adamw(model, cfg)
+
+
+def inpainting_done(model: nn.Module, cfg: dict, data: dict, generator: torch.Generator,
+                    device: torch.device) -> dict:
+    return inpainting_metrics(model, data, device, cfg.get("mask", "centre"))
 
 
 def inpainting_masks(kind: str, n: int, size: int, seed: int) -> torch.Tensor:
@@ -333,10 +352,33 @@ def inpainting_metrics(model: nn.Module, data: dict, device: torch.device, kind:
     return {"inpainting_mse": mse, "mean_colour_baseline_mse": baseline, "reduction_vs_baseline": 1 - mse / baseline}
 
 
-RECIPES = {"classifier": train_classifier, "contrastive": train_contrastive, "rotation": train_rotation,
-           "inpainting": train_inpainting, "classifier-standard": train_classifier,
-           "inpainting-patches": train_inpainting}
+@dataclass(frozen=True)
+class Recipe:
+    """How a network trains: ``step`` builds the loss of one batch and the optimizer, ``done`` measures the trained
+    network (in eval mode) on the test split; ``train_recipe`` runs the epochs between them."""
+    step: Callable[[nn.Module, dict, dict, torch.Generator, torch.device], Step]
+    done: Callable[[nn.Module, dict, dict, torch.Generator, torch.device], dict]
+
+
+RECIPES = {"classifier": Recipe(classifier_step, classifier_done), "contrastive": Recipe(contrastive_step,
+                                                                                          contrastive_done),
+           "rotation": Recipe(rotation_step, rotation_done), "inpainting": Recipe(inpainting_step, inpainting_done)}
+RECIPES.update({"classifier-standard": RECIPES["classifier"], "inpainting-patches": RECIPES["inpainting"]})
 RECIPES.update({head: RECIPES[base_task(head)] for head in HEAD_TASKS})
+
+
+def train_recipe(name: str, model: nn.Module, cfg: dict, data: dict, generator: torch.Generator,
+                 device: torch.device, checkpoint: Checkpoint | None = None,
+                 on_step: Callable[[], None] | None = None) -> tuple[nn.Module, dict]:
+    """Train ``model`` by ``name``'s recipe for ``cfg["epochs"]`` and measure it: (the network in eval mode, its
+    test-split metrics)."""
+    recipe = RECIPES[name]
+    step_loss, optimizer = recipe.step(model, cfg, data, generator, device)
+    run_epochs(model, cfg, data["train_x"], generator, device, step_loss, optimizer, name, checkpoint, on_step)
+    model.eval()
+    return model, recipe.done(model, cfg, data, generator, device)
+
+
 CLASSIFIERS = ("classifier", "classifier-standard")
 
 
@@ -416,8 +458,8 @@ def train_model(name: str, profile: str = "cpu", data_root: str | None = None, o
         checkpoint.remove()
     log(f"training {name} ({profile} profile, {cfg['epochs']} epochs, {size}×{size}) on {dev}")
     start = time.time()
-    model, metrics = RECIPES[name](model.to(dev, memory_format=torch.channels_last), cfg, data, generator, dev,
-                                   checkpoint)
+    model, metrics = train_recipe(name, model.to(dev, memory_format=torch.channels_last), cfg, data, generator, dev,
+                                  checkpoint)
     wall = time.time() - start
     log(f"{name} done in {wall / 60:.1f} min: {metrics}")
     source = {} if is_folder(train) else {"data_md5": train.checksum["cifar10_md5"]}
