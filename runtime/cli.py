@@ -162,7 +162,8 @@ def repair(bundle_dir: Path, input_dir: Path, output_dir: Path, eps: float, step
     resize = bundle.resize if resize is None else resize
     try:
         report = repair_folder(settings.on(bundle), input_dir, output_dir, config, batch_size, resize, overwrite,
-                               not quiet, resume, max_pixels=max_pixels)
+                               not quiet, resume, max_pixels=max_pixels,
+                               class_folders=bundle.manifest.get("class_folders"))
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     for line, to_stderr in summary_lines(report, output_dir):

@@ -91,13 +91,16 @@ class FolderPlan:
     rows: dict[str, dict]
     todo: list[ImageRecord]
     journal: Journal
+    labels_from: str | None = None         # where the true labels came from: "labels.csv", "class folders" or none
 
 
 def plan_folder(input_dir: Path, output_dir: Path, config: dict, resize: bool = False, overwrite: bool = False,
-                resume: bool = False, keep_images: bool = True, *, max_pixels: int = MAX_PIXELS) -> FolderPlan:
+                resume: bool = False, keep_images: bool = True, *, max_pixels: int = MAX_PIXELS,
+                class_folders: list[str] | None = None) -> FolderPlan:
     """Check the folders, read (or with ``keep_images=False`` only validate) every input at the repair's
     ``config["size"]`` (default 32) under the decode policy's ``max_pixels``, assign outputs, and open the journal;
-    with ``resume``, the images an earlier run of ``config`` finished are done already."""
+    with ``resume``, the images an earlier run of ``config`` finished are done already. True labels come from a
+    labels.csv, else from first-level subfolders named as the model set's ``class_folders`` (``folder_labels``)."""
     check_folders(input_dir, output_dir, overwrite, resume)
     done = done_rows(output_dir, config) if resume else {}
     records = read_folder(input_dir, resize, keep_images, config.get("size", SIZE), max_pixels=max_pixels)
@@ -109,14 +112,17 @@ def plan_folder(input_dir: Path, output_dir: Path, config: dict, resize: bool = 
     outputs = assign_outputs(records, output_dir, overwrite, done)
     rows = {rec.rel: {"file": rec.rel, "status": "skipped" if rec.skipped else "error", "error": rec.error,
                       "notes": rec.notes} for rec in records}
-    labels = read_labels(input_root(input_dir) / "labels.csv")
+    labels, labels_from = read_labels(input_root(input_dir) / "labels.csv"), "labels.csv"
+    if not labels:
+        labels, labels_from = folder_labels(records, class_folders), "class folders"
     for rel, row in rows.items():
         if rel in labels:
             row["true_label"] = labels[rel]
     for rel in set(done) & set(outputs):
         rows[rel] = done[rel]
     todo = [rec for rec in records if rec.rel in outputs and rec.rel not in done]
-    return FolderPlan(records, outputs, rows, todo, Journal(output_dir, config, append=resume))
+    return FolderPlan(records, outputs, rows, todo, Journal(output_dir, config, append=resume),
+                      labels_from if labels else None)
 
 
 def save_repaired(plan: FolderPlan, rel: str, row: dict, output_dir: Path) -> None:
@@ -149,7 +155,8 @@ def finish_report(plan: FolderPlan, config: dict, output_dir: Path, seconds: flo
         "images": images,
         "summary": {"n_inputs": len(images), "n_repaired": n_repaired, "n_error": n_error,
                     "n_skipped": len(images) - n_repaired - n_error, "seconds": round(seconds, 3),
-                    "images_per_s": round(repaired_here / seconds, 3) if seconds else None, **accuracy(images),
+                    "images_per_s": round(repaired_here / seconds, 3) if seconds else None,
+                    **accuracy(images, plan.labels_from),
                     **({"n_gated_out": sum(gated)} if config.get("gate") else {}), **(run or {})},
     }
     write_report(report, output_dir)
@@ -158,12 +165,14 @@ def finish_report(plan: FolderPlan, config: dict, output_dir: Path, seconds: flo
 
 def repair_folder(repair_batch: BatchRepair, input_dir: Path, output_dir: Path, config: dict, batch_size: int,
                   resize: bool = False, overwrite: bool = False, progress: bool = True, resume: bool = False, *,
-                  max_pixels: int = MAX_PIXELS) -> dict:
+                  max_pixels: int = MAX_PIXELS, class_folders: list[str] | None = None) -> dict:
     """Repair every readable image under ``input_dir`` with ``repair_batch``, ``batch_size`` images at a time;
     returns the report (also written to ``output_dir``), whose "config" is ``config``. ``resume``: finish a
-    stopped run of the same config (runtime/journal.py); ``max_pixels``: the decode policy's limit."""
+    stopped run of the same config (runtime/journal.py); ``max_pixels``: the decode policy's limit;
+    ``class_folders``: the model set's class folder names (``plan_folder``)."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    plan = plan_folder(input_dir, output_dir, config, resize, overwrite, resume, max_pixels=max_pixels)
+    plan = plan_folder(input_dir, output_dir, config, resize, overwrite, resume, max_pixels=max_pixels,
+                       class_folders=class_folders)
     start = time.time()
     with tqdm(total=len(plan.todo), unit="img", desc="repair", disable=not progress) as bar:
         for i in range(0, len(plan.todo), batch_size):
@@ -217,12 +226,23 @@ def read_labels(path: Path) -> dict[str, int]:
         return {}
 
 
-def accuracy(images: list[dict]) -> dict:
+def folder_labels(records: list[ImageRecord], class_folders: list[str] | None) -> dict[str, int]:
+    """file -> true class from its first-level subfolder, where every first-level subfolder holding an image is one
+    of the model set's ``class_folders`` (as train-set read them); {} otherwise, or without class folders."""
+    index = {c: i for i, c in enumerate(class_folders or [])}
+    inputs = [rec.rel for rec in records if not rec.skipped]
+    folders = {rel.split("/")[0] for rel in inputs if "/" in rel}
+    if not folders or not folders <= set(index):
+        return {}
+    return {rel: index[rel.split("/")[0]] for rel in inputs if "/" in rel}
+
+
+def accuracy(images: list[dict], labels_from: str | None = None) -> dict:
     labelled = [r for r in images if r["status"] == "repaired" and "true_label" in r]
     if not labelled:
         return {}
     n = len(labelled)
-    return {"n_labelled": n,
+    return {"n_labelled": n, "labels": labels_from,
             "accuracy_before": round(sum(r["pred_before"] == r["true_label"] for r in labelled) / n, 4),
             "accuracy_after": round(sum(r["pred_after"] == r["true_label"] for r in labelled) / n, 4)}
 
@@ -248,7 +268,7 @@ def summary_lines(report: dict, output_dir: Path) -> list[tuple[str, bool]]:
         lines.append((f"gate (false-positive rate {report['config']['gate']['fpr']}): {summary['n_gated_out']} "
                       "image(s) passed unchanged", False))
     if "accuracy_before" in summary:
-        lines.append((f"accuracy on the {summary['n_labelled']} labelled image(s) (labels.csv): "
+        lines.append((f"accuracy on the {summary['n_labelled']} labelled image(s) ({summary.get('labels')}): "
                       f"{100 * summary['accuracy_before']:.1f} % before, {100 * summary['accuracy_after']:.1f} % after",
                       False))
     return lines
