@@ -11,7 +11,7 @@ from runtime.cli import FRACTION
 
 MODELS = ("classifier", "contrastive", "inpainting", "rotation", "contrastive-head", "inpainting-head",
           "rotation-head", "classifier-standard", "inpainting-patches")
-PROFILES = ("cpu", "gpu", "folder-cpu")              # engine/train.py's PROFILES (tests check the two agree)
+PROFILES = ("cpu", "gpu", "folder-cpu", "quick")            # engine/train.py's PROFILES (tests check the two agree)
 JOINT_MODELS = ("joint-robust", "joint-standard")     # engine/joint.py (kept here: --help imports no torch)
 # engine.tasks.TASKS's names, kept here so that a mistyped argument is answered before torch loads (tests check
 # the two agree)

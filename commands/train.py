@@ -1,6 +1,7 @@
 """`train` (one model) and `train-set` (a whole model set on a folder of images)."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import click
@@ -71,7 +72,9 @@ SET_MODELS = ("classifier", "contrastive", "rotation", "inpainting")
               help="Working size S (a multiple of 16): images are centre-cropped and resized to S×S.")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="The model set's folder, e.g. weights/NAME.")
-@click.option("--profile", type=click.Choice(PROFILES), default="folder-cpu", show_default=True)
+@click.option("--profile", type=click.Choice(PROFILES), default="folder-cpu", show_default=True,
+              help="folder-cpu: the recipe for ~10,000 photos (hours on 2 cores); quick: a first try, about a third "
+                   "of its epochs (minutes for a few thousand photos), its models labelled a preview.")
 @click.option("--standard", is_flag=True, help="Also train an undefended classifier (classifier-standard).")
 @click.option("--calibration-n", type=click.IntRange(min=10), default=2000, show_default=True,
               help="Clean training images whose SSL losses calibrate the repair.")
@@ -89,13 +92,17 @@ def train_set(data_root: str, size: int, out_dir: Path, profile: str, standard: 
               overwrite: bool) -> None:
     """Train a whole model set on a folder of images, in order: the robust classifier (and with --standard an
     undefended one), the contrastive, rotation and inpainting networks, the clean-loss calibration, and the ONNX
-    export (OUT/onnx). Every model checkpoints each epoch; --resume continues a run that was stopped."""
+    export (OUT/onnx). The data is checked and the plan printed (each stage sized from the data, its time estimated)
+    before the first model trains. Every model checkpoints each epoch and records the data it was trained on;
+    --resume continues a stopped run of the same data and settings."""
     import torch
 
     from engine.calibration import calibrate as measure, save_calibration
     from engine.data import DataError
+    from engine.provenance import resume_conflicts, trained_on
     from engine.train import PROFILES as RECIPES, log, train_model
-    from engine.weights import WeightsError
+    from engine.train_plan import SetProgress, plan_set, summary_lines
+    from engine.weights import WeightsError, read_manifest
     from export.onnx_export import ExportError, export_all
 
     check_device(device)
@@ -113,28 +120,54 @@ def train_set(data_root: str, size: int, out_dir: Path, profile: str, standard: 
         raise click.UsageError(f"{out_dir} already holds {', '.join(existing)}: pass --resume to continue that run, "
                                "--overwrite to start again, or choose another --out")
     torch.set_num_threads(threads or default_threads())
-    steps = len(models) + 2
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     base = f"python cli.py train-set --data {data_root} --size {size} --out {out_dir} --profile {profile} --seed {seed}"
     try:
-        for i, model in enumerate(models, 1):
-            if resume and (out_dir / f"{model}.json").exists():
-                log(f"[{i}/{steps}] {model}: done before, kept")
-                continue
-            log(f"[{i}/{steps}] {model}")
-            train_model(model, profile, data_root, str(out_dir), seed, device, overwrite, None,
-                        f"{base} (step {model})", size, resume)
+        current = trained_on(data_root, size, seed, profile)
+        conflicts = resume_conflicts(out_dir, models, current) if resume else {}
+        if conflicts:                       # before any training: a resumed set never mixes runs
+            listed = "; ".join(f"{m}: {', '.join(found)}" for m, found in conflicts.items())
+            raise click.UsageError(f"--resume would keep models of another run in {out_dir} ({listed}): pass "
+                                   "--overwrite to train the set again on this data, or choose another --out")
+        kept = {m for m in models if resume and (out_dir / f"{m}.json").exists()}
+        plan = plan_set(models, profile, data_root, size, calibration_n, dev, kept)
+        for line in plan.lines():
+            click.echo(line)
+        progress = SetProgress(plan)
+        for stage, model in zip(plan.stages, models):
+            if model not in kept:
+                train_model(model, profile, data_root, str(out_dir), seed, device, overwrite, None,
+                            f"{base} (step {model})", size, resume,
+                            on_step=lambda s=stage: progress.step(s.step_seconds))
+            progress.finished(stage)
         calibration = out_dir / "calibration.json"
-        if not (resume and calibration.exists()):
-            log(f"[{steps - 1}/{steps}] calibration on {calibration_n} clean training images")
-            pipeline = load_checked(weights=out_dir, tasks=list(TASK_NAMES[:3]), objective="plain")
-            stats = measure(pipeline, calibration_n, seed, data_root)
-            save_calibration(stats, calibration, f"{base} (step calibration)", overwrite=True)
-        log(f"[{steps}/{steps}] ONNX export to {out_dir / 'onnx'}")
+        pipeline = load_checked(weights=out_dir, tasks=list(TASK_NAMES[:3]), objective="plain")
+        if not (resume and calibration_holds(calibration, pipeline.manifests, plan.calibration_n)):
+            log(f"calibration on {plan.calibration_n} clean training images")
+            stats = measure(pipeline, plan.calibration_n, seed, data_root)
+            save_calibration(stats, calibration, f"{base} --calibration-n {calibration_n} (step calibration)",
+                             overwrite=True)
+        progress.finished(plan.stages[-2])
+        log(f"ONNX export to {out_dir / 'onnx'}")
         manifest, notes = export_all(load_checked(weights=out_dir, objective=objective), out_dir / "onnx", overwrite,
                                      f"{base} --objective {objective} (step export)")
+        progress.close()
+        manifests = {m: read_manifest(m, out_dir) for m in models}
     except (DataError, WeightsError, ExportError, ValueError) as e:
         raise click.UsageError(str(e)) from None
     for note in notes:
         click.echo(note)
-    click.echo(f"model set in {out_dir}: {', '.join(models)}, calibration.json, onnx/ ({len(manifest['graphs'])} "
-               "graphs)")
+    preview = " (a preview: --profile quick)" if current["preview"] else ""
+    click.echo(f"model set in {out_dir}{preview}: {', '.join(models)}, calibration.json, onnx/ "
+               f"({len(manifest['graphs'])} graphs)")
+    for line in summary_lines(out_dir, manifests, json.loads(calibration.read_text()), data_root):
+        click.echo(line)
+
+
+def calibration_holds(path: Path, manifests: dict[str, dict], n: int) -> bool:
+    """Whether the calibration at ``path`` was measured on these very networks, on ``n`` images."""
+    if not path.exists():
+        return False
+    recorded = json.loads(path.read_text())
+    return (all(recorded["sources"].get(t) == m["sha256"] for t, m in manifests.items() if t != "classifier")
+            and all(len(v) == n for v in recorded["losses"].values()))

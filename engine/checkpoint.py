@@ -31,6 +31,10 @@ class Checkpoint:
     def exists(self) -> bool:
         return self.meta.exists()
 
+    def recorded(self) -> dict:
+        """The signature of the saved run ({} where there is none)."""
+        return json.loads(self.meta.read_text())["signature"] if self.exists() else {}
+
     def save(self, model: nn.Module, optimizer: torch.optim.Optimizer, generator: torch.Generator,
              epochs_done: int) -> None:
         state = optimizer.state_dict()

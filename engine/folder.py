@@ -14,6 +14,7 @@ from runtime.draws import deployed_seed, seed_record
 
 from .imageio import quantize
 from .pipeline import Pipeline
+from .provenance import is_preview
 
 
 @dataclass
@@ -36,7 +37,8 @@ def report_config(pipeline: Pipeline, config: RepairConfig) -> dict:
         "objective": "plain" if pipeline.objective.levels is None else "clean", "levels": pipeline.objective.levels,
         "gate": None if gate is None else {"fpr": gate.fpr, "tasks": gate.tasks, "threshold": gate.threshold},
         "weights": {name: m["sha256"] for name, m in pipeline.manifests.items()},
-        "classifier": pipeline.manifests["classifier"].get("source", "weights")}
+        "classifier": pipeline.manifests["classifier"].get("source", "weights"),
+        **({"preview": True} if is_preview(pipeline.manifests) else {})}      # a --profile quick set
 
 
 def repair_folder(pipeline: Pipeline, input_dir: Path, output_dir: Path, config: RepairConfig,
@@ -46,7 +48,7 @@ def repair_folder(pipeline: Pipeline, input_dir: Path, output_dir: Path, config:
     ``resume``: finish a stopped run of the same settings; ``max_pixels``: the decode policy's limit."""
     return folder.repair_folder(lambda x: repair_batch(pipeline, torch.from_numpy(x), config), input_dir,
                                 output_dir, report_config(pipeline, config), config.batch_size, resize, overwrite,
-                                progress, resume, max_pixels=max_pixels)
+                                progress, resume, max_pixels=max_pixels, class_folders=pipeline.inputs["classes"])
 
 
 @dataclass
@@ -74,7 +76,7 @@ def repair_folder_on_ray(pipeline: Pipeline, load: Callable[[], Pipeline], input
 
     return repair_folder_ray(BatchRepairFactory(load, config, threads), input_dir, output_dir,
                              report_config(pipeline, config), config.batch_size, resize, overwrite, progress,
-                             resume=resume, **ray_options)
+                             resume=resume, class_folders=pipeline.inputs["classes"], **ray_options)
 
 
 @torch.no_grad()

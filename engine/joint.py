@@ -260,7 +260,7 @@ def measure(nets: JointNets, data: dict, generator: torch.Generator, device: tor
             pred = clf(views.to(device)).argmax(1).view(-1, 2)
         agree.append((pred[:, 0] == pred[:, 1]).float().cpu())
     return {
-        "classifier": {**classifier_metrics(clf, data, device, n_pgd), "n_pgd": min(n_pgd, len(test_x)),
+        "classifier": {**classifier_metrics(clf, data, device, n_pgd),
                        "consistency_two_view_agreement": torch.cat(agree).mean().item()},
         "rotation-head": {"rotation_accuracy": rot_correct.sum().item() / (4 * len(test_x))},
         "inpainting-head": inpainting_metrics(nets.head("inpainting-head"), data, device),

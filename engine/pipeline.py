@@ -22,6 +22,7 @@ from .calibration import Calibration, calibration_path, load_calibration
 from .heads import HEAD_TASKS, check_backbone
 from .repair import MultiTaskLoss, RepairResult, reverse_attack
 from .tasks import CLASSIFIER_TASKS, TASKS, VIEW_TASKS
+from .provenance import check_same_data
 from .weights import WeightsError, load_model, model_input, read_manifest
 
 DEFAULT_TASKS = ("contrastive", "inpainting", "rotation")
@@ -248,6 +249,7 @@ def model_set_input(manifests: dict[str, dict], weights: str | os.PathLike | Non
         listed = ", ".join(f"{name} {size}×{size}" for name, size in sizes.items())
         raise WeightsError(f"the networks in {weights or 'weights/'} take images of different sizes ({listed}): "
                            "a model set is trained at one size (`cli.py train … --size S`)")
+    check_same_data(manifests, weights)
     if "classifier" in manifests:
         return model_input(manifests["classifier"])
     try:

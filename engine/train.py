@@ -1,15 +1,13 @@
 """Training recipes for the classifier and the three SSL networks, and the metrics their manifests report.
 
-One table, ``PROFILES``, holds every hyperparameter: ``cpu`` is sized so that all four models train on CIFAR-10 in
-well under 90 minutes on a 2-core machine; ``gpu`` is the larger variant for a CUDA GPU; ``folder-cpu`` is for a folder
-of ~10,000 photos at S = 64 on the 2-core machine (Imagenette; docs/imagenette.md has the measurements behind it).
-Each recipe returns the trained network and its test-set metrics; ``train_model`` writes them with a manifest
+Every hyperparameter is in one table, engine/profiles.py's ``PROFILES``. Each recipe returns the trained network and its test-set metrics; ``train_model`` writes them with a manifest
 (engine/weights.py), checkpointing every epoch (engine/checkpoint.py) so that ``--resume`` continues a stopped run.
 """
 from __future__ import annotations
 
 import os
 import platform
+import sys
 import time
 from pathlib import Path
 from dataclasses import dataclass
@@ -19,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
 from runtime import draws
 
@@ -27,96 +26,21 @@ from .checkpoint import Checkpoint
 from .data import DataError
 from .datasets import CIFAR, ImageSet, channel_stats, load_split, summary
 from .models import build_model, num_params
+from .profiles import PROFILES
+from .provenance import differences, trained_on
 from .tasks import augment
+from .train_plan import fit_to_data
 from .tasks.contrastive import nt_xent_pairs
 from .tasks.inpainting import centre_mask
 from .tasks.rotation import rotate_all
 from .heads import HEAD_TASKS, attach_backbone, backbone_config, base_task
 from .weights import WeightsError, load_model, model_input, save_model
 
-PROFILES: dict[str, dict[str, dict]] = {
-    "cpu": {
-        # Fast adversarial training (FGSM with random start, Wong et al. 2020): step 10/255 = 1.25 ε is their
-        # setting; the DESIGN probe reached 71.8 % clean / 42.8 % PGD-10 with this net in 12 epochs.
-        "classifier": dict(architecture="Classifier", config=dict(widths=(32, 128, 128)), epochs=12, batch=256,
-                           lr=0.1, weight_decay=5e-4, eps=8 / 255, fgsm_step=10 / 255),
-        # SimCLR with in-batch negatives; τ = 0.2 as in the repair loss.
-        "contrastive": dict(architecture="ContrastiveNet", config=dict(widths=(32, 128, 128), proj_dim=64,
-                                                                       bank_size=4096),
-                            epochs=7, batch=256, lr=2e-3, weight_decay=1e-4, tau=0.2),
-        "rotation": dict(architecture="RotationNet", config=dict(widths=(16, 64, 64)), epochs=5, batch=128,
-                         lr=0.2, weight_decay=5e-4),
-        "inpainting": dict(architecture="ContextEncoder", config=dict(width=32), epochs=6, batch=256, lr=2e-3,
-                           weight_decay=1e-4),
-        # The same net dropping 4 random patches of a quarter side each (runtime/draws.py's patch_mask)
-        "inpainting-patches": dict(architecture="ContextEncoder", config=dict(width=32), epochs=6, batch=256,
-                                   lr=2e-3, weight_decay=1e-4, mask="patches"),
-        # Heads on the classifier's frozen backbone (engine/heads.py): only the head trains, so an epoch costs about
-        # one backbone forward per view (3 min for the contrastive head, 2.5 min for rotation's four).
-        # 1 rotation epoch reached 65.2 % rotation accuracy (the independent net: 83.6 %), hence 3. A head's widths
-        # are its classifier's (train_model reads them from the classifier it attaches to).
-        "contrastive-head": dict(architecture="ContrastiveNet", config=dict(proj_dim=64, bank_size=4096),
-                                 backbone="classifier", epochs=3, batch=256, lr=2e-3, weight_decay=1e-4, tau=0.2),
-        "rotation-head": dict(architecture="RotationHead", config=dict(), backbone="classifier", epochs=3,
-                              batch=128, lr=0.05, weight_decay=5e-4),
-        "inpainting-head": dict(architecture="InpaintingHead", config=dict(width=64),
-                                backbone="classifier", epochs=3, batch=256, lr=2e-3, weight_decay=1e-4),
-    },
-    # A folder of ~10,000 photos (Imagenette: 9,469) at S = 64, on the 2-core machine: the four models of
-    # weights/imagenette took 164 min of 1-thread runs, two at a time (docs/imagenette.md). Every backbone halves the
-    # image in its stem (stem_stride 2): its maps are then CIFAR's 32 -> 4 and a step costs what it costs at S = 32
-    # (FGSM training 129 against 39 images/s with the full-size stem). Ten times fewer images than CIFAR-10 per
-    # epoch, so more epochs for the same number of steps.
-    "folder-cpu": {
-        # ε = 4/255 (ImageNet's customary budget; step 1.25 ε as Wong et al.); wider than CIFAR's (64-128-256, 107 s
-        # an epoch) because ten classes of photos need more features than a thumbnail's; 18 epochs ≈ 32 min.
-        "classifier": dict(architecture="Classifier", config=dict(widths=(64, 128, 256), stem_stride=2), epochs=18,
-                           batch=128, lr=0.1, weight_decay=5e-4, eps=4 / 255, fgsm_step=5 / 255),
-        # The undefended classifier beside it (clean training: half the cost of an FGSM epoch).
-        "classifier-standard": dict(architecture="Classifier", config=dict(widths=(64, 128, 256), stem_stride=2),
-                                    epochs=18, batch=128, lr=0.1, weight_decay=5e-4, eps=4 / 255, fgsm_step=0.0),
-        "contrastive": dict(architecture="ContrastiveNet", config=dict(widths=(32, 128, 128), proj_dim=64,
-                                                                       bank_size=4096, stem_stride=2),
-                            epochs=15, batch=128, lr=2e-3, weight_decay=1e-4, tau=0.2),
-        "rotation": dict(architecture="RotationNet", config=dict(widths=(16, 64, 64), stem_stride=2), epochs=10,
-                         batch=128, lr=0.1, weight_decay=5e-4),
-        "inpainting": dict(architecture="ContextEncoder", config=dict(width=32), epochs=12, batch=128, lr=2e-3,
-                           weight_decay=1e-4),
-        "inpainting-patches": dict(architecture="ContextEncoder", config=dict(width=32), epochs=12, batch=128,
-                                   lr=2e-3, weight_decay=1e-4, mask="patches"),
-        "contrastive-head": dict(architecture="ContrastiveNet", config=dict(proj_dim=64, bank_size=4096),
-                                 backbone="classifier", epochs=5, batch=128, lr=2e-3, weight_decay=1e-4, tau=0.2),
-        "rotation-head": dict(architecture="RotationHead", config=dict(), backbone="classifier", epochs=5,
-                              batch=128, lr=0.05, weight_decay=5e-4),
-        "inpainting-head": dict(architecture="InpaintingHead", config=dict(width=64),
-                                backbone="classifier", epochs=5, batch=128, lr=2e-3, weight_decay=1e-4),
-    },
-    "gpu": {
-        "classifier": dict(architecture="Classifier", config=dict(widths=(64, 256, 256)), epochs=40, batch=512,
-                           lr=0.2, weight_decay=5e-4, eps=8 / 255, fgsm_step=10 / 255),
-        "contrastive": dict(architecture="ContrastiveNet", config=dict(widths=(64, 256, 256), proj_dim=128,
-                                                                       bank_size=8192),
-                            epochs=100, batch=512, lr=2e-3, weight_decay=1e-4, tau=0.2),
-        "rotation": dict(architecture="RotationNet", config=dict(widths=(64, 256, 256)), epochs=30, batch=256,
-                         lr=0.2, weight_decay=5e-4),
-        "inpainting": dict(architecture="ContextEncoder", config=dict(width=64), epochs=40, batch=512, lr=2e-3,
-                           weight_decay=1e-4),
-        "inpainting-patches": dict(architecture="ContextEncoder", config=dict(width=64), epochs=40, batch=512,
-                                   lr=2e-3, weight_decay=1e-4, mask="patches"),
-        "contrastive-head": dict(architecture="ContrastiveNet", config=dict(proj_dim=128, bank_size=8192),
-                                 backbone="classifier", epochs=20, batch=512, lr=2e-3, weight_decay=1e-4, tau=0.2),
-        "rotation-head": dict(architecture="RotationHead", config=dict(), backbone="classifier", epochs=10,
-                              batch=256, lr=0.05, weight_decay=5e-4),
-        "inpainting-head": dict(architecture="InpaintingHead", config=dict(width=128),
-                                backbone="classifier", epochs=20, batch=512, lr=2e-3, weight_decay=1e-4),
-    },
-}
-
-
 # ---------------------------------------------------------------------------------------------------------- helpers
 
 def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+    tqdm.write(f"[{time.strftime('%H:%M:%S')}] {msg}")          # above a progress bar, where one is drawn
+    sys.stdout.flush()
 
 
 def shuffled_batches(n: int, batch: int, generator: torch.Generator) -> Iterator[torch.Tensor]:
@@ -169,11 +93,7 @@ def run_epochs(model: nn.Module, cfg: dict, train_x: torch.Tensor, generator: to
             for group in optimizer.param_groups:
                 group["lr"] = triangular_lr(step, total, peak)
             x = train_x[idx].to(device, non_blocking=True).float().div_(255)
-            loss = step_loss(idx, x)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            running += loss.item()
+            running += take_step(step_loss, optimizer, idx, x)
             step += 1
             if on_step:
                 on_step()
@@ -181,6 +101,16 @@ def run_epochs(model: nn.Module, cfg: dict, train_x: torch.Tensor, generator: to
             f"{time.time() - start:.0f} s")
         if checkpoint:
             checkpoint.save(model, optimizer, generator, epoch + 1)
+
+
+def take_step(step_loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], optimizer: torch.optim.Optimizer,
+              idx: torch.Tensor, x: torch.Tensor) -> float:
+    """One optimizer step on the batch ``x`` (rows ``idx`` of the training split); returns its loss."""
+    loss = step_loss(idx, x)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item()
 
 
 def sgd(model: nn.Module, cfg: dict) -> torch.optim.Optimizer:
@@ -244,7 +174,7 @@ def classifier_metrics(model: nn.Module, data: dict, device: torch.device, n_pgd
         x, y = test_x[i:end].to(device).float().div_(255), test_y[i:end].to(device)
         correct += (model(attack(x, y)).argmax(1) == y).sum().item()
     return {"clean_accuracy": clean, "pgd20_accuracy": correct / n_pgd, "pgd20_eps": eps, "pgd20_step": eps / 4,
-            "n_test": len(test_x)}
+            "n_test": len(test_x), "n_pgd": n_pgd}
 
 
 def rotation_step(model: nn.Module, cfg: dict, data: dict, generator: torch.Generator,
@@ -408,31 +338,45 @@ def input_entry(data_root: str | None, train: ImageSet) -> dict:
             "source": train.checksum}
 
 
-def train_model(name: str, profile: str = "cpu", data_root: str | None = None, out_dir: str = "weights",
-                seed: int = 0, device: str | None = None, overwrite: bool = False,
-                epochs: int | None = None, command: str | None = None, size: int = 32, resume: bool = False) -> str:
-    """Train ``name`` with ``profile``'s recipe on ``data_root`` (None or "cifar10": CIFAR-10; else a folder of
-    images) at side ``size``, measure it on the test split, write weights + manifest. Every epoch is checkpointed;
-    ``resume`` continues a stopped run of the same settings. ``command`` is recorded in the manifest: the command
-    line that reproduces this run."""
+def folder_config(name: str, cfg: dict, train: ImageSet) -> dict:
+    """A network's config for the images of ``train``: a folder's normalized by its own statistics, and a
+    classifier's output sized to its classes (CIFAR-10's are the recipe's)."""
+    config = dict(cfg["config"])
+    if is_folder(train):
+        config["mean"], config["std"] = channel_stats(train.images)
+        if name in CLASSIFIERS:
+            config["num_classes"] = len(train.classes)
+    return config
+
+
+def recipe(name: str, profile: str, epochs: int | None = None) -> dict:
+    """``profile``'s recipe for ``name`` (a copy), with ``epochs`` where given."""
     if profile not in PROFILES or name not in PROFILES[profile]:
         raise ValueError(f"no {name!r} recipe in profile {profile!r}")
-    cfg = dict(PROFILES[profile][name])
-    cfg["config"] = dict(cfg["config"])
-    if epochs is not None:
-        cfg["epochs"] = epochs
+    cfg = {**PROFILES[profile][name], "config": dict(PROFILES[profile][name]["config"])}
+    return cfg if epochs is None else {**cfg, "epochs": epochs}
+
+
+def train_model(name: str, profile: str = "cpu", data_root: str | None = None, out_dir: str = "weights",
+                seed: int = 0, device: str | None = None, overwrite: bool = False,
+                epochs: int | None = None, command: str | None = None, size: int = 32, resume: bool = False,
+                on_step: Callable[[], None] | None = None) -> str:
+    """Train ``name`` with ``profile``'s recipe on ``data_root`` (None or "cifar10": CIFAR-10; else a folder of
+    images) at side ``size``, sized to the data where it is smaller than the recipe's (engine/train_plan.py),
+    measure it on the test split, write weights + manifest (with what it was trained on: engine/provenance.py).
+    Every epoch is checkpointed; ``resume`` continues a stopped run of the same settings and data. ``command`` is
+    recorded in the manifest: the command line that reproduces this run; ``on_step`` is called after every step."""
+    cfg = recipe(name, profile, epochs)
     final = Path(out_dir) / f"{name}.json"
     if final.exists() and not overwrite:            # before hours of training, not after
         raise WeightsError(f"{final} already exists; pass --overwrite to replace it, or choose another --out")
+    provenance = trained_on(data_root, size, seed, profile)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     data, train = load_data(data_root, size, labelled=name in CLASSIFIERS)
-    bank = cfg["config"].get("bank_size", 0)
-    if len(data["train_x"]) < bank:         # said before training, not after its epochs (fill_bank needs them)
-        raise DataError(f"{name} fills a bank of {bank} negatives with training images; there are only "
-                        f"{len(data['train_x'])}")
-    extra = {}
+    cfg, sized = fit_to_data(cfg, len(data["train_x"]))
+    extra = {"sized_from_data": sized} if sized else {}
     if cfg.get("backbone"):                # a head: the classifier beside it in out_dir lends its frozen backbone
         classifier, classifier_manifest = load_model(cfg["backbone"], out_dir)
         if model_input(classifier_manifest)["size"] != size:
@@ -442,31 +386,34 @@ def train_model(name: str, profile: str = "cpu", data_root: str | None = None, o
         model = build_model(cfg["architecture"], cfg["config"])
         extra["backbone"] = attach_backbone(model, classifier, classifier_manifest)
     else:
-        if is_folder(train):                # normalize by the folder's own statistics
-            cfg["config"]["mean"], cfg["config"]["std"] = channel_stats(train.images)
-            if name in CLASSIFIERS:
-                cfg["config"]["num_classes"] = len(train.classes)
+        cfg["config"] = folder_config(name, cfg, train)
         model = build_model(cfg["architecture"], cfg["config"])
     inputs = input_entry(data_root, train)
-    recipe = {k: v for k, v in cfg.items() if k not in ("architecture", "config")}
-    checkpoint = Checkpoint(out_dir, name, {"recipe": recipe, "config": cfg["config"], "input": inputs,
-                                            "seed": seed, "profile": profile})
+    recipe_entry = {k: v for k, v in cfg.items() if k not in ("architecture", "config")}
+    checkpoint = Checkpoint(out_dir, name, {"recipe": recipe_entry, "config": cfg["config"], "input": inputs,
+                                            "seed": seed, "profile": profile, "trained_on": provenance})
     if checkpoint.exists() and not resume:
         if not overwrite:
             raise WeightsError(f"{checkpoint.meta} holds an unfinished run of {name}: pass --resume to continue it, "
                                "or --overwrite to start again")
         checkpoint.remove()
+    if checkpoint.exists():
+        changed = differences(checkpoint.recorded().get("trained_on"), provenance)
+        if changed:
+            raise WeightsError(f"{checkpoint.meta} is an unfinished run of {name} on other data or settings "
+                               f"({'; '.join(changed)}): pass --overwrite to start it again")
     log(f"training {name} ({profile} profile, {cfg['epochs']} epochs, {size}×{size}) on {dev}")
     start = time.time()
     model, metrics = train_recipe(name, model.to(dev, memory_format=torch.channels_last), cfg, data, generator, dev,
-                                  checkpoint)
+                                  checkpoint, on_step)
     wall = time.time() - start
     log(f"{name} done in {wall / 60:.1f} min: {metrics}")
     source = {} if is_folder(train) else {"data_md5": train.checksum["cifar10_md5"]}
     manifest = {
         "architecture": cfg["architecture"], "config": cfg["config"], "params": num_params(model),
-        "recipe": recipe, "profile": profile, "command": command, "input": inputs, **source,
-        "epochs": cfg["epochs"], "seed": seed, "wall_seconds": round(wall, 1), "metrics": metrics, **extra,
+        "recipe": recipe_entry, "profile": profile, "command": command, "input": inputs, **source,
+        "trained_on": provenance, "epochs": cfg["epochs"], "seed": seed, "wall_seconds": round(wall, 1),
+        "metrics": metrics, **extra,
         "machine": {"platform": platform.platform(), "processor": platform.processor(), "cpus": os.cpu_count(),
                     "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
                     "torch": torch.__version__, "threads": torch.get_num_threads()},

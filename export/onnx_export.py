@@ -30,6 +30,7 @@ import torch
 from torch import nn
 
 from engine.backends.tensorrt_engines import import_tensorrt
+from engine.provenance import is_preview
 from engine.pipeline import Pipeline, attach_backend, load_pipeline, resolve_backend
 from runtime.files import atomic_write, sha256sum, write_json
 
@@ -229,6 +230,8 @@ def export_all(pipeline: Pipeline, out_dir: str | os.PathLike, overwrite: bool =
                              "opset": OPSET, "precision": precision, **describe_io(path)}
     manifest = {"opset": OPSET, "torch": torch.__version__, "onnx": onnx.__version__, "command": command,
                 "max_batch": MAX_BATCH, "weights": weights, "classes": pipeline.class_names,
+                "class_folders": pipeline.inputs["classes"],           # what labels a folder of photos by class
+                **({"preview": True} if is_preview(pipeline.manifests) else {}),     # a --profile quick set
                 "input": {"size": pipeline.size, "resize": pipeline.inputs["resize"]}, "graphs": graphs,
                 "gate": gate_statistics(pipeline)}
     write_json(out_dir / MANIFEST, manifest)

@@ -171,4 +171,5 @@ class BundleRepair:
                 "batch_size": batch_size, "early_exit": self.early_exit, "size": bundle.size, "backend": bundle.name,
                 "tasks": bundle.tasks, "alpha": [bundle.alpha[t] for t in bundle.tasks], "device": "cpu",
                 "objective": "plain" if bundle.levels is None else "clean", "levels": bundle.levels, "gate": gate,
-                "weights": bundle.manifest["weights"], "threads": self.threads}
+                "weights": bundle.manifest["weights"], "threads": self.threads,
+                **({"preview": True} if bundle.manifest.get("preview") else {})}      # a --profile quick set

@@ -26,11 +26,15 @@ def test_train_set_refuses_a_profile_without_a_recipe_before_training(tmp_path):
 
 
 @pytest.mark.skipif(not IMAGENETTE_SAMPLE.exists(), reason="needs ../shared/data/imagenette/sample")
-def test_a_contrastive_bank_larger_than_the_folder_is_refused_before_the_epochs(tmp_path):
-    # (after the epochs, fill_bank would refuse it in other words: "the contrastive bank takes …")
+def test_a_contrastive_bank_larger_than_the_folder_is_sized_to_it_and_recorded(tmp_path):
+    # (it once stopped after the epochs: "fills a bank of 4096 negatives with training images; there are only 200")
     result = CliRunner().invoke(main, ["train", "contrastive", "--profile", "folder-cpu", "--data",
-                                       str(IMAGENETTE_SAMPLE), "--size", "32", "--out", str(tmp_path / "w")])
-    assert result.exit_code == 2 and "a bank of 4096 negatives" in result.output, result.output
+                                       str(IMAGENETTE_SAMPLE), "--size", "32", "--out", str(tmp_path / "w"),
+                                       "--epochs", "1"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "w" / "contrastive.json").read_text())
+    assert manifest["config"]["bank_size"] == manifest["metrics"]["bank_size"] == 200
+    assert manifest["sized_from_data"] == ["bank of negatives 4096 -> 200: one view of each training image"]
 
 
 def test_a_calibration_is_read_for_the_tasks_it_holds_and_its_fix_keeps_them(tiny_weights, tmp_path):
