@@ -7,6 +7,7 @@ from pathlib import Path
 import click
 
 from runtime.cli import FRACTION, default_threads
+from runtime.folder import PREVIEW_NOTE
 
 from .common import (CALIBRATED_TASKS, DATA_OPTION, TASK_NAMES, THREADS_OPTION, check_device, load_checked,
                      option_group, parse_alpha, parse_names, parse_tasks, weights_option)
@@ -180,6 +181,8 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, stages_
         raise click.UsageError(str(e)) from None
     table = markdown_table(result)
     click.echo(table)
+    if result.get("preview"):
+        click.echo(f"\n{PREVIEW_NOTE}")
     click.echo(f"\nseconds: {result['seconds']}")
     if markdown_path:
         markdown_path.write_text(table + "\n")

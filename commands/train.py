@@ -73,7 +73,7 @@ SET_MODELS = ("classifier", "contrastive", "rotation", "inpainting")
 @click.option("--out", "out_dir", type=click.Path(file_okay=False, path_type=Path), required=True,
               help="The model set's folder, e.g. weights/NAME.")
 @click.option("--profile", type=click.Choice(PROFILES), default="folder-cpu", show_default=True,
-              help="folder-cpu: the recipe for ~10,000 photos (hours on 2 cores); quick: a first try, about a third "
+              help="folder-cpu: the recipe for ~10,000 photos (hours on 2 cores); quick: a first try, two thirds "
                    "of its epochs (minutes for a few thousand photos), its models labelled a preview.")
 @click.option("--standard", is_flag=True, help="Also train an undefended classifier (classifier-standard).")
 @click.option("--calibration-n", type=click.IntRange(min=10), default=2000, show_default=True,

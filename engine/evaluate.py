@@ -27,6 +27,7 @@ from .heads import base_task
 from .pipeline import DEFAULT_TASKS, Gate, Pipeline, build_objective
 from .repair import RepairResult
 from .repair_spec import parse_repair
+from .provenance import is_preview
 from .shared_work import Claims, for_each_claimed
 from .stage_cache import CHUNKS, StageCache, fingerprint
 from .weights import model_input
@@ -374,7 +375,8 @@ def run_eval(pipeline: Pipeline, config: EvalConfig, json_path: Path | None = No
               "seconds": {"total_this_run": round(time.time() - start_time, 1),
                           **{k: round(v, 1) for k, v in seconds.items()}},
               "stages": {"computed": cache.misses, "reused": cache.hits},
-              "device": str(pipeline.device), "weights": {k: m["sha256"] for k, m in pipeline.manifests.items()}}
+              "device": str(pipeline.device), "weights": {k: m["sha256"] for k, m in pipeline.manifests.items()},
+              **({"preview": True} if is_preview(pipeline.manifests) else {})}          # a --profile quick set
     if json_path:
         write_json(json_path, result)
     return result

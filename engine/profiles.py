@@ -85,12 +85,14 @@ PROFILES: dict[str, dict[str, dict]] = {
     },
 }
 
-# A first try on a user's own photos (`train-set --profile quick`): folder-cpu's networks for about a third of their
-# epochs, and the classifier's PGD-20 measured on 500 test images rather than all of them (on Imagenette's 3,925 that
-# alone would cost minutes). Its models are labelled a preview (engine/provenance.py); docs/imagenette.md compares it
-# with folder-cpu on Imagenette.
-QUICK_EPOCHS = {"classifier": 6, "classifier-standard": 6, "contrastive": 5, "rotation": 4, "inpainting": 4,
-                "inpainting-patches": 4}
+# A first try on a user's own photos (`train-set --profile quick`): folder-cpu's networks for two thirds of their
+# epochs, and the classifier's PGD-20 on 500 test images rather than all of them (on Imagenette's 3,925 that alone
+# costs minutes). On 3,000 Imagenette photos at S = 64 a third of the epochs took 5.6 min in all on the 2-core machine
+# (2 threads) and left the classifier at 43.7 % clean, its loss still falling fast; two thirds fit the ~10 minutes a
+# first try may take. Its models are labelled a preview (engine/provenance.py); docs/imagenette.md compares it with
+# folder-cpu.
+QUICK_EPOCHS = {"classifier": 12, "classifier-standard": 12, "contrastive": 10, "rotation": 7, "inpainting": 8,
+                "inpainting-patches": 8}
 PROFILES["quick"] = {name: {**PROFILES["folder-cpu"][name], "epochs": epochs,
                             **({"pgd_n": 500} if name.startswith("classifier") else {})}
                      for name, epochs in QUICK_EPOCHS.items()}

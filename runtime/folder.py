@@ -21,6 +21,8 @@ from .imageio import (IMAGE_EXTENSIONS, MAX_PIXELS, SIZE, ImageRecord, encode_pn
 from .journal import JOURNAL, Journal, done_rows
 
 REPORT_FILES = ("report.json", "report.csv")
+PREVIEW_NOTE = ("the model set is a preview (train-set --profile quick): two thirds of the full recipe's epochs, "
+                "the PGD-20 measurement on 500 test images")
 CSV_COLUMNS = ("file", "status", "error", "notes", "output", "true_label", "pred_before", "pred_after",
                "label_before", "label_after", "ssl_loss_before", "ssl_loss_after", "linf", "gate_score", "gated_out")
 # images N×3×S×S float32 -> per image: "image" (the 8-bit repaired image, 3×S×S) and its report fields
@@ -267,6 +269,8 @@ def summary_lines(report: dict, output_dir: Path) -> list[tuple[str, bool]]:
     if "n_gated_out" in summary:
         lines.append((f"gate (false-positive rate {report['config']['gate']['fpr']}): {summary['n_gated_out']} "
                       "image(s) passed unchanged", False))
+    if report["config"].get("preview"):
+        lines.append((PREVIEW_NOTE, False))
     if "accuracy_before" in summary:
         lines.append((f"accuracy on the {summary['n_labelled']} labelled image(s) ({summary.get('labels')}): "
                       f"{100 * summary['accuracy_before']:.1f} % before, {100 * summary['accuracy_after']:.1f} % after",

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 from PIL import Image
 
@@ -163,6 +164,7 @@ def test_a_repair_of_class_subfolders_reports_accuracy_from_them(small_set, tmp_
                                        str(tmp_path / "torch"), *options])
     assert result.exit_code == 0, result.output
     assert "accuracy on the 6 labelled image(s) (class folders):" in result.output
+    assert "the model set is a preview (train-set --profile quick)" in result.output
     report = json.loads((tmp_path / "torch" / "report.json").read_text())
     assert report["summary"]["labels"] == "class folders" and report["config"]["preview"] is True
     assert sorted(r["true_label"] for r in report["images"]) == [0, 0, 1, 1, 2, 2]
@@ -176,3 +178,22 @@ def test_a_repair_of_class_subfolders_reports_accuracy_from_them(small_set, tmp_
     result = CliRunner().invoke(main, ["repair", "--weights", str(out), "--input", str(mixed), "--output",
                                        str(tmp_path / "mixed-out"), *options])
     assert result.exit_code == 0 and "accuracy" not in result.output
+
+
+def test_the_pgd_measurement_on_part_of_a_class_sorted_test_split_draws_from_every_class():
+    # a folder's test split is sorted by class: its first half would be class 0 alone, on which this classifier
+    # (class 0 whatever the input, so PGD cannot move it) is always right
+    from torch import nn
+
+    from engine.train import classifier_metrics
+
+    class AlwaysZero(nn.Module):
+        def forward(self, x):
+            return torch.tensor([[1.0, 0.0]]).expand(len(x), 2) + 0 * x.mean()
+
+    labels = torch.tensor([0] * 20 + [1] * 20)
+    data = {"test_x": torch.zeros(40, 3, 32, 32, dtype=torch.uint8), "test_y": labels}
+    metrics = classifier_metrics(AlwaysZero(), data, torch.device("cpu"), n_pgd=20)
+    pick = torch.randperm(40, generator=torch.Generator().manual_seed(0))[:20]
+    assert metrics["n_pgd"] == 20 and metrics["pgd20_accuracy"] == (labels[pick] == 0).sum().item() / 20 < 1
+    assert metrics["clean_accuracy"] == 0.5 and metrics["n_test"] == 40
