@@ -74,7 +74,7 @@ def bench(n: int, backends: str, steps: int, device: str, precision: str, weight
     """Full-repair throughput, single-image latency and per-graph forward throughput of each backend, with parity
     against torch. A backend named with +exit (e.g. onnxruntime+exit) repairs with the early exit; speed-ups are
     against torch without it."""
-    from bench.throughput import BENCH_BACKENDS, EXIT, plot, run_bench
+    from .throughput import BENCH_BACKENDS, EXIT, plot, run_bench
     from engine.weights import WeightsError
     from runtime.files import write_json
 
