@@ -25,9 +25,9 @@ from .datasets import model_set_split
 from .defended import DefendedClassifier
 from .heads import base_task
 from .pipeline import DEFAULT_TASKS, Gate, Pipeline, build_objective
+from .provenance import is_preview
 from .repair import RepairResult
 from .repair_spec import parse_repair
-from .provenance import is_preview
 from .shared_work import Claims, for_each_claimed
 from .stage_cache import CHUNKS, StageCache, fingerprint
 from .weights import model_input

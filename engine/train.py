@@ -165,12 +165,13 @@ def classifier_metrics(model: nn.Module, data: dict, device: torch.device, n_pgd
     """Clean accuracy on the test set, and PGD-20 (ε, step ε/4) accuracy on ``n_pgd`` of its images (all of them, or
     a seeded random subset: a folder's test split is sorted by class, so its first images would be a class or two)."""
     test_x, test_y = data["test_x"], data["test_y"]
-    n_pgd = len(test_x) if n_pgd is None else min(n_pgd, len(test_x))
+    n_test = len(test_x)
+    n_pgd = n_test if n_pgd is None else min(n_pgd, n_test)
     clean = (batched(model, test_x, device).argmax(1) == test_y).float().mean().item()
     log(f"classifier clean accuracy {clean:.4f}; running PGD-20 on {n_pgd} test images")
     attack = PGD(model, eps=eps, alpha=eps / 4, steps=20, generator=torch.Generator().manual_seed(0))
-    if n_pgd < len(test_x):
-        pick = torch.randperm(len(test_x), generator=torch.Generator().manual_seed(0))[:n_pgd]
+    if n_pgd < n_test:
+        pick = torch.randperm(n_test, generator=torch.Generator().manual_seed(0))[:n_pgd]
         test_x, test_y = test_x[pick], test_y[pick]
     correct = 0
     for i in range(0, n_pgd, 500):
@@ -178,7 +179,7 @@ def classifier_metrics(model: nn.Module, data: dict, device: torch.device, n_pgd
         x, y = test_x[i:end].to(device).float().div_(255), test_y[i:end].to(device)
         correct += (model(attack(x, y)).argmax(1) == y).sum().item()
     return {"clean_accuracy": clean, "pgd20_accuracy": correct / n_pgd, "pgd20_eps": eps, "pgd20_step": eps / 4,
-            "n_test": len(data["test_x"]), "n_pgd": n_pgd}
+            "n_test": n_test, "n_pgd": n_pgd}
 
 
 def rotation_step(model: nn.Module, cfg: dict, data: dict, generator: torch.Generator,

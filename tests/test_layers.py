@@ -1,5 +1,6 @@
 """The layers read one way: runtime (numpy, no torch) <- engine (the PyTorch reference) <- export (builds graphs)
-<- commands and cli <- bench (scripts that nothing below them imports). Checked on the source, every import statement of every module, inline imports included."""
+<- commands and cli <- bench (scripts that nothing below them imports). Checked on the source, every import statement
+of every module, inline imports included."""
 import ast
 from pathlib import Path
 
