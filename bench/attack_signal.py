@@ -28,6 +28,7 @@ from engine.pipeline import DEFAULT_TASKS, load_pipeline
 from engine.weights import WeightsError
 from runtime.cli import FRACTION
 from runtime.files import write_json
+from runtime.settings import DEFAULTS
 
 
 GATE_FPR = 0.05      # the gate's stated false-positive rate on clean training images
@@ -94,7 +95,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eps-r", type=float, default=16 / 255)
+    parser.add_argument("--eps-r", type=float, default=DEFAULTS.eps)
     parser.add_argument("--weights", type=Path, default=None, help="weights folder (default: the shipped weights/)")
     parser.add_argument("--tasks", default=None, help="comma-separated (default: the six shipped networks)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")

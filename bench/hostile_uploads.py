@@ -186,8 +186,8 @@ def main() -> None:
         inputs.mkdir()
         for path in sorted(EXAMPLES.glob("*.png")):
             shutil.copy(path, inputs / path.name)
-        report = repair_folder(make_repair(), inputs, work / "out", settings.repair, settings.max_batch_size, True,
-                               progress=False)
+        report = repair_folder(make_repair(), inputs, work / "out", settings.repair, settings.max_batch_size,
+                               resize=True, progress=False)
         normal = [((inputs / r["file"]).read_bytes(), (work / "out" / r["output"]).read_bytes())
                   for r in report["images"] if r["status"] == "repaired"]
         side = math.isqrt(args.max_pixels) - 1

@@ -158,7 +158,7 @@ def offline(make_repair, settings, folder: Path, out: Path) -> tuple[dict, list[
 
     repair = make_repair()
     start = time.perf_counter()
-    report = repair_folder(repair, folder, out, settings.repair, settings.max_batch_size, settings.resize,
+    report = repair_folder(repair, folder, out, settings.repair, settings.max_batch_size, resize=settings.resize,
                            progress=False)
     seconds = time.perf_counter() - start
     pairs = [((folder / row["file"]).read_bytes(), (out / row["output"]).read_bytes()) for row in report["images"]

@@ -18,12 +18,13 @@ from pathlib import Path
 
 import torch
 
-from engine.folder import RepairConfig, repair_batch
+from engine.folder import repair_batch
 from engine.models import build_model
 from engine.train import PROFILES
 from engine.weights import save_model
 from export.onnx_export import load_exported_pipeline
 from runtime.files import write_json
+from runtime.settings import RepairSettings
 
 TASKS = ("contrastive", "inpainting", "rotation")
 
@@ -39,12 +40,12 @@ def random_model_set(profile: str, size: int, out: Path) -> Path:
     return out
 
 
-def seconds_per_image(pipeline, x: torch.Tensor, config: RepairConfig, repeat: int) -> float:
-    repair_batch(pipeline, x, config)                        # warm-up (graph sessions, allocator)
+def seconds_per_image(pipeline, x: torch.Tensor, settings: RepairSettings, repeat: int) -> float:
+    repair_batch(pipeline, x, settings)                      # warm-up (graph sessions, allocator)
     best = float("inf")
     for _ in range(repeat):
         start = time.perf_counter()
-        repair_batch(pipeline, x, config)
+        repair_batch(pipeline, x, settings)
         best = min(best, time.perf_counter() - start)
     return best / len(x)
 
@@ -52,7 +53,7 @@ def seconds_per_image(pipeline, x: torch.Tensor, config: RepairConfig, repeat: i
 def measure(sizes: list[int], profile: str, batch: int, steps: int, threads: int, repeat: int,
             backends: list[str], work: Path) -> dict:
     torch.set_num_threads(threads)
-    config = RepairConfig(steps=steps, batch_size=batch, early_exit=False)
+    settings = RepairSettings(steps=steps, batch_size=batch, early_exit=False)
     rows = []
     for size in sizes:
         weights = random_model_set(profile, size, work / f"s{size}")
@@ -61,7 +62,7 @@ def measure(sizes: list[int], profile: str, batch: int, steps: int, threads: int
         for backend in backends:
             pipeline = load_exported_pipeline(weights=weights, tasks=list(TASKS), objective="plain",
                                               backend=backend, onnx_dir=work / f"onnx{size}", threads=threads)
-            row[f"{backend}_ms_per_image"] = round(1000 * seconds_per_image(pipeline, x, config, repeat), 2)
+            row[f"{backend}_ms_per_image"] = round(1000 * seconds_per_image(pipeline, x, settings, repeat), 2)
             print(f"S={size} {backend}: {row[f'{backend}_ms_per_image']} ms per image", flush=True)
         rows.append(row)
     for row in rows:

@@ -1,8 +1,8 @@
 """What the commands share: the names they know before torch loads (so that a mistyped argument is answered
-at once), the parsers of comma-separated options, and the pipeline's loader that turns what a user can get
-wrong into usage errors."""
+at once), the parsers of comma-separated options, and the usage errors of loading a pipeline."""
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
@@ -73,14 +73,15 @@ def parse_names(text: str, known, option: str) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def load_checked(**kwargs):
-    """load_pipeline, with every user-fixable failure turned into a usage error (exit 2)."""
+@contextlib.contextmanager
+def usage_errors():
+    """Every user-fixable failure of loading a pipeline (``export.onnx_export.load_exported_pipeline``, which the
+    commands call directly) as a usage error (exit 2)."""
     from engine.backends import BackendUnavailable
     from engine.weights import WeightsError
-    from export.onnx_export import load_exported_pipeline
 
     try:
-        return load_exported_pipeline(**kwargs)
+        yield
     except (ValueError, WeightsError, BackendUnavailable) as e:
         raise click.UsageError(str(e)) from None
 

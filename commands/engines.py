@@ -5,7 +5,7 @@ from pathlib import Path
 
 import click
 
-from .common import check_device, load_checked, parse_alpha, parse_names, parse_tasks, weights_option
+from .common import check_device, parse_alpha, parse_names, parse_tasks, usage_errors, weights_option
 
 
 @click.command("export")
@@ -27,11 +27,12 @@ def export_command(weights: Path | None, out_dir: Path, tasks: str, views: int, 
                    level: float, calibration: Path | None, overwrite: bool) -> None:
     """Export the classifier, the SSL loss graphs and the whole repair (its gradient step, and all steps in one ONNX
     Loop, for --objective) to ONNX (opset 18, dynamic batch) with a manifest."""
-    from export.onnx_export import ExportError, export_all
+    from export.onnx_export import ExportError, export_all, load_exported_pipeline
 
     task_list = parse_tasks(tasks)
-    pipeline = load_checked(weights=weights, tasks=task_list, views=views, objective=objective, level=level,
-                     calibration=calibration)
+    with usage_errors():
+        pipeline = load_exported_pipeline(weights=weights, tasks=task_list, views=views, objective=objective,
+                                          level=level, calibration=calibration)
     command = (f"python cli.py export --out {out_dir} --tasks {','.join(task_list)} --views {views} "
                f"--precision {precision} --objective {objective} --level {level}")
     try:

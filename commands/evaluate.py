@@ -6,11 +6,12 @@ from pathlib import Path
 
 import click
 
-from runtime.cli import FRACTION, default_threads
+from runtime.cli import FRACTION, default_threads, fraction_text
 from runtime.folder import PREVIEW_NOTE
+from runtime.settings import DEFAULTS
 
-from .common import (CALIBRATED_TASKS, DATA_OPTION, TASK_NAMES, THREADS_OPTION, check_device, load_checked,
-                     option_group, parse_alpha, parse_names, parse_tasks, weights_option)
+from .common import (CALIBRATED_TASKS, DATA_OPTION, TASK_NAMES, THREADS_OPTION, check_device, option_group,
+                     parse_alpha, parse_names, parse_tasks, usage_errors, weights_option)
 
 
 @click.command()
@@ -40,11 +41,13 @@ def attack(output_dir: Path, n: int, attack: str, eps: float, steps: int, step_s
     --weights)."""
     from engine.attack_set import write_attack_set
     from engine.data import DataError
+    from export.onnx_export import load_exported_pipeline
 
     check_device(device)
     # PGD reads the classifier alone: hedge is a task with no weights of its own, so any weights folder loads
     task_list = parse_tasks(tasks) if attack == "aware" else ["hedge"]
-    pipeline = load_checked(weights=weights, device=device, tasks=task_list, objective="plain")
+    with usage_errors():
+        pipeline = load_exported_pipeline(weights=weights, device=device, tasks=task_list, objective="plain")
     try:
         summary = write_attack_set(pipeline, output_dir, n, attack, eps, steps, step_size, seed, clean_output,
                                    data_root, overwrite, lam)
@@ -58,9 +61,10 @@ def attack(output_dir: Path, n: int, attack: str, eps: float, steps: int, step_s
 # How the evaluated repairs run (as `cli.py repair`'s --eps, --steps, --step-size, --views, --level): `eval` and
 # `worst-case` take the same settings
 EVALUATED_REPAIR_SETTINGS = [
-    click.option("--eps-r", type=FRACTION, default="16/255", show_default=True, help="L∞ bound of the repair."),
-    click.option("--repair-steps", type=click.IntRange(min=1), default=40, show_default=True),
-    click.option("--repair-step-size", type=FRACTION, default="2/255", show_default=True),
+    click.option("--eps-r", type=FRACTION, default=fraction_text(DEFAULTS.eps), show_default=True,
+                 help="L∞ bound of the repair."),
+    click.option("--repair-steps", type=click.IntRange(min=1), default=DEFAULTS.steps, show_default=True),
+    click.option("--repair-step-size", type=FRACTION, default=fraction_text(DEFAULTS.step_size), show_default=True),
     click.option("--views", type=click.IntRange(min=2), default=4, show_default=True,
                  help="Augmented views per image of the contrastive losses."),
     click.option("--level", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5,
@@ -69,6 +73,33 @@ EVALUATED_REPAIR_SETTINGS = [
 
 
 evaluated_repair_settings = option_group(EVALUATED_REPAIR_SETTINGS)
+
+
+# What `eval` and `worst-case` are run with beyond their own choices: where the results go, the test subset's seed,
+# the model set and the machine
+MEASUREMENT_OPTIONS = [
+    click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                 help="Write the results here (each chunk's outcomes are kept in --stages)."),
+    click.option("--stages", "stages_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
+                 help="Keep each chunk's outcomes here (default: stages/ beside --json): a killed run resumes, a rerun "
+                      "recomputes only what its options change (more images, a new budget for one attack), and the "
+                      "same command in several processes (or machines sharing the folder) splits the chunks between "
+                      "them."),
+    click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                 help="Write the table here."),
+    click.option("--seed", type=int, default=0, show_default=True,
+                 help="The test subset's seed (and the attacks' random starts)."),
+    click.option("--lam", type=FRACTION, default="1", show_default=True, help="λ of the defense-aware attack."),
+    click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
+                 help="Clean-loss statistics for :clean and :gate (default: calibration.json beside the weights)."),
+    weights_option(),
+    DATA_OPTION,
+    THREADS_OPTION,
+    click.option("--quiet", is_flag=True, help="No progress bar."),
+]
+
+
+measurement_options = option_group(MEASUREMENT_OPTIONS)
 
 
 @click.command("eval")
@@ -82,16 +113,8 @@ evaluated_repair_settings = option_group(EVALUATED_REPAIR_SETTINGS)
               help="Comma-separated repair names BASE[:clean][:gate]; BASE: none, noise, mtl (the independent "
                    "networks), mtl-head (heads on the classifier), a task, or tasks joined by + "
                    "(e.g. noise,mtl-head,mtl-head:clean:gate).")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write the results here (each chunk's outcomes are kept in --stages).")
-@click.option("--stages", "stages_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Keep each chunk's outcomes here (default: stages/ beside --json): a killed run resumes, a run over "
-                   "more images reuses the chunks it shares, and the same command in several processes (or machines "
-                   "sharing the folder) splits the chunks between them.")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Bar chart (PNG) of the accuracies with their 95 % intervals.")
-@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@click.option("--seed", type=int, default=0, show_default=True)
 @evaluated_repair_settings
 @click.option("--alpha", default="1,1,1", show_default=True,
               help="Task weights of the repairs, in the order contrastive,inpainting,rotation.")
@@ -101,12 +124,9 @@ evaluated_repair_settings = option_group(EVALUATED_REPAIR_SETTINGS)
               help="Tasks whose losses make the gate's score.")
 @click.option("--defense", default="mtl", show_default=True,
               help="The repair (a --repairs name) that the aware and bpda-eot attacks aim at.")
-@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Clean-loss statistics for :clean and :gate (default: calibration.json beside the weights).")
 @click.option("--attack-eps", type=FRACTION, default="8/255", show_default=True)
 @click.option("--attack-step", type=FRACTION, default=None, help="Step of the PGD attacks (default: --attack-eps / 4).")
 @click.option("--attack-steps", type=click.IntRange(min=1), default=20, show_default=True)
-@click.option("--lam", type=FRACTION, default="1", show_default=True, help="λ of the defense-aware attack.")
 @click.option("--bpda-steps", type=click.IntRange(min=1), default=10, show_default=True)
 @click.option("--eot", type=click.IntRange(min=1), default=2, show_default=True,
               help="Repair samples averaged per BPDA step.")
@@ -120,8 +140,7 @@ evaluated_repair_settings = option_group(EVALUATED_REPAIR_SETTINGS)
               help="Gradient samples per APGD step of autoattack-bpda (EOT over the repair's randomness).")
 @click.option("--chunk", type=click.IntRange(min=1), default=100, show_default=True,
               help="Images per unit of work (and of saved progress).")
-@weights_option()
-@DATA_OPTION
+@measurement_options
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
               show_default=True,
@@ -129,8 +148,6 @@ evaluated_repair_settings = option_group(EVALUATED_REPAIR_SETTINGS)
 @click.option("--onnx-dir", type=click.Path(file_okay=False, path_type=Path), default=None)
 @click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True,
               help="Precision of TensorRT engines.")
-@THREADS_OPTION
-@click.option("--quiet", is_flag=True, help="No progress bar.")
 def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, stages_dir: Path | None,
              plot_path: Path | None, markdown_path: Path | None, seed: int, eps_r: float, repair_steps: int,
              repair_step_size: float, views: int, alpha: str, level: float, gate_fpr: float, gate_tasks: str,
@@ -147,6 +164,7 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, stages_
     from engine.data import DataError
     from engine.evaluate import ATTACKS, EvalConfig, markdown_table, needs_calibration, plot, run_eval, tasks_needed
     from engine.repair_spec import parse_repair
+    from export.onnx_export import load_exported_pipeline
 
     check_device(device)
     torch.set_num_threads(threads or default_threads())
@@ -173,8 +191,10 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, stages_
 
         calibration = calibration_path(weights, calibration)
     # each repair row builds its own objective (engine/repair_spec.py); the pipeline's is the plain sum
-    pipeline = load_checked(weights=weights, device=device, tasks=tasks_needed(config), views=views, backend=backend,
-                     objective="plain", onnx_dir=onnx_dir, precision=precision, calibration=calibration)
+    with usage_errors():
+        pipeline = load_exported_pipeline(weights=weights, device=device, tasks=tasks_needed(config), views=views,
+                                          backend=backend, objective="plain", onnx_dir=onnx_dir, precision=precision,
+                                          calibration=calibration)
     try:
         result = run_eval(pipeline, config, json_path, data_root, progress=not quiet, cache_dir=stages_dir)
     except (ValueError, DataError) as e:
@@ -246,23 +266,10 @@ def parse_budget(text: str | None) -> tuple[int, int] | None:
               help="Square's queries on the defense: each runs the real repair.")
 @click.option("--surrogate-steps", type=click.IntRange(min=1), default=10, show_default=True,
               help="Repair steps in the forward of the BPDA attacks (the scored repair runs all its steps).")
-@click.option("--lam", type=FRACTION, default="1", show_default=True, help="λ of the defense-aware attack.")
 @evaluated_repair_settings
 @click.option("--chunk", type=click.IntRange(min=1), default=25, show_default=True,
               help="Images per chunk: the unit of the stages kept in --stages.")
-@click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
-              help="Write the results here.")
-@click.option("--stages", "stages_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-              help="Keep each stage's output here (default: stages/ beside --json): a killed run resumes, a rerun "
-                   "recomputes only what its options change (a new budget for one attack, more images), and the "
-                   "same command in several processes (or machines sharing the folder) splits the chunks.")
-@click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@click.option("--seed", type=int, default=0, show_default=True)
-@weights_option()
-@DATA_OPTION
-@click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None)
-@THREADS_OPTION
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@measurement_options
 def worst_case(defense: str, control: str, n: int, offset: int, adaptive_n: int | None, survivors: bool, eps: float,
                iterations: int, base_iterations: int, eot: int, stronger: tuple[int, int] | None, deployment: str,
                repair_seed: int, repeats: int | None,
@@ -281,6 +288,7 @@ def worst_case(defense: str, control: str, n: int, offset: int, adaptive_n: int 
     from engine.repair_spec import parse_repair
     from engine.worst_case import WorstCaseConfig, run_worst_case
     from engine.worst_case_table import markdown_table
+    from export.onnx_export import load_exported_pipeline
 
     if not defense.strip():
         raise click.BadParameter("name the repair to evaluate (e.g. mtl:clean:exit, the default)",
@@ -314,8 +322,9 @@ def worst_case(defense: str, control: str, n: int, offset: int, adaptive_n: int 
         from engine.calibration import calibration_path
 
         calibration = calibration_path(weights, calibration)
-    pipeline = load_checked(weights=weights, tasks=tasks_needed(as_eval), views=views, objective="plain",
-                            calibration=calibration)
+    with usage_errors():
+        pipeline = load_exported_pipeline(weights=weights, tasks=tasks_needed(as_eval), views=views,
+                                          objective="plain", calibration=calibration)
     try:
         result = run_worst_case(pipeline, config, json_path, data_root, progress=not quiet, cache_dir=stages_dir)
     except (ValueError, DataError) as e:
@@ -345,6 +354,7 @@ def calibrate(tasks: str | None, n: int, views: int, seed: int, weights: Path | 
     from engine.calibration import calibrate as measure, calibration_path, save_calibration
     from engine.data import DataError
     from engine.weights import DEFAULT_WEIGHTS, WeightsError
+    from export.onnx_export import load_exported_pipeline
 
     def held_tasks(folder: Path | None) -> list[str]:
         folder = folder or DEFAULT_WEIGHTS
@@ -358,7 +368,8 @@ def calibrate(tasks: str | None, n: int, views: int, seed: int, weights: Path | 
     out_path = calibration_path(weights, out_path)
     if out_path.exists() and not overwrite:
         raise click.UsageError(f"{out_path} already exists; pass --overwrite to replace it, or choose another --out")
-    pipeline = load_checked(weights=weights, tasks=task_list, views=views, objective="plain")   # before any calibration
+    with usage_errors():               # before any calibration
+        pipeline = load_exported_pipeline(weights=weights, tasks=task_list, views=views, objective="plain")
     command = f"python cli.py calibrate --tasks {','.join(task_list)} --n {n} --views {views} --seed {seed}"
     try:
         stats = measure(pipeline, n, seed, data_root)

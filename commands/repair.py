@@ -6,9 +6,10 @@ from pathlib import Path
 
 import click
 
-from runtime.cli import FRACTION, SEED, SEED_HELP, checked_eps, default_threads, max_pixels_option
+from runtime.cli import SEED_HELP, checked_settings, default_threads, max_pixels_option, setting_option
+from runtime.settings import FIELDS, RepairSettings
 
-from .common import check_device, load_checked, option_group, parse_alpha, parse_tasks, weights_option
+from .common import check_device, option_group, parse_alpha, parse_tasks, usage_errors, weights_option
 
 
 # The repair's settings: `repair` and `serve` take the same ones, so that a served image is repaired as `cli.py repair`
@@ -22,10 +23,9 @@ REPAIR_SETTINGS = [
                       "the report gives its predictions before and after the repair (tasks that do not read the "
                       "shipped classifier only)."),
     click.option("--alpha", default=None, help="Weight per task, comma-separated, in --tasks order (default: all 1)."),
-    click.option("--eps", type=FRACTION, default="16/255", show_default=True, help="L∞ bound of the repair."),
-    click.option("--steps", type=click.IntRange(min=0), default=40, show_default=True,
-                 help="PGD steps (0: random start only, the noise control)."),
-    click.option("--step-size", type=FRACTION, default="2/255", show_default=True),
+    setting_option("eps", help="L∞ bound of the repair."),
+    setting_option("steps", help="PGD steps (0: random start only, the noise control)."),
+    setting_option("step_size"),
     click.option("--views", type=click.IntRange(min=2), default=4, show_default=True,
                  help="Augmented views per image for the contrastive loss."),
     click.option("--objective", type=click.Choice(["plain", "clean"]), default="clean", show_default=True,
@@ -34,17 +34,16 @@ REPAIR_SETTINGS = [
                       "(load_pipeline(), eval's mtl:clean:exit); plain: Σ α_k L_k."),
     click.option("--level", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=0.5, show_default=True,
                  help="--objective clean: the quantile of clean-image losses each task is aimed at."),
-    click.option("--gate", "gate_fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
-                 help="Repair only inputs whose SSL losses exceed what this fraction of clean images exceeds "
-                      "(e.g. 0.05); the rest are written unchanged."),
+    setting_option("gate_fpr", "--gate", help="Repair only inputs whose SSL losses exceed what this fraction of clean "
+                                              "images exceeds (e.g. 0.05); the rest are written unchanged."),
     click.option("--calibration", type=click.Path(dir_okay=False, path_type=Path), default=None,
                  help="Clean-loss statistics for --objective clean and --gate (default: calibration.json beside "
                       "the weights; made by `cli.py calibrate`)."),
-    click.option("--seed", type=SEED, default="0", show_default=True, help=SEED_HELP),
+    setting_option("seed", help=SEED_HELP),
     click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True),
-    click.option("--early-exit/--no-early-exit", default=True, show_default=True,
-                 help="An image leaves the loop once its objective is zero (every task at its clean level): the same "
-                      "accuracy in a fraction of the steps (docs/repair-graphs.md). No effect with --objective plain."),
+    setting_option("early_exit", help="An image leaves the loop once its objective is zero (every task at its clean "
+                                      "level): the same accuracy in a fraction of the steps (docs/repair-graphs.md). "
+                                      "No effect with --objective plain."),
     click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
                  show_default=True,
                  help="Engine (auto: the fastest present). onnxruntime runs the whole repair in its exported graphs "
@@ -79,7 +78,7 @@ REPAIR_SETTING_NAMES = {param.name for param in repair_settings(click.Command("s
 @click.option("--output", "output_dir", type=click.Path(path_type=Path), required=True,
               help="Folder for the repaired PNGs and report.json/report.csv (outside --input).")
 @repair_settings
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@setting_option("batch_size")
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs and reports.")
 @click.option("--preview", "preview_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write a before/after picture (PNG) of the first --preview-n repaired images with their "
@@ -103,7 +102,7 @@ REPAIR_SETTING_NAMES = {param.name for param in repair_settings(click.Command("s
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def repair(input_dir: Path, output_dir: Path, batch_size: int, overwrite: bool, preview_file: Path | None,
            preview_n: int, resume: bool, use_ray: bool, ray_address: str | None, workers: int | None,
-           worker_cpus: float, worker_gpus: float | None, quiet: bool, **settings) -> None:
+           worker_cpus: float, worker_gpus: float | None, quiet: bool, **options) -> None:
     """Repair every image under INPUT into OUTPUT (same relative paths, lossless PNG) with a report.
 
     Exit status: 0 when every input was repaired, 1 when some failed (see the report), 2 on usage errors.
@@ -111,30 +110,26 @@ def repair(input_dir: Path, output_dir: Path, batch_size: int, overwrite: bool, 
     from runtime.folder import check_folders, summary_lines
     from runtime.preview import check_preview_path
 
-    steps, note = checked_eps(settings["eps"], settings["steps"], settings["allow_large_eps"])
-    if note:
-        click.echo(note, err=True)
-
-    check_device(settings["device"])
-    ray_options = _ray_options(use_ray, ray_address, workers, worker_cpus, worker_gpus, settings["device"])
-    load_options = pipeline_options(settings, settings["threads"] or (max(1, int(worker_cpus)) if use_ray
-                                                                   else default_threads()))
+    settings, options = split_settings(options, batch_size)
+    check_device(options["device"])
+    ray_options = _ray_options(use_ray, ray_address, workers, worker_cpus, worker_gpus, options["device"])
+    load_options = pipeline_options(options, settings, options["threads"] or (max(1, int(worker_cpus)) if use_ray
+                                                                             else default_threads()))
     try:
         check_folders(input_dir, output_dir, overwrite, resume)
         if preview_file:
             check_preview_path(preview_file, overwrite)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
-    from engine.folder import RepairConfig, repair_folder       # torch: only once the arguments are known good
+    from engine.folder import repair_folder       # torch: only once the arguments are known good
 
     pipeline = load_with_threads(load_options)
-    resize = pipeline.inputs["resize"] if settings["resize"] is None else settings["resize"]
-    config = RepairConfig(eps=settings["eps"], steps=steps, step_size=settings["step_size"], seed=settings["seed"],
-                          batch_size=batch_size, early_exit=settings["early_exit"])
+    resize = pipeline.inputs["resize"] if options["resize"] is None else options["resize"]
+    how = dict(resize=resize, overwrite=overwrite, progress=not quiet, resume=resume,
+               max_pixels=options["max_pixels"])
     try:
         if ray_options is None:
-            report = repair_folder(pipeline, input_dir, output_dir, config, resize, overwrite, not quiet, resume,
-                                   max_pixels=settings["max_pixels"])
+            report = repair_folder(pipeline, input_dir, output_dir, settings, **how)
         else:
             import functools
 
@@ -143,9 +138,8 @@ def repair(input_dir: Path, output_dir: Path, batch_size: int, overwrite: bool, 
 
             # each actor loads what the driver loaded (the export cache, if any, is already written)
             load = functools.partial(load_exported_pipeline, **load_options)
-            report = repair_folder_on_ray(pipeline, load, input_dir, output_dir, config, resize, overwrite,
-                                          not quiet, load_options["threads"], resume,
-                                          max_pixels=settings["max_pixels"], **ray_options)
+            report = repair_folder_on_ray(pipeline, load, input_dir, output_dir, settings,
+                                          threads=load_options["threads"], **how, **ray_options)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     for line, to_stderr in summary_lines(report, output_dir):
@@ -159,24 +153,35 @@ def repair(input_dir: Path, output_dir: Path, batch_size: int, overwrite: bool, 
     sys.exit(1 if report["summary"]["n_error"] else 0)
 
 
-def pipeline_options(settings: dict, threads: int) -> dict:
-    """The arguments of the pipeline's loader from the repair settings (REPAIR_SETTINGS' names), with ``threads``; the
-    task and α lists checked (usage errors)."""
-    tasks = parse_tasks(settings["tasks"])
-    return dict(weights=settings["weights"], device=settings["device"], tasks=tasks,
-                alpha=parse_alpha(settings["alpha"], tasks), views=settings["views"], backend=settings["backend"],
-                onnx_dir=settings["onnx_dir"], precision=settings["precision"], objective=settings["objective"],
-                level=settings["level"], gate_fpr=settings["gate_fpr"], calibration=settings["calibration"],
+def split_settings(options: dict, batch_size: int):
+    """(the repair's RepairSettings, the other REPAIR_SETTINGS options: which pipeline, how images are read) from a
+    command's options; usage errors where the settings cannot run."""
+    rest = dict(options)
+    values = {name: rest.pop(name) for name in FIELDS if name in rest}
+    return checked_settings(rest.pop("allow_large_eps"), batch_size=batch_size, **values), rest
+
+
+def pipeline_options(options: dict, settings: RepairSettings, threads: int) -> dict:
+    """The arguments of the pipeline's loader from the other REPAIR_SETTINGS options (``split_settings``), the gate
+    of ``settings`` and ``threads``; the task and α lists checked (usage errors)."""
+    tasks = parse_tasks(options["tasks"])
+    return dict(weights=options["weights"], device=options["device"], tasks=tasks,
+                alpha=parse_alpha(options["alpha"], tasks), views=options["views"], backend=options["backend"],
+                onnx_dir=options["onnx_dir"], precision=options["precision"], objective=options["objective"],
+                level=options["level"], gate_fpr=settings.gate_fpr, calibration=options["calibration"],
                 threads=threads,
-                classifier=None if settings["classifier_file"] is None else str(settings["classifier_file"]))
+                classifier=None if options["classifier_file"] is None else str(options["classifier_file"]))
 
 
 def load_with_threads(load_options: dict):
     """The repair's pipeline, loaded with torch's threads set first (``load_options["threads"]``)."""
     import torch
 
+    from export.onnx_export import load_exported_pipeline
+
     torch.set_num_threads(load_options["threads"])
-    return load_checked(**load_options)
+    with usage_errors():
+        return load_exported_pipeline(**load_options)
 
 
 def _ray_options(use_ray: bool, address: str | None, workers: int | None, worker_cpus: float,

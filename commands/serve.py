@@ -5,10 +5,8 @@ from pathlib import Path
 
 import click
 
-from runtime.cli import checked_eps
-
 from .common import check_device
-from .repair import REPAIR_SETTING_NAMES, load_with_threads, pipeline_options, repair_settings
+from .repair import REPAIR_SETTING_NAMES, load_with_threads, pipeline_options, repair_settings, split_settings
 
 
 # Settings of a served repair that a bundle fixes at its export (the rest apply with or without --bundle)
@@ -97,26 +95,25 @@ def _serving(ctx: click.Context):
         raise click.UsageError(f"serve needs Ray Serve, which is not installed ({e}): "
                                "pip install 'mssl-repair[serve]'") from None
     options = dict(ctx.params)
-    settings = {name: options.pop(name) for name in REPAIR_SETTING_NAMES}
-    steps, note = checked_eps(settings["eps"], settings["steps"], settings.pop("allow_large_eps"))
-    if note:
-        click.echo(note, err=True)
-    settings.update(steps=steps, threads=settings["threads"] or max(1, int(options["replica_cpus"])))
-    check_device(settings["device"])
-    gpus = options["replica_gpus"] if options["replica_gpus"] is not None else int(settings["device"] == "cuda")
+    # a batch of the service is a batch of the repair
+    settings, engine = split_settings({name: options.pop(name) for name in REPAIR_SETTING_NAMES},
+                                      options["max_batch_size"])
+    engine["threads"] = engine["threads"] or max(1, int(options["replica_cpus"]))
+    check_device(engine["device"])
+    gpus = options["replica_gpus"] if options["replica_gpus"] is not None else int(engine["device"] == "cuda")
     queued = options["max_queued"] if options["max_queued"] is not None else options["max_batch_size"]
     body = int(options["max_body_mb"] * 2**20)
     pending = 4 * body if options["max_pending_mb"] is None else int(options["max_pending_mb"] * 2**20)
     try:
         uploads = UploadLimits(max_body_bytes=body, max_pending_bytes=pending,
-                               receive_timeout_s=options["receive_timeout_s"], max_pixels=settings.pop("max_pixels"),
+                               receive_timeout_s=options["receive_timeout_s"], max_pixels=engine.pop("max_pixels"),
                                large_decodes=options["large_decodes"])
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--max-pending-mb") from None
     limits = dict(max_batch_size=options["max_batch_size"], batch_wait_ms=options["batch_wait_ms"], max_queued=queued,
                   timeout_s=options["timeout_s"], uploads=uploads)
-    make_repair, service_settings = (_bundle_service(ctx, options["bundle_dir"], settings, limits)
-                                     if options["bundle_dir"] else _torch_service(settings, limits))
+    make_repair, service_settings = (_bundle_service(ctx, options["bundle_dir"], settings, engine, limits)
+                                     if options["bundle_dir"] else _torch_service(settings, engine, limits))
     where = service.Deployment(options["host"], options["port"], options["replicas"], options["replica_cpus"], gpus,
                                options["keep_alive_s"])
     return make_repair, service_settings, where
@@ -128,7 +125,7 @@ def _service_settings(service, size: int, resize: bool | None, default_resize: b
                                    repair=config, info={"versions": service.info_versions()}, **limits)
 
 
-def _bundle_service(ctx: click.Context, bundle_dir: Path, settings: dict, limits: dict):
+def _bundle_service(ctx: click.Context, bundle_dir: Path, settings, engine: dict, limits: dict):
     """(make_repair, ServiceSettings) of a bundle service; settings the bundle fixes are refused if given."""
     from runtime import serve as service
     from runtime.bundle import Bundle, BundleRepair
@@ -138,31 +135,28 @@ def _bundle_service(ctx: click.Context, bundle_dir: Path, settings: dict, limits
     if given:
         raise click.UsageError(f"{', '.join(given)}: fixed by the bundle's export (cli.py export); leave them out "
                                "with --bundle, or serve the weights without --bundle")
-    make_repair = BundleRepair(str(bundle_dir), settings["threads"], settings["seed"], settings["eps"],
-                               settings["steps"], settings["step_size"], settings["gate_fpr"], settings["early_exit"])
+    make_repair = BundleRepair(str(bundle_dir), engine["threads"], settings)
     try:
         bundle = Bundle(bundle_dir, 1)
-        config = make_repair.config(bundle, limits["max_batch_size"])
+        config = make_repair.config(bundle)
     except ValueError as e:                 # BundleError too
         raise click.UsageError(str(e)) from None
-    return make_repair, _service_settings(service, bundle.size, settings["resize"], bundle.resize, bundle.classes,
+    return make_repair, _service_settings(service, bundle.size, engine["resize"], bundle.resize, bundle.classes,
                                           config, limits)
 
 
-def _torch_service(settings: dict, limits: dict):
+def _torch_service(settings, engine: dict, limits: dict):
     """(make_repair, ServiceSettings) of a PyTorch service: the pipeline is loaded here once (usage errors answered
     before Ray starts), then by each replica."""
     import functools
 
-    from engine.folder import BatchRepairFactory, RepairConfig, report_config
+    from engine.folder import BatchRepairFactory, report_config
     from export.onnx_export import load_exported_pipeline
     from runtime import serve as service
 
-    load_options = pipeline_options(settings, settings["threads"])
+    load_options = pipeline_options(engine, settings, engine["threads"])
     pipeline = load_with_threads(load_options)
-    config = RepairConfig(eps=settings["eps"], steps=settings["steps"], step_size=settings["step_size"],
-                          seed=settings["seed"], batch_size=limits["max_batch_size"], early_exit=settings["early_exit"])
-    make_repair = BatchRepairFactory(functools.partial(load_exported_pipeline, **load_options), config,
-                                     settings["threads"])
-    return make_repair, _service_settings(service, pipeline.size, settings["resize"], pipeline.inputs["resize"],
-                                          pipeline.class_names, report_config(pipeline, config), limits)
+    make_repair = BatchRepairFactory(functools.partial(load_exported_pipeline, **load_options), settings,
+                                     engine["threads"])
+    return make_repair, _service_settings(service, pipeline.size, engine["resize"], pipeline.inputs["resize"],
+                                          pipeline.class_names, report_config(pipeline, settings), limits)

@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 
 from engine.backends import BackendUnavailable
-from engine.folder import RepairConfig, repair_batch
+from engine.folder import repair_batch
 from engine.pipeline import DEFAULT_TASKS, Pipeline, load_pipeline
 from export.onnx_export import load_exported_pipeline
 from export.parity import TOLERANCES, agreement, compare
 from runtime.imageio import read_folder
+from runtime.settings import RepairSettings
 
 BENCH_BACKENDS = ("torch", "onnxruntime", "tensorrt", "torch-compile")
 EXIT = "+exit"
@@ -85,20 +86,20 @@ def make_pipeline(name: str, weights, device: str, onnx_dir, threads: int | None
     return pipeline, time.perf_counter() - start
 
 
-def steps_run(pipeline: Pipeline, x: torch.Tensor, config: RepairConfig) -> float:
-    """The fraction of the steps × images a repair with ``config`` runs (below 1 where images leave early)."""
-    trace = pipeline.repair_with_trace(x.to(pipeline.device), config.eps, config.steps, config.step_size,
-                                       config.seed, early_exit=config.early_exit).trace
+def steps_run(pipeline: Pipeline, x: torch.Tensor, settings: RepairSettings) -> float:
+    """The fraction of the steps × images a repair with ``settings`` runs (below 1 where images leave early)."""
+    trace = pipeline.repair_with_trace(x.to(pipeline.device), settings.eps, settings.steps, settings.step_size,
+                                       settings.seed, early_exit=settings.early_exit).trace
     return round(trace.isfinite().float().mean().item(), 4) if trace.numel() else 0.0
 
 
-def latency_ms(pipeline: Pipeline, x: torch.Tensor, config: RepairConfig) -> dict:
+def latency_ms(pipeline: Pipeline, x: torch.Tensor, settings: RepairSettings) -> dict:
     """Single-image repair latency, p50 and p95 over the images of x repaired one at a time."""
-    repair_batch(pipeline, x[:1], config)                                     # warm-up
+    repair_batch(pipeline, x[:1], settings)                                   # warm-up
     times = []
     for i in range(len(x)):
         start = time.perf_counter()
-        repair_batch(pipeline, x[i:i + 1], config)
+        repair_batch(pipeline, x[i:i + 1], settings)
         times.append(1000 * (time.perf_counter() - start))
     q = torch.quantile(torch.tensor(times, dtype=torch.float64), torch.tensor([0.5, 0.95], dtype=torch.float64))
     return {"p50": round(q[0].item(), 1), "p95": round(q[1].item(), 1), "n": len(times)}
@@ -156,7 +157,7 @@ def run_bench(n: int = 64, backends: list[str] = list(BENCH_BACKENDS), device: s
     pipelines: dict[str, Pipeline] = {"torch": reference}
     for name in bench_names(backends):
         engine, early_exit = name.removesuffix(EXIT), name.endswith(EXIT)
-        config = RepairConfig(steps=steps, batch_size=n, early_exit=early_exit)
+        settings = RepairSettings(steps=steps, batch_size=n, early_exit=early_exit)
         entry = {"name": name, "available": False, "reason": None, "images_per_s": None}
         try:
             if engine not in pipelines:
@@ -172,7 +173,7 @@ def run_bench(n: int = 64, backends: list[str] = list(BENCH_BACKENDS), device: s
         last: dict[str, list[dict]] = {}
 
         def full_repair() -> None:
-            last["rows"] = repair_batch(pipeline, x, config)
+            last["rows"] = repair_batch(pipeline, x, settings)
 
         seconds = timed(full_repair)
         rows = last["rows"]
@@ -180,9 +181,9 @@ def run_bench(n: int = 64, backends: list[str] = list(BENCH_BACKENDS), device: s
                      images_per_s=round(n / seconds, 3), graphs=graph_throughput(pipeline, x, batches),
                      whole_repair_graph=bool(getattr(pipeline.backend, "can_repair", lambda o: False)(
                          pipeline.objective)),
-                     latency_ms=latency_ms(pipeline, x[:latency_images], config) if latency_images else None)
+                     latency_ms=latency_ms(pipeline, x[:latency_images], settings) if latency_images else None)
         if engine == "torch":             # without the exit every image runs every step
-            entry["steps_run"] = steps_run(pipeline, x, config) if early_exit else 1.0
+            entry["steps_run"] = steps_run(pipeline, x, settings) if early_exit else 1.0
         log(f"{name}: {entry['images_per_s']} images/s (full repair, {steps} steps)")
         if engine == "torch":
             ref_rows[early_exit] = copy.deepcopy(rows)

@@ -8,7 +8,7 @@ import click
 
 from runtime.cli import default_threads
 
-from .common import JOINT_MODELS, MODELS, PROFILES, TASK_NAMES, check_device, check_size, load_checked
+from .common import JOINT_MODELS, MODELS, PROFILES, TASK_NAMES, check_device, check_size, usage_errors
 
 
 @click.command()
@@ -103,7 +103,7 @@ def train_set(data_root: str, size: int, out_dir: Path, profile: str, standard: 
     from engine.train import PROFILES as RECIPES, log, train_model
     from engine.train_plan import SetProgress, plan_set, summary_lines
     from engine.weights import WeightsError, read_manifest
-    from export.onnx_export import ExportError, export_all
+    from export.onnx_export import ExportError, export_all, load_exported_pipeline
 
     check_device(device)
     check_size(size)
@@ -141,7 +141,8 @@ def train_set(data_root: str, size: int, out_dir: Path, profile: str, standard: 
                             on_step=lambda s=stage: progress.step(s.step_seconds))
             progress.finished(stage)
         calibration = out_dir / "calibration.json"
-        pipeline = load_checked(weights=out_dir, tasks=list(TASK_NAMES[:3]), objective="plain")
+        with usage_errors():
+            pipeline = load_exported_pipeline(weights=out_dir, tasks=list(TASK_NAMES[:3]), objective="plain")
         if not (resume and calibration_holds(calibration, pipeline.manifests, plan.calibration_n)):
             log(f"calibration on {plan.calibration_n} clean training images")
             stats = measure(pipeline, plan.calibration_n, seed, data_root)
@@ -149,7 +150,9 @@ def train_set(data_root: str, size: int, out_dir: Path, profile: str, standard: 
                              overwrite=True)
         progress.finished(plan.stages[-2])
         log(f"ONNX export to {out_dir / 'onnx'}")
-        manifest, notes = export_all(load_checked(weights=out_dir, objective=objective), out_dir / "onnx", overwrite,
+        with usage_errors():
+            pipeline = load_exported_pipeline(weights=out_dir, objective=objective)
+        manifest, notes = export_all(pipeline, out_dir / "onnx", overwrite,
                                      f"{base} --objective {objective} (step export)")
         progress.close()
         manifests = {m: read_manifest(m, out_dir) for m in models}

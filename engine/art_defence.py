@@ -32,6 +32,8 @@ except ImportError as e:                                   # the optional extra
     raise ImportError("engine.art_defence needs the Adversarial Robustness Toolbox: "
                       "pip install 'mssl-repair[art]' (or adversarial-robustness-toolbox)") from e
 
+from runtime.settings import DEFAULTS
+
 from .defended import Purifier
 
 
@@ -39,7 +41,8 @@ class RepairPreprocessor(PreprocessorPyTorch):
     """x N×3×S×S float in [0, 1] -> (repaired x, y unchanged); applied on predictions (and, with
     ``apply_fit=True``, before training). ``eps``, ``steps``, ``step_size``, ``seed``: the repair's."""
 
-    def __init__(self, pipeline, eps: float = 16 / 255, steps: int = 40, step_size: float = 2 / 255, seed: int = 0,
+    def __init__(self, pipeline, eps: float = DEFAULTS.eps, steps: int = DEFAULTS.steps,
+                 step_size: float = DEFAULTS.step_size, seed: int = DEFAULTS.seed,
                  apply_fit: bool = False, apply_predict: bool = True) -> None:
         super().__init__(device_type=pipeline.device.type, is_fitted=True, apply_fit=apply_fit,
                          apply_predict=apply_predict)

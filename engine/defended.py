@@ -27,6 +27,8 @@ from typing import Callable
 import torch
 from torch import nn
 
+from runtime.settings import DEFAULTS
+
 RepairFn = Callable[[torch.Tensor, int], torch.Tensor]      # (images, seed) -> repaired images
 
 
@@ -36,8 +38,8 @@ class Purifier(nn.Module):
     ``fresh_draws``: each call with the next seed (a randomized defense), or always with ``seed`` (the deployed
     one)."""
 
-    def __init__(self, pipeline, bpda: bool = True, eps: float = 16 / 255, steps: int = 40,
-                 step_size: float = 2 / 255, seed: int = 0, repair: RepairFn | None = None,
+    def __init__(self, pipeline, bpda: bool = True, eps: float = DEFAULTS.eps, steps: int = DEFAULTS.steps,
+                 step_size: float = DEFAULTS.step_size, seed: int = DEFAULTS.seed, repair: RepairFn | None = None,
                  fresh_draws: bool = True) -> None:
         super().__init__()
         self.bpda, self.seed, self.calls, self.fresh_draws = bpda, seed, 0, fresh_draws
@@ -59,8 +61,8 @@ class DefendedClassifier(nn.Module):
     """x N×3×S×S in [0, 1] -> logits N×C of ``pipeline.classifier`` on the repaired x (a ``Purifier`` with the
     same arguments in front of it)."""
 
-    def __init__(self, pipeline, bpda: bool = True, eps: float = 16 / 255, steps: int = 40,
-                 step_size: float = 2 / 255, seed: int = 0, repair: RepairFn | None = None,
+    def __init__(self, pipeline, bpda: bool = True, eps: float = DEFAULTS.eps, steps: int = DEFAULTS.steps,
+                 step_size: float = DEFAULTS.step_size, seed: int = DEFAULTS.seed, repair: RepairFn | None = None,
                  fresh_draws: bool = True) -> None:
         super().__init__()
         self.purifier = Purifier(pipeline, bpda, eps, steps, step_size, seed, repair, fresh_draws)

@@ -19,6 +19,9 @@ from typing import Sequence
 import torch
 from tqdm import tqdm
 
+from runtime.files import write_json
+from runtime.settings import DEFAULTS
+
 from .attacks import BPDAEOT, PGD, AutoAttackAPGD, DefenseAwarePGD
 from .calibration import calibrate_command
 from .datasets import model_set_split
@@ -31,7 +34,6 @@ from .repair_spec import parse_repair
 from .shared_work import Claims, for_each_claimed
 from .stage_cache import CHUNKS, StageCache, fingerprint
 from .weights import model_input
-from runtime.files import write_json
 
 Z95 = 1.959963984540054
 # autoattack: APGD-CE + APGD-T on the classifier (transfer: the repair then runs on its images);
@@ -72,9 +74,9 @@ class EvalConfig:
     attack_eps: float = 8 / 255
     attack_step: float = 2 / 255
     attack_steps: int = 20
-    eps_r: float = 16 / 255
-    repair_steps: int = 40
-    repair_step_size: float = 2 / 255
+    eps_r: float = DEFAULTS.eps
+    repair_steps: int = DEFAULTS.steps
+    repair_step_size: float = DEFAULTS.step_size
     views: int = 4
     alpha: list[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])   # contrastive, inpainting, rotation
     level: float = 0.5                  # the clean-level objective's quantile of clean losses

@@ -6,7 +6,7 @@ Example::
     p = load_pipeline()                      # weights/ in this repository, CPU
     logits = p.classifier(x)                 # x: float in [0, 1], N×3×S×S (S = p.size: 32 for the shipped set)
     losses = p.ssl_loss(x)                   # Tensor[N], Σ α_k L_k
-    x_rep = p.repair(x, eps=16/255, steps=40, step_size=2/255, seed=0)   # the CLI's default repair
+    x_rep = p.repair(x)                      # the CLI's default repair (runtime/settings.py: ε 16/255, 40 steps)
 """
 from __future__ import annotations
 
@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+from runtime.settings import DEFAULTS
 
 from .backends import BACKENDS, BackendUnavailable, ForwardBackend
 from .backends.torch_backend import TorchBackend
@@ -105,10 +107,10 @@ class Pipeline:
         """The repair objective L_m(x) (Σ_k α_k L_k, or its clean-level form), per image: Tensor[N]."""
         return self.objective.combine(self.task_losses(x, seed))
 
-    def repair_with_trace(self, x: torch.Tensor, eps: float = 16 / 255, steps: int = 40,
-                          step_size: float = 2 / 255, seed: int = 0, objective: MultiTaskLoss | None = None,
-                          gate: Gate | None = None, losses: dict[str, torch.Tensor] | None = None,
-                          early_exit: bool = True) -> RepairResult:
+    def repair_with_trace(self, x: torch.Tensor, eps: float = DEFAULTS.eps, steps: int = DEFAULTS.steps,
+                          step_size: float = DEFAULTS.step_size, seed: int = DEFAULTS.seed,
+                          objective: MultiTaskLoss | None = None, gate: Gate | None = None,
+                          losses: dict[str, torch.Tensor] | None = None, early_exit: bool = DEFAULTS.early_exit) -> RepairResult:
         """The repair (of ``objective``, default the pipeline's) with its trace; with a gate (default the
         pipeline's), only inputs scoring above its threshold are repaired and the rest come back unchanged.
         ``losses``: x's task losses at this ``seed`` where the caller has them already (the gate reuses them).
@@ -135,8 +137,9 @@ class Pipeline:
             return self.backend.reverse_attack(objective, *args)
         return reverse_attack(objective, *args)
 
-    def repair(self, x: torch.Tensor, eps: float = 16 / 255, steps: int = 40, step_size: float = 2 / 255,
-               seed: int = 0, early_exit: bool = True) -> torch.Tensor:
+    def repair(self, x: torch.Tensor, eps: float = DEFAULTS.eps, steps: int = DEFAULTS.steps,
+               step_size: float = DEFAULTS.step_size, seed: int = DEFAULTS.seed,
+               early_exit: bool = DEFAULTS.early_exit) -> torch.Tensor:
         """x + r with ‖r‖∞ ≤ eps minimizing the multi-task SSL loss: N×3×H×W in [0, 1]."""
         return self.repair_with_trace(x, eps, steps, step_size, seed, early_exit=early_exit).images
 

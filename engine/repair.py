@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from runtime.draws import StepDraws, batch_draws, start_noise
+from runtime.settings import DEFAULTS
 
 Params = dict[str, dict[str, torch.Tensor]]          # task -> parameter name -> tensor
 
@@ -113,8 +114,9 @@ def sign_step(x_r: torch.Tensor, x: torch.Tensor, grad: torch.Tensor, eps: float
     return (x + (x_r - step_size * grad.sign() - x).clamp(-eps, eps)).clamp(0, 1)
 
 
-def reverse_attack(objective: MultiTaskLoss, x: torch.Tensor, eps: float = 16 / 255, steps: int = 40,
-                   step_size: float = 2 / 255, seed: int = 0, early_exit: bool = False) -> RepairResult:
+def reverse_attack(objective: MultiTaskLoss, x: torch.Tensor, eps: float = DEFAULTS.eps, steps: int = DEFAULTS.steps,
+                   step_size: float = DEFAULTS.step_size, seed: int = DEFAULTS.seed,
+                   early_exit: bool = False) -> RepairResult:
     """Minimize ``objective`` over r with ‖r‖∞ ≤ eps, from a uniform random start; x + r is kept in [0, 1].
 
     Mao et al.'s reference settings are the defaults. With ``steps`` = 0 it returns x + (random start): the

@@ -53,6 +53,9 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from runtime.files import write_json
+from runtime.settings import DEFAULTS
+
 from .attacks import APGDEveryImage, AutoAttackAPGD, DefenseAwarePGD, KeptByDeployed, SquareEveryImage
 from .defended import DefendedClassifier
 from .evaluate import EvalConfig, Evaluator, calibration_key, chunk_images, classifier_key, eval_subset
@@ -60,7 +63,6 @@ from .pipeline import Pipeline
 from .shared_work import Claims, for_each_claimed
 from .stage_cache import CHUNKS, StageCache
 from .worst_case_table import stronger_name, summarize, summarize_transfer
-from runtime.files import write_json
 
 RepairFn = Callable[[torch.Tensor, int], torch.Tensor]       # (images, seed) -> repaired images
 ATTACKS_ON_DEFENSE = ("transfer", "apgd-ce", "apgd-dlr", "aware", "square")
@@ -102,9 +104,9 @@ class WorstCaseConfig:
     #                              deterministic), 3 by default when randomized
     surrogate_steps: int = 10    # repair steps in the BPDA attacks' forward (the scored repair keeps repair_steps)
     aware_lambda: float = 1.0
-    eps_r: float = 16 / 255      # the repair, as `cli.py repair` runs it by default
-    repair_steps: int = 40
-    repair_step_size: float = 2 / 255
+    eps_r: float = DEFAULTS.eps  # the repair, as `cli.py repair` runs it by default
+    repair_steps: int = DEFAULTS.steps
+    repair_step_size: float = DEFAULTS.step_size
     views: int = 4
     level: float = 0.5
     chunk: int = 25

@@ -33,6 +33,7 @@ from torch import nn
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from engine.repair import MultiTaskLoss, sign_step
+from runtime.settings import DEFAULTS
 
 from .grad_decompositions import gradient_decompositions
 
@@ -68,8 +69,8 @@ def step_inputs(objective: MultiTaskLoss, batch: int = TRACE_BATCH, device: torc
     x0 = torch.rand(batch, 3, size, size, generator=gen).to(device)        # distinct from x: see the docstring
     params = objective.sample_params(x, 0)
     layout = [(task, key) for task in objective.tasks for key in params[task]]
-    inputs = {"x": x, "x0": x0, "eps": torch.tensor(16 / 255, device=device),
-              "step_size": torch.tensor(2 / 255, device=device),
+    inputs = {"x": x, "x0": x0, "eps": torch.tensor(DEFAULTS.eps, device=device),
+              "step_size": torch.tensor(DEFAULTS.step_size, device=device),
               **{f"{task}_{key}": params[task][key] for task, key in layout}}
     return layout, inputs
 

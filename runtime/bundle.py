@@ -15,11 +15,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .draws import batch_draws, deployed_seed, seed_record
+from .draws import batch_draws
 from .files import sha256sum
 from .folder import BatchRepair, image_rows
 from .imageio import quantize
 from .repair_inputs import repair_inputs
+from .settings import DEFAULTS, RepairSettings
 from .step_loop import repair_by_steps, start_point
 
 
@@ -91,8 +92,9 @@ class Bundle:
             return sum(self.alpha[t] * losses[t] for t in self.tasks)
         return sum(self.alpha[t] * np.maximum(losses[t] - self.levels[t], 0) for t in self.tasks)
 
-    def repair(self, x: np.ndarray, seed: int = 0, eps: float = 16 / 255, steps: int = 40,
-               step_size: float = 2 / 255, early_exit: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    def repair(self, x: np.ndarray, seed: int = DEFAULTS.seed, eps: float = DEFAULTS.eps, steps: int = DEFAULTS.steps,
+               step_size: float = DEFAULTS.step_size,
+               early_exit: bool = DEFAULTS.early_exit) -> tuple[np.ndarray, np.ndarray]:
         """(repaired images N×3×S×S, trace steps×N: the objective at the start of each step). With
         ``early_exit`` an image leaves at the first step where its objective is zero (runtime/step_loop.py; NaN in
         the trace from then on), run step by step; without, all steps run for every image in the Loop graph."""
@@ -121,11 +123,11 @@ class Bundle:
         gate = self.manifest["gate"]
         return sum(gate["weights"][t] * (losses[t] - gate["median"][t]) for t in gate["tasks"])
 
-    def repair_batch(self, x: np.ndarray, seed: int, eps: float, steps: int, step_size: float,
-                     gate_fpr: float | None = None, early_exit: bool = True) -> list[dict]:
+    def repair_batch(self, x: np.ndarray, settings: RepairSettings) -> list[dict]:
         """runtime/folder.py's rows for one batch: the 8-bit repaired image and the report fields, losses before and
-        after with the same draws (as engine/folder.py's ``repair_batch``). With ``gate_fpr``, only inputs whose gate
-        score exceeds the threshold are repaired; the rest come back unchanged."""
+        after with the same draws (as engine/folder.py's ``repair_batch``). With ``settings.gate_fpr``, only inputs
+        whose gate score exceeds the threshold are repaired; the rest come back unchanged."""
+        seed, steps, gate_fpr = settings.batch_seed(), settings.steps, settings.gate_fpr
         params = self.draws(x, seed)
         before = self.task_losses(x, params)
         repaired, gate = x.copy(), None
@@ -136,7 +138,8 @@ class Bundle:
             flagged = score > self.gate_threshold(gate_fpr)
             gate = {"gate_score": [round(float(v), 6) for v in score], "gated_out": (~flagged).tolist()}
         if flagged.any():                  # an image's repair is its own: repairing a subset changes nothing
-            repaired[flagged], trace[:, flagged] = self.repair(x[flagged], seed, eps, steps, step_size, early_exit)
+            repaired[flagged], trace[:, flagged] = self.repair(x[flagged], seed, settings.eps, steps,
+                                                               settings.step_size, settings.early_exit)
         repaired = quantize(repaired)
         after = self.task_losses(repaired, params)
         return image_rows(repaired, x, self.logits(x), self.logits(repaired), before, after, self.combine(before),
@@ -149,26 +152,19 @@ class BundleRepair:
     opens the bundle (onnxruntime sessions, ``threads`` intra-op threads) only when called."""
     folder: str
     threads: int | None
-    seed: int | None = 0            # None: a fresh seed for every batch (`--seed random`)
-    eps: float = 16 / 255
-    steps: int = 40
-    step_size: float = 2 / 255
-    gate_fpr: float | None = None
-    early_exit: bool = True
+    settings: RepairSettings = DEFAULTS
 
     def __call__(self) -> BatchRepair:
         return self.on(Bundle(self.folder, self.threads))
 
     def on(self, bundle: Bundle) -> BatchRepair:
-        return lambda x: bundle.repair_batch(x, deployed_seed(self.seed), self.eps, self.steps, self.step_size,
-                                             self.gate_fpr, self.early_exit)
+        return lambda x: bundle.repair_batch(x, self.settings)
 
-    def config(self, bundle: Bundle, batch_size: int) -> dict:
+    def config(self, bundle: Bundle) -> dict:
         """The repair's settings as a report records them (runtime/folder.py), for ``bundle`` (this folder's)."""
-        gate = None if self.gate_fpr is None else {"fpr": self.gate_fpr, "tasks": bundle.tasks,
-                                                   "threshold": bundle.gate_threshold(self.gate_fpr)}
-        return {"eps": self.eps, "steps": self.steps, "step_size": self.step_size, "seed": seed_record(self.seed),
-                "batch_size": batch_size, "early_exit": self.early_exit, "size": bundle.size, "backend": bundle.name,
+        fpr = self.settings.gate_fpr
+        gate = None if fpr is None else {"fpr": fpr, "tasks": bundle.tasks, "threshold": bundle.gate_threshold(fpr)}
+        return {**self.settings.record(), "size": bundle.size, "backend": bundle.name,
                 "tasks": bundle.tasks, "alpha": [bundle.alpha[t] for t in bundle.tasks], "device": "cpu",
                 "objective": "plain" if bundle.levels is None else "clean", "levels": bundle.levels, "gate": gate,
                 "weights": bundle.manifest["weights"], "threads": self.threads,

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import click
 
+from .settings import FIELDS, RepairSettings, bounded
+
 
 class Fraction(click.ParamType):
     """A float that may be written as a fraction, e.g. ``16/255``."""
@@ -35,7 +37,6 @@ class Fraction(click.ParamType):
 
 
 FRACTION = Fraction()
-MAX_EPS = 64 / 255          # beyond this an L∞ "repair" repaints the image (measured: --eps 2 turned it to noise)
 
 
 class Seed(click.ParamType):
@@ -82,15 +83,46 @@ def max_pixels_option():
                              "JPEG, BMP, WebP, TIFF, GIF (first frame).")
 
 
-def checked_eps(eps: float, steps: int, allow_large: bool) -> tuple[int, str | None]:
-    """(steps to run, a note to print) for a repair bound ``eps``, or a usage error where it wrecks images."""
-    if eps > MAX_EPS and not allow_large:
-        raise click.BadParameter(f"{eps:.4g} (= {eps * 255:.3g}/255) is beyond 64/255, where the repair repaints "
-                                 "images instead of nudging them; pass --allow-large-eps if you mean it",
-                                 param_hint="--eps")
-    if eps == 0:
-        return 0, "--eps 0: no repair (the images are written unchanged, with their predictions)"
-    return steps, None
+def fraction_text(value: float) -> str:
+    """How a default shows in --help: 16/255 where the number is so many 255ths."""
+    return f"{round(value * 255)}/255" if abs(value * 255 - round(value * 255)) < 1e-9 else repr(value)
+
+
+def setting_option(name: str, *decls: str, **options):
+    """The option of the repair setting ``name`` (runtime/settings.py), its default and range taken from there:
+    ``decls`` default to ``--name-with-dashes``; ``options`` (help, …) are click's."""
+    default = FIELDS[name].default
+    if name == "early_exit":
+        return click.option(*(decls or ("--early-exit/--no-early-exit",)), default=default, show_default=True,
+                            **options)
+    if name == "seed":
+        kind, shown = SEED, str(default)
+    else:
+        low, high, open_ends = FIELDS[name].metadata["range"]
+        if isinstance(default, int):
+            kind, shown = click.IntRange(low, high, min_open=open_ends, max_open=open_ends), default
+        elif default is None:       # an optional fraction of images: no default to show
+            kind, shown = click.FloatRange(low, high, min_open=open_ends, max_open=open_ends), None
+        else:                       # a bound or a step, written as a fraction (FRACTION refuses negatives)
+            kind, shown = FRACTION, fraction_text(default)
+    return click.option(*(decls or (f"--{name.replace('_', '-')}",)), name, type=kind, default=shown,
+                        show_default=shown is not None, **options)
+
+
+def checked_settings(allow_large_eps: bool = False, **values) -> RepairSettings:
+    """The repair's settings from a command's options (RepairSettings' field names), the note of ``bounded``
+    printed; a usage error where they cannot run."""
+    try:
+        settings = RepairSettings(**values)
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    try:
+        settings, note = bounded(settings, allow_large_eps)
+    except ValueError as e:
+        raise click.BadParameter(str(e), param_hint="--eps") from None
+    if note:
+        click.echo(note, err=True)
+    return settings
 
 
 def default_threads() -> int:
@@ -117,18 +149,17 @@ def main() -> None:
               help="Folder of images (searched recursively).")
 @click.option("--output", "output_dir", type=click.Path(path_type=Path), required=True,
               help="Folder for the repaired PNGs and report.json/report.csv (outside --input).")
-@click.option("--eps", type=FRACTION, default="16/255", show_default=True, help="L∞ bound of the repair.")
-@click.option("--steps", type=click.IntRange(min=0), default=40, show_default=True,
-              help="Sign-gradient steps (0: random start only, the noise control).")
-@click.option("--step-size", type=FRACTION, default="2/255", show_default=True)
-@click.option("--seed", type=SEED, default="0", show_default=True, help=SEED_HELP)
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
-@click.option("--gate", "gate_fpr", type=click.FloatRange(0, 1, min_open=True, max_open=True), default=None,
-              help="Repair only inputs whose SSL losses exceed what this fraction of clean images exceeds "
-                   "(e.g. 0.05); the rest are written unchanged. Needs a bundle exported with a calibration.")
-@click.option("--early-exit/--no-early-exit", default=True, show_default=True,
-              help="An image leaves the loop once its objective is zero (every task at its clean level): same "
-                   "accuracy, a fraction of the steps (docs/repair-graphs.md). No effect on a plain objective.")
+@setting_option("eps", help="L∞ bound of the repair.")
+@setting_option("steps", help="Sign-gradient steps (0: random start only, the noise control).")
+@setting_option("step_size")
+@setting_option("seed", help=SEED_HELP)
+@setting_option("batch_size")
+@setting_option("gate_fpr", "--gate",
+                help="Repair only inputs whose SSL losses exceed what this fraction of clean images exceeds "
+                     "(e.g. 0.05); the rest are written unchanged. Needs a bundle exported with a calibration.")
+@setting_option("early_exit",
+                help="An image leaves the loop once its objective is zero (every task at its clean level): same "
+                     "accuracy, a fraction of the steps (docs/repair-graphs.md). No effect on a plain objective.")
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="onnxruntime intra-op threads (default: the cores not busy by the load average).")
 @click.option("--allow-large-eps", is_flag=True, help="Accept --eps above 64/255.")
@@ -140,30 +171,25 @@ def main() -> None:
 @click.option("--resume", is_flag=True,
               help="Finish a stopped run into the same --output with the same options (report.jsonl).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def repair(bundle_dir: Path, input_dir: Path, output_dir: Path, eps: float, steps: int, step_size: float,
-           seed: int | None,
-           batch_size: int, gate_fpr: float | None, early_exit: bool, threads: int | None,
-           allow_large_eps: bool, resize: bool | None, max_pixels: int, overwrite: bool, resume: bool,
-           quiet: bool) -> None:
+def repair(bundle_dir: Path, input_dir: Path, output_dir: Path, threads: int | None, allow_large_eps: bool,
+           resize: bool | None, max_pixels: int, overwrite: bool, resume: bool, quiet: bool, **values) -> None:
     """Repair every image under INPUT into OUTPUT (same relative paths, lossless PNG) with a report."""
     from .bundle import Bundle, BundleRepair
     from .folder import check_folders, repair_folder, summary_lines
 
-    steps, note = checked_eps(eps, steps, allow_large_eps)
-    if note:
-        click.echo(note, err=True)
+    settings = checked_settings(allow_large_eps, **values)
     try:
         check_folders(input_dir, output_dir, overwrite, resume)
         bundle = Bundle(bundle_dir, threads or default_threads())
-        settings = BundleRepair(str(bundle_dir), threads, seed, eps, steps, step_size, gate_fpr, early_exit)
-        config = settings.config(bundle, batch_size)    # the config records what was asked
+        repair_with = BundleRepair(str(bundle_dir), threads, settings)
+        config = repair_with.config(bundle)    # the config records what was asked
     except ValueError as e:                # BundleError too
         raise click.UsageError(str(e)) from None
     resize = bundle.resize if resize is None else resize
     try:
-        report = repair_folder(settings.on(bundle), input_dir, output_dir, config, batch_size, resize, overwrite,
-                               not quiet, resume, max_pixels=max_pixels,
-                               class_folders=bundle.manifest.get("class_folders"))
+        report = repair_folder(repair_with.on(bundle), input_dir, output_dir, config, settings.batch_size,
+                               resize=resize, overwrite=overwrite, progress=not quiet, resume=resume,
+                               max_pixels=max_pixels, class_folders=bundle.manifest.get("class_folders"))
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     for line, to_stderr in summary_lines(report, output_dir):

@@ -96,8 +96,8 @@ class FolderPlan:
     labels_from: str | None = None         # where the true labels came from: "labels.csv", "class folders" or none
 
 
-def plan_folder(input_dir: Path, output_dir: Path, config: dict, resize: bool = False, overwrite: bool = False,
-                resume: bool = False, keep_images: bool = True, *, max_pixels: int = MAX_PIXELS,
+def plan_folder(input_dir: Path, output_dir: Path, config: dict, *, resize: bool = False, overwrite: bool = False,
+                resume: bool = False, keep_images: bool = True, max_pixels: int = MAX_PIXELS,
                 class_folders: list[str] | None = None) -> FolderPlan:
     """Check the folders, read (or with ``keep_images=False`` only validate) every input at the repair's
     ``config["size"]`` (default 32) under the decode policy's ``max_pixels``, assign outputs, and open the journal;
@@ -165,15 +165,16 @@ def finish_report(plan: FolderPlan, config: dict, output_dir: Path, seconds: flo
     return report
 
 
-def repair_folder(repair_batch: BatchRepair, input_dir: Path, output_dir: Path, config: dict, batch_size: int,
-                  resize: bool = False, overwrite: bool = False, progress: bool = True, resume: bool = False, *,
+def repair_folder(repair_batch: BatchRepair, input_dir: Path, output_dir: Path, config: dict, batch_size: int, *,
+                  resize: bool = False, overwrite: bool = False, progress: bool = True, resume: bool = False,
                   max_pixels: int = MAX_PIXELS, class_folders: list[str] | None = None) -> dict:
     """Repair every readable image under ``input_dir`` with ``repair_batch``, ``batch_size`` images at a time;
     returns the report (also written to ``output_dir``), whose "config" is ``config``. ``resume``: finish a
     stopped run of the same config (runtime/journal.py); ``max_pixels``: the decode policy's limit;
     ``class_folders``: the model set's class folder names (``plan_folder``)."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
-    plan = plan_folder(input_dir, output_dir, config, resize, overwrite, resume, max_pixels=max_pixels,
+    plan = plan_folder(input_dir, output_dir, config, resize=resize, overwrite=overwrite, resume=resume,
+                       max_pixels=max_pixels,
                        class_folders=class_folders)
     start = time.time()
     with tqdm(total=len(plan.todo), unit="img", desc="repair", disable=not progress) as bar:

@@ -93,7 +93,7 @@ def connect_ray(ray, address: str | None) -> None:
 
 
 def repair_folder_ray(make_repair: Callable[[], BatchRepair], input_dir: Path, output_dir: Path, config: dict,
-                      batch_size: int, resize: bool = False, overwrite: bool = False, progress: bool = True,
+                      batch_size: int, *, resize: bool = False, overwrite: bool = False, progress: bool = True,
                       address: str | None = None, workers: int | None = None, worker_cpus: float = 1,
                       worker_gpus: float = 0, resume: bool = False, max_pixels: int = MAX_PIXELS,
                       class_folders: list[str] | None = None) -> dict:
@@ -112,8 +112,8 @@ def repair_folder_ray(make_repair: Callable[[], BatchRepair], input_dir: Path, o
         quiet_ray_logs()
         connect_ray(ray, address)
     try:
-        plan = plan_folder(input_dir, output_dir, config, resize, overwrite, resume, keep_images=False,
-                           max_pixels=max_pixels, class_folders=class_folders)
+        plan = plan_folder(input_dir, output_dir, config, resize=resize, overwrite=overwrite, resume=resume,
+                           keep_images=False, max_pixels=max_pixels, class_folders=class_folders)
         if plan.todo:
             context = ray.data.DataContext.get_current()
             context.enable_progress_bars, context.print_on_execution_start = False, False

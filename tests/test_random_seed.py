@@ -52,11 +52,12 @@ def test_the_reference_repairs_with_fresh_draws_for_each_batch(tiny_weights, two
 
 def test_the_runtime_repairs_with_fresh_draws_for_each_batch(tiny_bundle):
     from runtime.bundle import Bundle, BundleRepair
+    from runtime.settings import RepairSettings
 
     bundle = Bundle(tiny_bundle, 1)
     x = np.random.default_rng(0).random((2, 3, bundle.size, bundle.size), dtype=np.float32)
-    repair = lambda seed: BundleRepair(str(tiny_bundle), 1, seed, steps=2).on(bundle)(x)
+    repair = lambda seed: BundleRepair(str(tiny_bundle), 1, RepairSettings(seed=seed, steps=2)).on(bundle)(x)
     first, again = repair(None), repair(None)
     assert not any(np.array_equal(a["image"], b["image"]) for a, b in zip(first, again))
     assert all(np.array_equal(a["image"], b["image"]) for a, b in zip(repair(3), repair(3)))
-    assert BundleRepair(str(tiny_bundle), 1, None).config(bundle, 4)["seed"] == "random"
+    assert BundleRepair(str(tiny_bundle), 1, RepairSettings(seed=None)).config(bundle)["seed"] == "random"
