@@ -22,10 +22,10 @@ import torch
 
 from engine.attacks import PGD
 from engine.calibration import calibration_path, load_calibration
-from engine.evaluate import eval_subset
-from engine.heads import HEAD_TASKS
+from engine.eval.evaluate import eval_subset
+from engine.models.heads import HEAD_TASKS
 from engine.pipeline import DEFAULT_TASKS, load_pipeline
-from engine.weights import WeightsError
+from engine.models.weights import WeightsError
 from runtime.cli import FRACTION
 from runtime.files import write_json
 from runtime.settings import DEFAULTS

@@ -19,7 +19,7 @@ import click
 import numpy as np
 from PIL import Image
 
-from engine.evaluate import mcnemar_exact, wilson_interval
+from engine.eval.evaluate import mcnemar_exact, wilson_interval
 from runtime.imageio import read_image
 
 

@@ -1,10 +1,10 @@
 """How the repair's cost per image grows with the working size S, for one recipe's networks.
 
 A repair's cost does not depend on what the weights hold, only on the architectures, so the networks here are the
-recipe's (``engine.train.PROFILES[profile]``) at random initialization, saved as a model set at each S. For each S:
-the full repair (plain objective, every step for every image: no early exit, whose rate does depend on the weights)
-in torch eager and in onnxruntime's Loop graph, per image, and that per-image time against S = the first size's,
-next to the pixel ratio (S / S₀)². The target of issue 21: the cost grows no faster than the pixel count.
+recipe's (``engine.train.profiles.PROFILES[profile]``) at random initialization, saved as a model set at each S. For each
+S: the full repair (plain objective, every step for every image: no early exit, whose rate does depend on the weights)
+in torch eager and in onnxruntime's Loop graph, per image, and that per-image time against S = the first size's, next to
+the pixel ratio (S / S₀)². The target of issue 21: the cost grows no faster than the pixel count.
 
     python -m bench.size_scaling --sizes 32,64 --threads 1 --json results/imagenette/size_scaling.json
 """
@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 
 from engine.folder import repair_batch
-from engine.models import build_model
-from engine.train import PROFILES
-from engine.weights import save_model
+from engine.models.networks import build_model
+from engine.train.profiles import PROFILES
+from engine.models.weights import save_model
 from export.onnx_export import load_exported_pipeline
 from runtime.files import write_json
 from runtime.settings import RepairSettings

@@ -19,9 +19,9 @@ from dataclasses import asdict
 from pathlib import Path
 
 from engine.calibration import calibrate, calibration_path, save_calibration
-from engine.evaluate import EvalConfig, run_eval, tasks_needed
+from engine.eval.evaluate import EvalConfig, run_eval, tasks_needed
 from engine.pipeline import DEFAULT_TASKS, load_pipeline
-from engine.repair_spec import parse_repair
+from engine.eval.repair_spec import parse_repair
 
 
 def calibration_for(views: int, out_dir: Path, weights: str | None = None, n: int = 2000) -> Path:

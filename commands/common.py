@@ -11,8 +11,8 @@ from runtime.cli import FRACTION
 
 MODELS = ("classifier", "contrastive", "inpainting", "rotation", "contrastive-head", "inpainting-head",
           "rotation-head", "classifier-standard", "inpainting-patches")
-PROFILES = ("cpu", "gpu", "folder-cpu", "quick")            # engine/train.py's PROFILES (tests check the two agree)
-JOINT_MODELS = ("joint-robust", "joint-standard")     # engine/joint.py (kept here: --help imports no torch)
+PROFILES = ("cpu", "gpu", "folder-cpu", "quick")     # engine/train/profiles.py's PROFILES (tests check the two agree)
+JOINT_MODELS = ("joint-robust", "joint-standard")     # engine/train/joint.py (kept here: --help imports no torch)
 # engine.tasks.TASKS's names, kept here so that a mistyped argument is answered before torch loads (tests check
 # the two agree)
 TASK_NAMES = ("contrastive", "inpainting", "rotation", "contrastive-head", "inpainting-head", "rotation-head",
@@ -78,7 +78,7 @@ def usage_errors():
     """Every user-fixable failure of loading a pipeline (``export.onnx_export.load_exported_pipeline``, which the
     commands call directly) as a usage error (exit 2)."""
     from engine.backends import BackendUnavailable
-    from engine.weights import WeightsError
+    from engine.models.weights import WeightsError
 
     try:
         yield
@@ -87,7 +87,7 @@ def usage_errors():
 
 
 def check_size(size: int) -> None:
-    """A usage error before torch loads where --size is no multiple of 16 (engine.datasets.check_size's rule; the
+    """A usage error before torch loads where --size is no multiple of 16 (engine.data.model_sets.check_size's rule; the
     range 32–224 is the option's own)."""
     if size % 16:
         raise click.BadParameter(f"{size} is not a multiple of 16", param_hint="--size")

@@ -76,7 +76,7 @@ def bench(n: int, backends: str, steps: int, device: str, precision: str, weight
     against torch. A backend named with +exit (e.g. onnxruntime+exit) repairs with the early exit; speed-ups are
     against torch without it."""
     from .throughput import BENCH_BACKENDS, EXIT, plot, run_bench
-    from engine.weights import WeightsError
+    from engine.models.weights import WeightsError
     from runtime.files import write_json
 
     check_device(device)

@@ -39,8 +39,8 @@ def attack(output_dir: Path, n: int, attack: str, eps: float, steps: int, step_s
            overwrite: bool) -> None:
     """Write attacked test images (CIFAR-10, or --data) as lossless 8-bit PNG + labels.csv (the classifier of
     --weights)."""
-    from engine.attack_set import write_attack_set
-    from engine.data import DataError
+    from engine.eval.attack_set import write_attack_set
+    from engine.data.cifar10 import DataError
     from export.onnx_export import load_exported_pipeline
 
     check_device(device)
@@ -161,9 +161,10 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, stages_
     (Table 1)."""
     import torch
 
-    from engine.data import DataError
-    from engine.evaluate import ATTACKS, EvalConfig, markdown_table, needs_calibration, plot, run_eval, tasks_needed
-    from engine.repair_spec import parse_repair
+    from engine.data.cifar10 import DataError
+    from engine.eval.evaluate import (ATTACKS, EvalConfig, markdown_table, needs_calibration, plot, run_eval,
+                                      tasks_needed)
+    from engine.eval.repair_spec import parse_repair
     from export.onnx_export import load_exported_pipeline
 
     check_device(device)
@@ -190,7 +191,7 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, stages_
         from engine.calibration import calibration_path
 
         calibration = calibration_path(weights, calibration)
-    # each repair row builds its own objective (engine/repair_spec.py); the pipeline's is the plain sum
+    # each repair row builds its own objective (engine/eval/repair_spec.py); the pipeline's is the plain sum
     with usage_errors():
         pipeline = load_exported_pipeline(weights=weights, device=device, tasks=tasks_needed(config), views=views,
                                           backend=backend, objective="plain", onnx_dir=onnx_dir, precision=precision,
@@ -283,11 +284,11 @@ def worst_case(defense: str, control: str, n: int, offset: int, adaptive_n: int 
     (docs/results.md)."""
     import torch
 
-    from engine.data import DataError
-    from engine.evaluate import EvalConfig, needs_calibration, tasks_needed
-    from engine.repair_spec import parse_repair
-    from engine.worst_case import WorstCaseConfig, run_worst_case
-    from engine.worst_case_table import markdown_table
+    from engine.data.cifar10 import DataError
+    from engine.eval.evaluate import EvalConfig, needs_calibration, tasks_needed
+    from engine.eval.repair_spec import parse_repair
+    from engine.eval.worst_case import WorstCaseConfig, run_worst_case
+    from engine.eval.worst_case_table import markdown_table
     from export.onnx_export import load_exported_pipeline
 
     if not defense.strip():
@@ -352,8 +353,8 @@ def calibrate(tasks: str | None, n: int, views: int, seed: int, weights: Path | 
               data_root: str | None, overwrite: bool) -> None:
     """Measure each task's SSL loss on clean training images: the levels of --objective clean and the gate."""
     from engine.calibration import calibrate as measure, calibration_path, save_calibration
-    from engine.data import DataError
-    from engine.weights import DEFAULT_WEIGHTS, WeightsError
+    from engine.data.cifar10 import DataError
+    from engine.models.weights import DEFAULT_WEIGHTS, WeightsError
     from export.onnx_export import load_exported_pipeline
 
     def held_tasks(folder: Path | None) -> list[str]:

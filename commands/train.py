@@ -37,8 +37,8 @@ def train(model: str, profile: str, data_root: str | None, size: int, resume: bo
     inpainting heads (and label consistency) and write the classifier and the three heads to --out, which must be
     another folder (e.g. --out weights/joint-robust).
     """
-    from engine.data import DataError
-    from engine.weights import WeightsError
+    from engine.data.cifar10 import DataError
+    from engine.models.weights import WeightsError
 
     check_device(device)
     check_size(size)
@@ -47,12 +47,12 @@ def train(model: str, profile: str, data_root: str | None, size: int, resume: bo
     command += f" --data {data_root} --size {size}" if data_root else ""
     try:
         if model in JOINT_MODELS:
-            from engine.joint import train_joint
+            from engine.train.joint import train_joint
 
             path = train_joint(model, profile, data_root, out_dir, base_dir, seed, device, overwrite, epochs,
                                f"{command} --base {base_dir}")
         else:
-            from engine.train import train_model
+            from engine.train.trainer import train_model
 
             path = train_model(model, profile, data_root, out_dir, seed, device, overwrite, epochs, command, size,
                                resume)
@@ -98,11 +98,13 @@ def train_set(data_root: str, size: int, out_dir: Path, profile: str, standard: 
     import torch
 
     from engine.calibration import calibrate as measure, save_calibration
-    from engine.data import DataError
-    from engine.provenance import resume_conflicts, trained_on
-    from engine.train import PROFILES as RECIPES, log, train_model
-    from engine.train_plan import SetProgress, plan_set, summary_lines
-    from engine.weights import WeightsError, read_manifest
+    from engine.data.cifar10 import DataError
+    from engine.models.provenance import resume_conflicts, trained_on
+    from engine.train.loop import log
+    from engine.train.profiles import PROFILES as RECIPES
+    from engine.train.trainer import train_model
+    from engine.train.plan import SetProgress, plan_set, summary_lines
+    from engine.models.weights import WeightsError, read_manifest
     from export.onnx_export import ExportError, export_all, load_exported_pipeline
 
     check_device(device)

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .datasets import model_set_split
-from .weights import DEFAULT_WEIGHTS, WeightsError
+from .data.model_sets import model_set_split
+from .models.weights import DEFAULT_WEIGHTS, WeightsError
 from runtime.files import write_json
 
 CALIBRATION_FILE = "calibration.json"

@@ -13,8 +13,8 @@ from runtime.decode_policy import MAX_PIXELS
 from runtime.settings import RepairSettings
 
 from .imageio import quantize
+from .models.provenance import is_preview
 from .pipeline import Pipeline
-from .provenance import is_preview
 
 
 def report_config(pipeline: Pipeline, settings: RepairSettings) -> dict:

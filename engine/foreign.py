@@ -17,7 +17,7 @@ from torch import nn
 
 from runtime.files import sha256sum
 
-from .heads import HEAD_TASKS
+from .models.heads import HEAD_TASKS
 from .tasks import CLASSIFIER_TASKS
 
 

@@ -21,11 +21,11 @@ from runtime.settings import DEFAULTS
 from .backends import BACKENDS, BackendUnavailable, ForwardBackend
 from .backends.torch_backend import TorchBackend
 from .calibration import Calibration, calibration_path, load_calibration
-from .heads import HEAD_TASKS, check_backbone
+from .models.heads import HEAD_TASKS, check_backbone
+from .models.provenance import check_same_data
+from .models.weights import WeightsError, load_model, model_input, read_manifest
 from .repair import MultiTaskLoss, RepairResult, reverse_attack
 from .tasks import CLASSIFIER_TASKS, TASKS, VIEW_TASKS
-from .provenance import check_same_data
-from .weights import WeightsError, load_model, model_input, read_manifest
 
 DEFAULT_TASKS = ("contrastive", "inpainting", "rotation")
 OBJECTIVES = ("plain", "clean")
@@ -184,7 +184,7 @@ def load_pipeline(weights: str | os.PathLike | None = None, device: str | torch.
     tasks must then be ones that do not read the shipped classifier's features (not the heads); consistency and
     hedge need a PyTorch module; the backend is torch. Raises ``engine.foreign.ClassifierError`` otherwise.
 
-    Raises ``engine.weights.WeightsError``
+    Raises ``engine.models.weights.WeightsError``
     (a clear message) where a file is missing or does not match its manifest, and ``BackendUnavailable`` where the
     backend cannot run here.
     """
@@ -245,8 +245,8 @@ def load_pipeline(weights: str | os.PathLike | None = None, device: str | torch.
 
 
 def model_set_input(manifests: dict[str, dict], weights: str | os.PathLike | None) -> dict:
-    """What the networks loaded from ``weights`` take (engine.weights.model_input): one size for all of them, else
-    WeightsError naming each. The class names are the model set's classifier's (where the folder has one)."""
+    """What the networks loaded from ``weights`` take (engine.models.weights.model_input): one size for all of them,
+    else WeightsError naming each. The class names are the model set's classifier's (where the folder has one)."""
     sizes = {name: model_input(m)["size"] for name, m in manifests.items()}      # networks loaded from files only
     if len(set(sizes.values())) > 1:
         listed = ", ".join(f"{name} {size}×{size}" for name, size in sizes.items())

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from engine.backends.tensorrt_engines import import_tensorrt
-from engine.provenance import is_preview
+from engine.models.provenance import is_preview
 from engine.pipeline import Pipeline, attach_backend, load_pipeline, resolve_backend
 from runtime.files import atomic_write, sha256sum, write_json
 
@@ -191,8 +191,9 @@ def export_all(pipeline: Pipeline, out_dir: str | os.PathLike, overwrite: bool =
                command: str | None = None, precision: str = "fp32",
                repair_graphs: bool = True) -> tuple[dict, list[str]]:
     """Export every graph of ``pipeline`` into ``out_dir``; returns (manifest, notes). ``precision`` "fp16" converts
-    each graph to FP16 with FP32 inputs and outputs kept (engine/backends/tensorrt_engines.py, ``fp16_graph``); the repair graphs
-    (export/repair_graphs.py, about a minute to trace) are FP32 only, and left out with ``repair_graphs=False``."""
+    each graph to FP16 with FP32 inputs and outputs kept (engine/backends/tensorrt_engines.py, ``fp16_graph``); the
+    repair graphs (export/repair_graphs.py, about a minute to trace) are FP32 only, and left out with
+    ``repair_graphs=False``."""
     if precision not in ("fp32", "fp16"):
         raise ExportError(f"precision must be fp32 or fp16, not {precision!r}")
     out_dir = Path(out_dir)

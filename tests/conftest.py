@@ -15,11 +15,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from engine.calibration import CALIBRATION_FILE, measure, save_calibration  # noqa: E402
-from engine.heads import attach_backbone  # noqa: E402
+from engine.models.heads import attach_backbone  # noqa: E402
 from engine.imageio import read_image  # noqa: E402
-from engine.models import build_model  # noqa: E402
+from engine.models.networks import build_model  # noqa: E402
 from engine.pipeline import load_pipeline  # noqa: E402
-from engine.weights import save_model  # noqa: E402
+from engine.models.weights import save_model  # noqa: E402
 
 TINY = {
     "classifier": ("Classifier", {"widths": [8, 16, 16]}),
@@ -27,7 +27,7 @@ TINY = {
     "inpainting": ("ContextEncoder", {"width": 8}),
     "rotation": ("RotationNet", {"widths": [8, 16, 16]}),
 }
-# Heads on the tiny classifier's backbone (engine/heads.py)
+# Heads on the tiny classifier's backbone (engine/models/heads.py)
 TINY_HEADS = {
     "contrastive-head": ("ContrastiveNet", {"widths": [8, 16, 16], "proj_dim": 16, "bank_size": 64}),
     "inpainting-head": ("InpaintingHead", {"widths": [8, 16, 16], "width": 8}),
@@ -153,15 +153,15 @@ def fake_test_set(monkeypatch):
     """load_cifar10("test") -> the 64 example images (uint8) and their labels, for eval and attack tests."""
     import csv
 
-    import engine.datasets
+    import engine.data.model_sets
     from engine.imageio import read_image
 
     with open(EXAMPLES / "labels.csv") as f:
         rows = list(csv.DictReader(f))
     x = torch.stack([(read_image(EXAMPLES / r["file"])[0] * 255).round().to(torch.uint8) for r in rows])
     y = torch.tensor([int(r["label"]) for r in rows])
-    monkeypatch.setattr(engine.datasets, "load_cifar10", lambda split="test", root=None: (x, y))
-    monkeypatch.setattr(engine.datasets, "dataset_md5", lambda root=None: {"test_batch.bin": "0" * 32})
+    monkeypatch.setattr(engine.data.model_sets, "load_cifar10", lambda split="test", root=None: (x, y))
+    monkeypatch.setattr(engine.data.model_sets, "dataset_md5", lambda root=None: {"test_batch.bin": "0" * 32})
     return x, y
 
 

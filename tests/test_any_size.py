@@ -12,12 +12,13 @@ from click.testing import CliRunner
 from PIL import Image
 from torch import nn
 
-import engine.train as train
+import engine.train.trainer as train
+from engine.train.profiles import PROFILES
 from cli import main
 from engine.foreign import ClassifierError
-from engine.models import build_model
+from engine.models.networks import build_model
 from engine.pipeline import load_pipeline
-from engine.weights import WeightsError, save_model
+from engine.models.weights import WeightsError, save_model
 from tests.conftest import IMAGENETTE_SAMPLE
 from tests.test_runtime import run_without_torch
 
@@ -31,7 +32,7 @@ REPAIR = ["--steps", "3", "--seed", "1", "--batch-size", "4", "--quiet", "--thre
 
 def tiny_profile(monkeypatch, epochs: int = 1) -> None:
     for name, config in TINY.items():
-        monkeypatch.setitem(train.PROFILES["folder-cpu"], name, {**train.PROFILES["folder-cpu"][name],
+        monkeypatch.setitem(PROFILES["folder-cpu"], name, {**PROFILES["folder-cpu"][name],
                                                                  "config": config, "batch": 32, "epochs": epochs})
 
 
@@ -169,7 +170,7 @@ def test_sizes_that_disagree_are_refused_with_both_named(set64, photos, tmp_path
 
 
 def test_heads_and_a_joint_model_at_64(set64, tmp_path, monkeypatch):
-    import engine.joint as joint
+    import engine.train.joint as joint
 
     monkeypatch.setenv("MSSL_REPAIR_CACHE", str(tmp_path / "cache"))
     base = tmp_path / "base"
@@ -177,7 +178,7 @@ def test_heads_and_a_joint_model_at_64(set64, tmp_path, monkeypatch):
     heads = {"rotation-head": {"hidden": 16}, "inpainting-head": {"width": 8},
              "contrastive-head": {"proj_dim": 16, "bank_size": 64}}
     for name, config in heads.items():
-        monkeypatch.setitem(train.PROFILES["folder-cpu"], name, {**train.PROFILES["folder-cpu"][name],
+        monkeypatch.setitem(PROFILES["folder-cpu"], name, {**PROFILES["folder-cpu"][name],
                                                                  "config": config, "batch": 32, "epochs": 1})
         result = CliRunner().invoke(main, ["train", name, "--profile", "folder-cpu", "--data", str(IMAGENETTE_SAMPLE),
                                            "--size", "64", "--out", str(base)])
@@ -200,8 +201,8 @@ def test_inpainting_with_random_patches_trains_and_repairs(set64, tmp_path, monk
     monkeypatch.setenv("MSSL_REPAIR_CACHE", str(tmp_path / "cache"))
     base = tmp_path / "base"
     shutil.copytree(set64, base, ignore=shutil.ignore_patterns("onnx"))
-    monkeypatch.setitem(train.PROFILES["folder-cpu"], "inpainting-patches",
-                        {**train.PROFILES["folder-cpu"]["inpainting-patches"], "config": {"width": 8}, "batch": 32,
+    monkeypatch.setitem(PROFILES["folder-cpu"], "inpainting-patches",
+                        {**PROFILES["folder-cpu"]["inpainting-patches"], "config": {"width": 8}, "batch": 32,
                          "epochs": 1})
     result = CliRunner().invoke(main, ["train", "inpainting-patches", "--profile", "folder-cpu", "--data",
                                        str(IMAGENETTE_SAMPLE), "--size", "64", "--out", str(base)])

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import engine.evaluate as ev
+import engine.eval.evaluate as ev
 from engine.attacks import PGD
 from engine.defended import DefendedClassifier
 from engine.pipeline import load_pipeline

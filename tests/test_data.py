@@ -4,7 +4,7 @@ import pickle
 import numpy as np
 import pytest
 
-from engine import data
+from engine.data import cifar10 as data
 from tests.conftest import cifar_root, needs_cifar
 
 

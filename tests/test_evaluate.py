@@ -5,21 +5,22 @@ import pytest
 from click.testing import CliRunner
 from scipy import stats
 
-import engine.evaluate as ev
+import engine.eval.evaluate as ev
 from cli import main
+from engine.eval.stats import mcnemar_exact, wilson_interval
 
 
 @pytest.mark.parametrize("k, n", [(0, 10), (3, 10), (59, 100), (870, 1000), (200, 200)])
 def test_wilson_matches_scipy(k, n):
     reference = stats.binomtest(k, n).proportion_ci(confidence_level=0.95, method="wilson")
-    assert ev.wilson_interval(k, n) == pytest.approx((reference.low, reference.high), abs=1e-9)
+    assert wilson_interval(k, n) == pytest.approx((reference.low, reference.high), abs=1e-9)
 
 
 @pytest.mark.parametrize("a_only, b_only", [(0, 0), (5, 1), (12, 30), (40, 40), (0, 9)])
 def test_mcnemar_matches_an_exact_binomial_test(a_only, b_only):
     a = [True] * a_only + [False] * b_only + [True] * 7 + [False] * 3
     b = [False] * a_only + [True] * b_only + [True] * 7 + [False] * 3
-    result = ev.mcnemar_exact(a, b)
+    result = mcnemar_exact(a, b)
     expected = 1.0 if a_only + b_only == 0 else stats.binomtest(a_only, a_only + b_only, 0.5).pvalue
     assert (result["a_only"], result["b_only"]) == (a_only, b_only)
     assert result["p"] == pytest.approx(expected, rel=1e-9)

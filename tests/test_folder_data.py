@@ -1,4 +1,4 @@
-"""A folder of the user's own images as training and evaluation data (engine/datasets.py): every image mode that
+"""A folder of the user's own images as training and evaluation data (engine/data/model_sets.py): every image mode that
 photos come in is converted, what cannot be decoded is skipped and named, classes come from the first-level folders
 (nested folders inside a class, non-ASCII names, empty class folders), splits from train/ and val/ or a fixed
 held-out tenth, and the decoded images are cached under a key that changes with the files and the size."""
@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from engine import datasets
-from engine.data import DataError
+from engine.data import model_sets as datasets
+from engine.data.cifar10 import DataError
 from runtime.imageio import read_image
 from tests.conftest import IMAGENETTE_SAMPLE
 

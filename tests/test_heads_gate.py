@@ -6,13 +6,13 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import engine.evaluate as ev
+import engine.eval.evaluate as ev
 from cli import main
 from engine.calibration import CALIBRATION_FILE, Calibration
-from engine.heads import HEAD_TASKS
+from engine.models.heads import HEAD_TASKS
 from engine.pipeline import Gate, load_pipeline
-from engine.repair_spec import parse_repair
-from engine.weights import WeightsError, load_model
+from engine.eval.repair_spec import parse_repair
+from engine.models.weights import WeightsError, load_model
 
 from .conftest import EXAMPLES, needs_cifar
 

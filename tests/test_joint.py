@@ -1,5 +1,5 @@
-"""Joint training (engine/joint.py) end to end on a small slice of data and tiny widths: it fine-tunes the classifier
-in --base with its heads, writes the classifier and three heads whose backbones are the classifier's, and the
+"""Joint training (engine/train/joint.py) end to end on a small slice of data and tiny widths: it fine-tunes the
+classifier in --base with its heads, writes the classifier and three heads whose backbones are the classifier's, and the
 pipeline loads them as heads; a missing base classifier and an --out equal to --base are refused."""
 import json
 
@@ -7,11 +7,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import engine.datasets as datasets
-import engine.joint as joint
+import engine.data.model_sets as datasets
+import engine.train.joint as joint
 from cli import main
 from engine.pipeline import load_pipeline
-from engine.weights import load_model
+from engine.models.weights import load_model
 from tests.conftest import patch_small_cifar
 
 

@@ -7,8 +7,8 @@ import socket
 import threading
 import time
 
-import engine.evaluate as ev
-from engine.shared_work import Claims, for_each_claimed
+import engine.eval.evaluate as ev
+from engine.eval.shared_work import Claims, for_each_claimed
 
 
 def test_a_claim_is_held_by_one_process_at_a_time(tmp_path):

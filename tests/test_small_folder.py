@@ -15,11 +15,11 @@ from click.testing import CliRunner
 from PIL import Image
 
 from cli import main
-from engine.data import DataError
+from engine.data.cifar10 import DataError
 from engine.pipeline import load_pipeline
-from engine.profiles import PROFILES
-from engine.train_plan import MIN_TRAIN_IMAGES, fit_to_data
-from engine.weights import WeightsError
+from engine.train.profiles import PROFILES
+from engine.train.profiles import MIN_TRAIN_IMAGES, fit_to_data
+from engine.models.weights import WeightsError
 from tests.test_runtime import run_without_torch
 
 SET = ["--size", "32", "--profile", "quick", "--threads", "1"]
@@ -185,7 +185,7 @@ def test_the_pgd_measurement_on_part_of_a_class_sorted_test_split_draws_from_eve
     # (class 0 whatever the input, so PGD cannot move it) is always right
     from torch import nn
 
-    from engine.train import classifier_metrics
+    from engine.train.recipes import classifier_metrics
 
     class AlwaysZero(nn.Module):
         def forward(self, x):

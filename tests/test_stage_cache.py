@@ -1,9 +1,9 @@
-"""engine/stage_cache.py: an output is kept under its parts and read back, not kept without parts or a folder, and a
-damaged file is computed again with a warning."""
+"""engine/eval/stage_cache.py: an output is kept under its parts and read back, not kept without parts or a folder, and
+a damaged file is computed again with a warning."""
 import pytest
 import torch
 
-from engine.stage_cache import StageCache
+from engine.eval.stage_cache import StageCache
 
 
 def counted(value):

@@ -7,10 +7,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-import engine.datasets as datasets
-import engine.train as train
+import engine.data.model_sets as datasets
+import engine.train.loop as loop
+from engine.train.profiles import PROFILES
 from cli import main
-from engine.weights import load_model
+from engine.models.weights import load_model
 from tests.conftest import patch_small_cifar
 
 TINY_CONFIGS = {"classifier": {"widths": (8, 16, 16)}, "rotation": {"widths": (8, 16, 16)},
@@ -27,8 +28,8 @@ EXPECTED_METRICS.update({f"{task}-head": EXPECTED_METRICS[task] for task in ("ro
 def small_data(monkeypatch):
     patch_small_cifar(monkeypatch, datasets, 128, 40)
     for name, config in TINY_CONFIGS.items():
-        monkeypatch.setitem(train.PROFILES["cpu"], name,
-                            {**train.PROFILES["cpu"][name], "config": config, "batch": 32, "epochs": 1})
+        monkeypatch.setitem(PROFILES["cpu"], name,
+                            {**PROFILES["cpu"][name], "config": config, "batch": 32, "epochs": 1})
 
 
 @pytest.mark.parametrize("name", [n for n in TINY_CONFIGS if not n.endswith("-head")])
@@ -50,17 +51,17 @@ def test_train_writes_weights_and_manifest(small_data, tmp_path, name):
 
 def test_crop_flip_keeps_pixels_from_the_image():
     x = torch.rand(4, 3, 32, 32)
-    y = train.crop_flip(x, torch.Generator().manual_seed(0))
+    y = loop.crop_flip(x, torch.Generator().manual_seed(0))
     assert y.shape == x.shape
     values = set(x.flatten().tolist())
     assert set(y.flatten().tolist()) <= values
 
 
 def test_triangular_schedule():
-    assert train.triangular_lr(0, 100, 1.0) == 0
-    assert train.triangular_lr(20, 100, 1.0) == pytest.approx(1.0)
-    assert train.triangular_lr(60, 100, 1.0) == pytest.approx(0.5)
-    assert train.triangular_lr(100, 100, 1.0) == 0
+    assert loop.triangular_lr(0, 100, 1.0) == 0
+    assert loop.triangular_lr(20, 100, 1.0) == pytest.approx(1.0)
+    assert loop.triangular_lr(60, 100, 1.0) == pytest.approx(0.5)
+    assert loop.triangular_lr(100, 100, 1.0) == 0
 
 
 @pytest.mark.parametrize("head", [n for n in TINY_CONFIGS if n.endswith("-head")])

@@ -6,11 +6,11 @@ import json
 import pytest
 from click.testing import CliRunner
 
-import engine.evaluate as ev
+import engine.eval.evaluate as ev
 from cli import main
 from engine.calibration import CALIBRATION_FILE
 from engine.pipeline import load_pipeline
-from engine.weights import WeightsError
+from engine.models.weights import WeightsError
 
 from .conftest import IMAGENETTE_SAMPLE
 

@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from engine.models import build_model
-from engine.weights import WeightsError, load_model, save_model
+from engine.models.networks import build_model
+from engine.models.weights import WeightsError, load_model, save_model
 
 
 def test_round_trip_keeps_every_tensor(tmp_path):

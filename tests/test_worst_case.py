@@ -1,5 +1,5 @@
-"""The worst case per image (engine/worst_case.py, `cli.py worst-case`) with tiny budgets: every stage on the shipped
-weights, the bookkeeping (an image one attack breaks once is broken; the worst case is never above any attack),
+"""The worst case per image (engine/eval/worst_case.py, `cli.py worst-case`) with tiny budgets: every stage on the
+shipped weights, the bookkeeping (an image one attack breaks once is broken; the worst case is never above any attack),
 resuming, and two stand-in defenses: the identity (its worst case is the base's) and one that masks gradients by
 rounding (BPDA and Square see through it)."""
 import json
@@ -31,7 +31,7 @@ def shipped():
 def stand_in(fn, key: str | None = None):
     """A defense that applies ``fn``; with ``key``, the cache knows it (and the aware attack's objective, the
     pipeline's) by that."""
-    from engine.worst_case import Defense
+    from engine.eval.worst_case import Defense
 
     return Defense(repair=lambda x, seed: fn(x), key=key and {"stand-in": key},
                    objective_key=key and {"objective": "the pipeline's"})
@@ -42,8 +42,8 @@ ROUND_TO_8_LEVELS = lambda x: (x * 7).round() / 7        # no gradient anywhere:
 
 
 def test_summary_counts_an_image_broken_once_as_broken():
-    from engine.worst_case import ATTACKS_ON_DEFENSE
-    from engine.worst_case_table import summarize
+    from engine.eval.worst_case import ATTACKS_ON_DEFENSE
+    from engine.eval.worst_case_table import summarize
 
     right = [True, True, True, False]
     attacks = {a: [list(right), list(right)] for a in ATTACKS_ON_DEFENSE}
@@ -59,8 +59,8 @@ def test_summary_counts_an_image_broken_once_as_broken():
 
 
 def test_a_repair_is_judged_against_the_noise_control_as_well_as_the_base():
-    from engine.worst_case import ATTACKS_ON_DEFENSE
-    from engine.worst_case_table import markdown_table, summarize
+    from engine.eval.worst_case import ATTACKS_ON_DEFENSE
+    from engine.eval.worst_case_table import markdown_table, summarize
 
     n = 12
     outcomes = lambda right: {a: [list(right), list(right)] for a in ATTACKS_ON_DEFENSE}
@@ -78,7 +78,7 @@ def test_a_repair_is_judged_against_the_noise_control_as_well_as_the_base():
 
 
 def test_attacked_images_outside_the_threat_model_stop_the_run():
-    from engine.worst_case import check_threat_model
+    from engine.eval.worst_case import check_threat_model
 
     x = torch.full((2, 3, 4, 4), 0.5)
     check_threat_model(x + 8 / 255, x, 8 / 255, "fine")
@@ -88,9 +88,9 @@ def test_attacked_images_outside_the_threat_model_stop_the_run():
 
 
 def test_every_stage_on_the_shipped_default_and_the_noise_control(shipped, fake_test_set, tmp_path, monkeypatch):
-    import engine.worst_case as wc
-    from engine.worst_case import ATTACKS_ON_DEFENSE, WorstCaseConfig, run_worst_case
-    from engine.worst_case_table import markdown_table
+    import engine.eval.worst_case as wc
+    from engine.eval.worst_case import ATTACKS_ON_DEFENSE, WorstCaseConfig, run_worst_case
+    from engine.eval.worst_case_table import markdown_table
 
     attacked = []                                       # (clean chunk, each attack's output on it)
     run_chunk, cache_run = wc.WorstCase.run_chunk, wc.StageCache.run
@@ -124,7 +124,7 @@ def test_every_stage_on_the_shipped_default_and_the_noise_control(shipped, fake_
 
 def counting_attacks(monkeypatch, kill_at: int | None = None) -> list[str]:
     """Records each attack computed (the base and those on a defense); raises KeyboardInterrupt at call ``kill_at``."""
-    import engine.worst_case as wc
+    import engine.eval.worst_case as wc
 
     calls, base, attack = [], wc.WorstCase.base, wc.WorstCase.attack
 
@@ -143,7 +143,7 @@ def counting_attacks(monkeypatch, kill_at: int | None = None) -> list[str]:
 
 def test_an_interrupted_run_resumes_from_its_last_stage_to_the_same_table(shipped, fake_test_set, tmp_path,
                                                                           monkeypatch):
-    import engine.worst_case as wc
+    import engine.eval.worst_case as wc
 
     config = wc.WorstCaseConfig(**TINY)
     defenses = {"identity": stand_in(IDENTITY, "identity")}
@@ -164,7 +164,7 @@ def test_an_interrupted_run_resumes_from_its_last_stage_to_the_same_table(shippe
 def test_a_rerun_recomputes_only_what_its_options_change(shipped, fake_test_set, tmp_path, monkeypatch):
     """More APGD iterations: AutoAttack on the classifier alone and Square are reused; more images: the first
     chunks are; another seed (other images, other random starts): nothing is."""
-    from engine.worst_case import WorstCaseConfig, run_worst_case
+    from engine.eval.worst_case import WorstCaseConfig, run_worst_case
 
     defenses = {"identity": stand_in(IDENTITY, "identity")}
     run = lambda **options: run_worst_case(shipped, WorstCaseConfig(**{**TINY, "n": 4, **options}), progress=False,
@@ -186,7 +186,7 @@ def test_a_rerun_recomputes_only_what_its_options_change(shipped, fake_test_set,
 def test_the_progress_names_each_stage_while_it_runs(shipped, tmp_path):
     """The bar's label is the stage being computed, set before it starts (a stage can take an hour), and a stage read
     back from the cache is never announced."""
-    import engine.worst_case as wc
+    import engine.eval.worst_case as wc
 
     runner = wc.WorstCase(shipped, wc.WorstCaseConfig(**{**TINY, "n": 4}),
                           {"identity": stand_in(IDENTITY, "identity")}, wc.StageCache(tmp_path))
@@ -207,7 +207,7 @@ def test_the_progress_names_each_stage_while_it_runs(shipped, tmp_path):
 def test_a_run_goes_on_from_its_committed_chunks_alone(shipped, fake_test_set, tmp_path, monkeypatch):
     """What a clone of the repository holds of a run (its chunks' outcomes; the attacked images are not committed)
     is enough to continue it elsewhere: finished chunks are not attacked again, and the table is the same."""
-    from engine.worst_case import WorstCaseConfig, run_worst_case
+    from engine.eval.worst_case import WorstCaseConfig, run_worst_case
 
     defenses = {"identity": stand_in(IDENTITY, "identity")}
     run = lambda n: run_worst_case(shipped, WorstCaseConfig(**{**TINY, "n": n}), tmp_path / "w.json",
@@ -226,7 +226,7 @@ def test_each_key_holds_what_its_stage_depends_on(shipped, fake_test_set, tmp_pa
     """The noise control's repair depends on its bound alone; the repair on its steps, level and calibration too; the
     noise control's aware attack on the objective it borrows; a classifier passed as a module on its parameters; a
     defense without a key is never kept."""
-    import engine.worst_case as wc
+    import engine.eval.worst_case as wc
 
     keys = lambda **options: {name: (d.key, d.objective_key) for name, d in wc.named_defenses(
         shipped, wc.WorstCaseConfig(**{**TINY, **options})).items()}
@@ -257,8 +257,8 @@ def test_the_attacks_on_the_defense_can_run_on_fewer_images_than_the_base(shippe
                                                                         monkeypatch):
     """The issue's split (the base and its transfer on N, the rest on the first M): the second chunk runs AutoAttack
     and the transfer only; the worst case is over the first M, the transfer row over all N."""
-    import engine.worst_case as wc
-    from engine.worst_case_table import markdown_table
+    import engine.eval.worst_case as wc
+    from engine.eval.worst_case_table import markdown_table
 
     defenses = {"identity": stand_in(IDENTITY, "identity")}
     whole = wc.run_worst_case(shipped, wc.WorstCaseConfig(**TINY), progress=False, defenses=defenses,
@@ -278,7 +278,7 @@ def test_the_attacks_on_the_defense_can_run_on_fewer_images_than_the_base(shippe
 
 
 def test_the_identity_defense_transfers_the_base_exactly_and_never_improves_it(shipped, fake_test_set):
-    from engine.worst_case import WorstCaseConfig, run_worst_case
+    from engine.eval.worst_case import WorstCaseConfig, run_worst_case
 
     result = run_worst_case(shipped, WorstCaseConfig(**TINY), progress=False,
                             defenses={"identity": stand_in(IDENTITY)})
@@ -293,8 +293,8 @@ def test_a_defense_that_masks_gradients_falls_to_the_base(shipped, fake_test_set
     """Rounding to 8 levels leaves no gradient: APGD straight through it cannot move, so its accuracy stays that of
     the rounded clean images; BPDA (and Square) are not fooled by that, and the worst case falls to the base."""
     from engine.attacks import AutoAttackAPGD
-    from engine.evaluate import eval_subset
-    from engine.worst_case import WorstCaseConfig, run_worst_case
+    from engine.eval.evaluate import eval_subset
+    from engine.eval.worst_case import WorstCaseConfig, run_worst_case
 
     config = WorstCaseConfig(**{**TINY, "n": 16, "chunk": 16, "iterations": 10})
     result = run_worst_case(shipped, config, progress=False, defenses={"round": stand_in(ROUND_TO_8_LEVELS)})
@@ -323,7 +323,7 @@ def test_survivors_attack_only_the_images_every_earlier_attack_left_robust(shipp
     """--survivors: a defense that answers every input with one grey image is right, whatever the attack, on exactly
     the images of that image's class. After the transfer each attack gets those images only; with none left, no
     attack runs at all; without the option, each gets all four."""
-    import engine.worst_case as wc
+    import engine.eval.worst_case as wc
 
     grey = torch.full((1, 3, 32, 32), 0.5)
     c = shipped.predict(grey).item()
@@ -348,7 +348,7 @@ def test_survivors_attack_only_the_images_every_earlier_attack_left_robust(shipp
 def test_survivors_attack_on_an_image_broken_on_some_scorings_only(shipped, monkeypatch):
     """Scripted scorings (two repeats): the transfer breaks image 0 on the first scoring only, image 1 on both. Only
     image 1 is spared the attacks after it, so that every repeat's figure is what a run without the option gives."""
-    import engine.worst_case as wc
+    import engine.eval.worst_case as wc
 
     transfer, scored = [[False, False, True, True], [True, False, True, True]], []
 
@@ -375,8 +375,8 @@ def test_survivors_give_cumulative_rows_and_the_worst_case_as_their_last(shipped
                                                                          monkeypatch):
     """End to end on the identity: the base is read back from a run without the option, the attack rows never rise
     from one to the next, the worst case is the last row, and the table says how the rows were made."""
-    import engine.worst_case as wc
-    from engine.worst_case_table import markdown_table
+    import engine.eval.worst_case as wc
+    from engine.eval.worst_case_table import markdown_table
 
     defenses = {"identity": stand_in(IDENTITY, "identity")}
     run = lambda survivors: wc.run_worst_case(shipped, wc.WorstCaseConfig(**TINY, survivors=survivors),
@@ -394,7 +394,7 @@ def test_survivors_give_cumulative_rows_and_the_worst_case_as_their_last(shipped
 
 def configs_read(monkeypatch) -> list:
     """The configs the command builds from its options: its run is stopped there (exit 2, the message below)."""
-    import engine.worst_case as wc
+    import engine.eval.worst_case as wc
 
     configs = []
 

@@ -27,8 +27,8 @@ def right_only_at(seed_right: int, clean: torch.Tensor):
 
 def test_a_defense_right_only_at_the_deployed_seed_is_robust_as_deployed_and_broken_when_randomized(
         shipped, fake_test_set):  # noqa: F811
-    from engine.evaluate import eval_subset
-    from engine.worst_case import Defense, WorstCaseConfig, run_worst_case
+    from engine.eval.evaluate import eval_subset
+    from engine.eval.worst_case import Defense, WorstCaseConfig, run_worst_case
 
     clean = fake_test_set[0].float() / 255
     x, y, _ = eval_subset(TINY["n"], 0, None, shipped.inputs)
@@ -50,7 +50,7 @@ def test_as_deployed_every_query_of_the_real_repair_runs_the_deployed_seed(shipp
     """The real repair (Square's queries, the judge of the gradient attacks' points, the scoring) runs only at
     --repair-seed when fixed; the BPDA surrogate's EOT samples draw other seeds. Randomized: never the same seed
     twice in Square's queries, and the scorings at repair_seed + r · 7919."""
-    from engine.worst_case import SCORE_SEED, Defense, WorstCaseConfig, run_worst_case
+    from engine.eval.worst_case import SCORE_SEED, Defense, WorstCaseConfig, run_worst_case
 
     seeds = {"repair": [], "surrogate": []}
     recorded = lambda kind: lambda x, seed: seeds[kind].append(seed) or x
@@ -73,8 +73,8 @@ def test_as_deployed_every_query_of_the_real_repair_runs_the_deployed_seed(shipp
 def test_the_aware_attack_on_a_gated_defense_aims_at_the_gate_score(shipped):  # noqa: F811
     """What decides a gated defense's output is its gate (an image it passes is not repaired): the aware attack keeps
     the gate's score low, for the gated noise control too; an ungated repair's aim is its own objective."""
-    from engine.evaluate import EvalConfig, Evaluator
-    from engine.worst_case import WorstCaseConfig, named_defenses
+    from engine.eval.evaluate import EvalConfig, Evaluator
+    from engine.eval.worst_case import WorstCaseConfig, named_defenses
 
     config = WorstCaseConfig(n=4, chunk=4, defenses=["mtl:clean:gate", "mtl:clean", "noise:gate", "noise"])
     defenses = named_defenses(shipped, config)

@@ -2,12 +2,12 @@
 computed: the commands docs/results.md gives still name the same keys (a change to what a key holds would silently
 make hours of committed runs unreadable), and today's bookkeeping still makes the same tables of them.
 
-Every key holds the versions it was made with (engine/stage_cache.py): here the records' own are put in their place,
-so that the test runs on any allowed torch build (and the data folder's path, part of a chunk's name, for the
-Imagenette set wherever it is). What it cannot check is that this build would compute the same
-records: nothing is computed. The tables made before #39 (--deployment randomized, APGD's start unseeded: cache
-version 1) are read with that version; their JSON and markdown predate the deployment's name in the config and the
-table, which are left out of the comparison."""
+Every key holds the versions it was made with (engine/eval/stage_cache.py): here the records' own are put in their
+place, so that the test runs on any allowed torch build (and the data folder's path, part of a chunk's name, for the
+Imagenette set wherever it is). What it cannot check is that this build would compute the same records: nothing is
+computed. The tables made before #39 (--deployment randomized, APGD's start unseeded: cache version 1) are read with
+that version; their JSON and markdown predate the deployment's name in the config and the table, which are left out of
+the comparison."""
 import json
 import os
 import shutil
@@ -23,7 +23,7 @@ pytest.importorskip("pyautoattack", reason="needs AutoAttack (pip install -e '.[
 pytestmark = needs_shipped
 
 RESULTS = ROOT / "results" / "worst_case"
-# every key holds the versions the records were made with (engine/stage_cache.py): elsewhere they are not found
+# every key holds the versions the records were made with (engine/eval/stage_cache.py): elsewhere they are not found
 RECORDED_WITH = {"cache": 1, "torch": "2.14.1+cu130", "mssl-repair": "0.1.0", "pyautoattack": "0.2.0"}
 BEFORE_39 = ["--deployment", "randomized"]
 RECORDED_DATA = "/work/data/imagenette"                  # where the Imagenette table's machine had the set
@@ -53,10 +53,10 @@ TABLES = [                                                # docs/results.md's co
 
 @pytest.mark.parametrize("table,command", TABLES)
 def test_a_committed_table_is_read_back_from_its_chunk_records(table, command, tmp_path, monkeypatch):
-    import engine.stage_cache
-    import engine.worst_case as wc
+    import engine.eval.stage_cache
+    import engine.eval.worst_case as wc
 
-    monkeypatch.setattr(engine.stage_cache, "_environment", lambda: RECORDED_WITH)
+    monkeypatch.setattr(engine.eval.stage_cache, "_environment", lambda: RECORDED_WITH)
     # a chunk's name holds the data folder's path as given: the records' own, wherever the set is here
     chunk_images = wc.chunk_images
     monkeypatch.setattr(wc, "chunk_images", lambda idx, start, chunk, data_root: chunk_images(

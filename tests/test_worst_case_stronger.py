@@ -19,7 +19,7 @@ ROWS = ["apgd-ce (I 3, E 3)", "apgd-dlr (I 3, E 3)"]
 def test_the_stronger_rows_attack_what_still_stands_at_their_own_budget(shipped, monkeypatch):
     """A defense that answers every input with one grey image stands, under any attack, on exactly the images of
     that image's class: the stronger APGDs get those images, with the stronger iterations and EOT."""
-    import engine.worst_case as wc
+    import engine.eval.worst_case as wc
 
     grey = torch.full((1, 3, 32, 32), 0.5)
     c = shipped.predict(grey).item()
@@ -52,8 +52,8 @@ def test_a_finished_table_is_probed_at_the_price_of_its_standing_images(shipped,
     """From the table's chunk records alone (what a clone holds: the attacked images are not committed), only the
     stronger rows run, on the chunks where an image still stands; the table's rows are the same, the worst case can
     only fall, and the table says how its last rows were made."""
-    import engine.worst_case as wc
-    from engine.worst_case_table import markdown_table
+    import engine.eval.worst_case as wc
+    from engine.eval.worst_case_table import markdown_table
 
     defenses = {"identity": stand_in(IDENTITY, "identity")}
     run = lambda **options: wc.run_worst_case(shipped, wc.WorstCaseConfig(**TINY, survivors=True, **options),

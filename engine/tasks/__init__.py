@@ -12,7 +12,7 @@ from .inpainting import InpaintingTask
 from .rotation import RotationTask
 
 TASKS = {"contrastive": ContrastiveTask, "inpainting": InpaintingTask, "rotation": RotationTask}
-# The same losses on heads of the classifier's backbone (engine/heads.py): same task, other network.
+# The same losses on heads of the classifier's backbone (engine/models/heads.py): same task, other network.
 TASKS.update({f"{name}-head": task for name, task in list(TASKS.items())})
 # Inpainting with random patches dropped instead of the centre (runtime/draws.py's patch_mask): a network of its own.
 TASKS["inpainting-patches"] = InpaintingTask

@@ -1,4 +1,5 @@
-"""Training and evaluation data at a working size S: CIFAR-10 (engine/data.py) or a folder of the user's own images.
+"""Training and evaluation data at a working size S: CIFAR-10 (engine/data/cifar10.py) or a folder of the user's own
+images.
 
 ``--data cifar10`` (or no ``--data``) reads CIFAR-10 from ``$CIFAR10_ROOT``, as always (S must be 32). Any other
 ``--data DIR`` is a folder of images, searched recursively:
@@ -30,8 +31,8 @@ import torch
 from runtime.files import atomic_write
 from runtime.imageio import METADATA_FILES, ImageError, is_image_name, list_files, read_image
 
-from .data import CLASSES as CIFAR_CLASSES
-from .data import DataError, dataset_md5, find_layout, load_cifar10
+from .cifar10 import CLASSES as CIFAR_CLASSES
+from .cifar10 import DataError, dataset_md5, find_layout, load_cifar10
 
 CIFAR = "cifar10"
 CACHE_VERSION = 1                  # bump when the decoding changes, so that no stale cache is read
@@ -219,9 +220,9 @@ def summary(images: ImageSet, split: str) -> str:
 def model_set_split(data: str | os.PathLike | None, split: str, inputs: dict,
                     labelled: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(uint8 images N×3×S×S, labels N) of ``split`` of ``data`` at a model set's size (``inputs``:
-    engine.weights.model_input), for commands that measure a model set. With ``labelled``, only images with a class,
-    their labels the indices of the model set's classes (matched by folder name, so that a folder with fewer classes,
-    or sorted otherwise, is scored right); else labels are -1 where an image has no class."""
+    engine.models.weights.model_input), for commands that measure a model set. With ``labelled``, only images with a
+    class, their labels the indices of the model set's classes (matched by folder name, so that a folder with fewer
+    classes, or sorted otherwise, is scored right); else labels are -1 where an image has no class."""
     size = int(inputs["size"])
     if data is None and inputs["dataset"] != CIFAR:
         raise DataError(f"this model set was trained on {inputs['dataset']} at {size}×{size}: pass --data DIR, "

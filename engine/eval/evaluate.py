@@ -1,20 +1,18 @@
 """Table-1 style evaluation: accuracy of {attack} × {repair} on a seeded, fixed subset of the CIFAR-10 test set,
 with 95 % Wilson intervals and exact McNemar tests on the paired per-image outcomes.
 
-Work goes in chunks of images; each chunk's per-image outcomes are kept (engine/stage_cache.py, in ``stages/``
+Work goes in chunks of images; each chunk's per-image outcomes are kept (engine/eval/stage_cache.py, in ``stages/``
 beside the JSON output) under what they depend on, so an interrupted run resumes where it stopped, a run over more
 images reuses the chunks it shares with a smaller one, and several processes running the same command split the
-chunks between them (engine/shared_work.py).
+chunks between them (engine/eval/shared_work.py).
 """
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import torch
 from tqdm import tqdm
@@ -22,47 +20,24 @@ from tqdm import tqdm
 from runtime.files import write_json
 from runtime.settings import DEFAULTS
 
-from .attacks import BPDAEOT, PGD, AutoAttackAPGD, DefenseAwarePGD
-from .calibration import calibrate_command
-from .datasets import model_set_split
-from .defended import DefendedClassifier
-from .heads import base_task
-from .pipeline import DEFAULT_TASKS, Gate, Pipeline, build_objective
-from .provenance import is_preview
-from .repair import RepairResult
+from ..attacks import BPDAEOT, PGD, AutoAttackAPGD, DefenseAwarePGD
+from ..calibration import calibrate_command
+from ..data.model_sets import model_set_split
+from ..defended import DefendedClassifier
+from ..models.heads import base_task
+from ..models.provenance import is_preview
+from ..models.weights import model_input
+from ..pipeline import DEFAULT_TASKS, Gate, Pipeline, build_objective
+from ..repair import RepairResult
 from .repair_spec import parse_repair
 from .shared_work import Claims, for_each_claimed
 from .stage_cache import CHUNKS, StageCache, fingerprint
-from .weights import model_input
+from .stats import mcnemar_exact, wilson_interval
 
-Z95 = 1.959963984540054
 # autoattack: APGD-CE + APGD-T on the classifier (transfer: the repair then runs on its images);
 # autoattack-bpda: APGD-CE through the repair, BPDA (the repair is the identity backward), EOT over its randomness
 ATTACKS = ("none", "pgd", "aware", "bpda-eot", "autoattack", "autoattack-bpda")
 ADAPTIVE_ATTACKS = ("aware", "bpda-eot", "autoattack-bpda")      # aimed at the config's defense
-
-
-def wilson_interval(correct: int, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval for a binomial proportion (Wilson, 1927)."""
-    if n == 0:
-        return (0.0, 1.0)
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    # The interval always holds p; the clamp keeps rounding (k = 0 gives 3e-17) from saying otherwise.
-    return (max(0.0, min(p, centre - half)), min(1.0, max(p, centre + half)))
-
-
-def mcnemar_exact(a: Sequence[bool], b: Sequence[bool]) -> dict:
-    """Exact (binomial) two-sided McNemar test on paired outcomes: only the discordant pairs count.
-    Returns the counts a-only (a right, b wrong), b-only and the p-value."""
-    a_only = sum(1 for x, y in zip(a, b) if x and not y)
-    b_only = sum(1 for x, y in zip(a, b) if y and not x)
-    n = a_only + b_only
-    if n == 0:
-        return {"a_only": 0, "b_only": 0, "p": 1.0}
-    tail = sum(math.comb(n, i) for i in range(min(a_only, b_only) + 1)) / 2 ** n
-    return {"a_only": a_only, "b_only": b_only, "p": min(1.0, 2 * tail)}
 
 
 @dataclass
@@ -326,9 +301,9 @@ def run_parts(pipeline: Pipeline, config: EvalConfig) -> dict:
 def run_eval(pipeline: Pipeline, config: EvalConfig, json_path: Path | None = None, data_root: str | None = None,
              progress: bool = True, cache_dir: Path | None = None, poll_seconds: float = 30.0) -> dict:
     """Evaluate, chunk by chunk. Each chunk's outcomes are kept in ``cache_dir`` (default: ``stages/`` beside
-    ``json_path``; none without either) under what they depend on (``run_parts``, the images, the seed), so a killed run resumes, a run
-    over more images reuses the chunks it shares with a smaller one, and the same command run by several processes
-    splits the chunks between them (engine/shared_work.py)."""
+    ``json_path``; none without either) under what they depend on (``run_parts``, the images, the seed), so a killed run
+    resumes, a run over more images reuses the chunks it shares with a smaller one, and the same command run by several
+    processes splits the chunks between them (engine/eval/shared_work.py)."""
     for name in config.attacks:
         if name not in ATTACKS:
             raise ValueError(f"unknown attack {name!r}; known: {', '.join(ATTACKS)}")

@@ -15,11 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .heads import HEAD_TASKS
-from .pipeline import DEFAULT_TASKS
-from .tasks import TASKS
+from ..models.heads import HEAD_TASKS
+from ..pipeline import DEFAULT_TASKS
+from ..tasks import TASKS
 
-# mtl-joint: the heads of a jointly trained model (engine/joint.py) and label consistency on its classifier
+# mtl-joint: the heads of a jointly trained model (engine/train/joint.py) and label consistency on its classifier
 TASK_SETS = {"mtl": DEFAULT_TASKS, "mtl-head": HEAD_TASKS, "mtl-joint": (*HEAD_TASKS, "consistency")}
 MODIFIERS = ("clean", "gate", "exit")
 

@@ -9,10 +9,10 @@ from pathlib import Path
 
 import torch
 
-from .attacks import PGD, DefenseAwarePGD
-from .datasets import model_set_split
-from .imageio import quantize, write_png
-from .pipeline import Pipeline
+from ..attacks import PGD, DefenseAwarePGD
+from ..data.model_sets import model_set_split
+from ..imageio import quantize, write_png
+from ..pipeline import Pipeline
 from runtime.files import write_csv, write_json
 
 ATTACK_SET_ATTACKS = ("pgd", "aware")

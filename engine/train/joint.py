@@ -19,7 +19,7 @@ training of any multi-task net). Each SSL loss enters divided by a running mean 
 scales differ by 100× (inpainting MSE ≈ 0.02, NT-Xent ≈ 4), and this makes ``ssl_weight`` the share each one gets
 relative to the cross-entropy, whatever its units (frozen after a warm-up in the robust recipe: see its profile).
 
-The result is saved in the format of heads on a classifier (engine/heads.py): ``classifier`` plus
+The result is saved in the format of heads on a classifier (engine/models/heads.py): ``classifier`` plus
 ``contrastive-head``, ``inpainting-head``, ``rotation-head``, each holding a copy of the jointly trained backbone, so
 that loading, calibration, export and parity work unchanged. ``consistency`` and ``hedge`` read the classifier itself.
 """
@@ -34,16 +34,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .datasets import model_set_split
-from .heads import backbone_config
-from .models import build_model, num_params
-from .tasks import augment
-from .tasks.consistency import prediction_spread
-from .tasks.contrastive import nt_xent_pairs
-from .tasks.inpainting import centre_mask
-from .train import (batched, classifier_metrics, crop_flip, fill_bank, inpainting_metrics, knn_accuracy, log,
-                    shuffled_batches, triangular_lr)
-from .weights import WeightsError, load_model, model_input, save_model
+from ..data.model_sets import model_set_split
+from ..models.heads import backbone_config
+from ..models.networks import build_model, num_params
+from ..models.weights import WeightsError, load_model, model_input, save_model
+from ..tasks import augment
+from ..tasks.consistency import prediction_spread
+from ..tasks.contrastive import nt_xent_pairs
+from ..tasks.inpainting import centre_mask
+from .loop import batched, crop_flip, log, shuffled_batches, triangular_lr
+from .recipes import classifier_metrics, fill_bank, inpainting_metrics, knn_accuracy
 
 JOINT_MODELS = ("joint-robust", "joint-standard")
 HEADS = {"contrastive-head": ("ContrastiveNet", dict(proj_dim=64, bank_size=4096)),

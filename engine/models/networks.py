@@ -56,7 +56,7 @@ class Backbone(nn.Module):
     FGSM training stalled at chance for a whole epoch; the average trains from the first steps (measured).
 
     ``forward`` gives the pooled vector N×widths[2]; ``maps`` the three groups' outputs, where the task heads on a
-    classifier's backbone attach (engine/heads.py).
+    classifier's backbone attach (engine/models/heads.py).
     """
 
     def __init__(self, widths: tuple[int, int, int] = (32, 128, 128), stem: int = 24, mean: Stats = CIFAR_MEAN,

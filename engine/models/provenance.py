@@ -13,8 +13,8 @@ import json
 import os
 from pathlib import Path
 
-from . import datasets
-from .datasets import CIFAR, is_cifar_folder, split_files
+from ..data import model_sets
+from ..data.model_sets import CIFAR, is_cifar_folder, split_files
 from .weights import WeightsError
 
 PREVIEW_PROFILES = ("quick",)      # profiles whose models are a first try, labelled so in manifests and reports
@@ -25,7 +25,7 @@ def data_record(data_root: str | os.PathLike | None, size: int) -> dict:
     "fingerprint"}}, "size"}."""
     root = None if data_root is None or str(data_root) == CIFAR else Path(data_root).expanduser().resolve()
     if root is None or is_cifar_folder(root):
-        sums = datasets.dataset_md5(root)          # the table load_split records of CIFAR-10
+        sums = model_sets.dataset_md5(root)          # the table load_split records of CIFAR-10
         splits = {split: {"files": len(names), "fingerprint": fingerprint(f"{n}\t{sums[n]}" for n in names)}
                   for split, names in (("train", [n for n in sums if n.startswith("data")]),
                                        ("test", [n for n in sums if n.startswith("test")]))}

@@ -1,6 +1,6 @@
 """Several processes running one command over the same folder split its chunks between them.
 
-`cli.py eval` and `cli.py worst-case` keep each chunk's work in a folder (engine/stage_cache.py). Before a process
+`cli.py eval` and `cli.py worst-case` keep each chunk's work in a folder (engine/eval/stage_cache.py). Before a process
 computes a chunk it *claims* it: it creates ``<name>.claim`` in that folder, which fails where another process
 already has. So the same command started twice (on two cores, or on several machines that share the folder) computes
 every chunk once; each process takes the chunks nobody holds, then waits for the others' and reads them back, and

@@ -32,7 +32,7 @@ resumes and a rerun with another budget recomputes only what that budget changes
   SCORE_SEED``), and an image is robust only if right every time; the figure is also given per repeat (mean ± std).
 
 The attacks are AutoAttack's published implementation (``pyautoattack``); only the glue is here. The defenses are
-the eval's repair names (engine/repair_spec.py), or any ``Defense`` (tests use stand-ins).
+the eval's repair names (engine/eval/repair_spec.py), or any ``Defense`` (tests use stand-ins).
 
 Example::
 
@@ -56,10 +56,10 @@ from tqdm import tqdm
 from runtime.files import write_json
 from runtime.settings import DEFAULTS
 
-from .attacks import APGDEveryImage, AutoAttackAPGD, DefenseAwarePGD, KeptByDeployed, SquareEveryImage
-from .defended import DefendedClassifier
+from ..attacks import APGDEveryImage, AutoAttackAPGD, DefenseAwarePGD, KeptByDeployed, SquareEveryImage
+from ..defended import DefendedClassifier
+from ..pipeline import Pipeline
 from .evaluate import EvalConfig, Evaluator, calibration_key, chunk_images, classifier_key, eval_subset
-from .pipeline import Pipeline
 from .shared_work import Claims, for_each_claimed
 from .stage_cache import CHUNKS, StageCache
 from .worst_case_table import stronger_name, summarize, summarize_transfer
@@ -76,7 +76,7 @@ class Defense:
     the repair); ``objective`` the SSL loss the defense-aware attacker keeps low (default: the pipeline's).
 
     ``key`` names everything the repair and the surrogate depend on, ``objective_key`` everything the objective
-    depends on: a stage's output is kept (engine/stage_cache.py) only where its key is given, so that a defense the
+    depends on: a stage's output is kept (engine/eval/stage_cache.py) only where its key is given, so that a defense the
     cache cannot tell apart from another is always computed afresh."""
     repair: RepairFn
     surrogate: RepairFn | None = None
@@ -211,7 +211,8 @@ KNOWN_TO_BE_RANDOMIZED = _KnownToBeRandomized()
 
 class WorstCase:
     """Runs every stage on a chunk of images: per-image outcomes and the seconds of each stage. Every stage's output
-    is kept in ``cache`` under what it depends on (engine/stage_cache.py), so a rerun recomputes only what changed."""
+    is kept in ``cache`` under what it depends on (engine/eval/stage_cache.py), so a rerun recomputes only what
+    changed."""
 
     def __init__(self, pipeline: Pipeline, config: WorstCaseConfig, defenses: dict[str, Defense],
                  cache: StageCache | None = None) -> None:
@@ -399,8 +400,8 @@ def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path 
                    poll_seconds: float = 30.0) -> dict:
     """Every stage on the config's images. Each stage's output is kept in ``cache_dir`` (default: ``stages/`` beside
     ``json_path``; none without either), so a killed run resumes from its last finished stage and a run that
-    changes one budget, or covers more images, recomputes only that (engine/stage_cache.py); the same command in
-    several processes splits the chunks between them (engine/shared_work.py). The stages of a defense passed in
+    changes one budget, or covers more images, recomputes only that (engine/eval/stage_cache.py); the same command in
+    several processes splits the chunks between them (engine/eval/shared_work.py). The stages of a defense passed in
     without a ``key`` are not kept. The last of two or more defenses is the control: every other one's worst case is
     tested against its worst case as well as against the base."""
     defenses = defenses or named_defenses(pipeline, config)

@@ -1,11 +1,11 @@
 """The worst case's bookkeeping and report: per-image outcomes (right / wrong under each attack, on each scoring)
 into accuracy rows with Wilson intervals, the worst case per image, McNemar against the base, the verdict, and the
-markdown table (engine/worst_case.py runs the attacks)."""
+markdown table (engine/eval/worst_case.py runs the attacks)."""
 from __future__ import annotations
 
 import statistics
 
-from .evaluate import mcnemar_exact, wilson_interval
+from .stats import mcnemar_exact, wilson_interval
 
 
 def stronger_name(attack: str, budget: tuple[int, int]) -> str:

@@ -1,7 +1,7 @@
 """A model set's plan, made before its first model trains: what the data holds, how each stage is sized from it, and
 how long each stage will take, estimated from a measured first batch.
 
-A recipe (engine/train.py's PROFILES) is written for a folder of ~10,000 photos. A smaller folder is fitted, not
+A recipe (engine/train/profiles.py) is written for a folder of ~10,000 photos. A smaller folder is fitted, not
 refused: a batch larger than the training split becomes the split (one step per epoch takes every image), the
 contrastive bank of negatives becomes the training split (it is filled with one view of each), and the calibration
 takes at most every training image. Below ``MIN_TRAIN_IMAGES`` no stage is sized down any further: a network whose
@@ -15,28 +15,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .data import DataError
-from .models import build_model
-from .tasks.rotation import rotate_all
+from ..data.cifar10 import DataError
+from ..models.networks import build_model
+from ..tasks.rotation import rotate_all
 
-MIN_TRAIN_IMAGES = 16           # a training batch of fewer gives BatchNorm statistics of noise
 MIN_CLASSES = 2
-
-
-def fit_to_data(cfg: dict, n_train: int) -> tuple[dict, list[str]]:
-    """``cfg`` (a recipe) sized to a training split of ``n_train`` images, and what was changed and why."""
-    if n_train < MIN_TRAIN_IMAGES:
-        raise DataError(f"{n_train} training images are too few: a model set needs at least {MIN_TRAIN_IMAGES} "
-                        f"(a training batch of fewer gives BatchNorm statistics of noise)")
-    cfg, notes = {**cfg, "config": dict(cfg["config"])}, []
-    if cfg["batch"] > n_train:
-        notes.append(f"batch {cfg['batch']} -> {n_train}: the training split has {n_train} images")
-        cfg["batch"] = n_train
-    bank = cfg["config"].get("bank_size")
-    if bank and bank > n_train:
-        notes.append(f"bank of negatives {bank} -> {n_train}: one view of each training image")
-        cfg["config"]["bank_size"] = n_train
-    return cfg, notes
 
 
 @dataclass
@@ -77,7 +60,7 @@ def minutes(seconds: float) -> str:
 
 
 def data_lines(splits: dict[str, "object"]) -> list[str]:
-    """Images per split, per class and in all (``splits``: split -> engine.datasets.ImageSet)."""
+    """Images per split, per class and in all (``splits``: split -> engine.data.model_sets.ImageSet)."""
     lines = []
     for split, images in splits.items():
         counts = Counter(images.labels.tolist())
@@ -99,7 +82,8 @@ def check_classes(train, test) -> None:
 
 def training_stage(name: str, cfg: dict, data: dict, device: torch.device, notes: list[str]) -> Stage:
     """A training stage, its time estimated from one measured step (after a warm-up step) on the first batch."""
-    from .train import RECIPES, take_step
+    from .loop import take_step
+    from .recipes import RECIPES
 
     steps = cfg["epochs"] * (len(data["train_x"]) // cfg["batch"])
     with torch.random.fork_rng():               # the run itself draws as if this never happened
@@ -188,8 +172,9 @@ def plan_set(models: list[str], profile: str, data_root: str | None, size: int, 
              device: torch.device, kept: set[str] = frozenset(), views: int = 4) -> SetPlan:
     """The plan of a model set of ``models`` (those in ``kept`` were trained before and stay): the data checked, each
     stage sized from it, and each stage's time estimated from a measured first batch."""
-    from .datasets import load_split
-    from .train import CLASSIFIERS, folder_config, recipe
+    from ..data.model_sets import load_split
+    from .profiles import fit_to_data, recipe
+    from .trainer import CLASSIFIERS, folder_config
 
     train, test = (load_split(data_root, split, size, progress=True) for split in ("train", "test"))
     splits = {"train": train, "test": test}

@@ -16,8 +16,8 @@ from torch import nn
 
 from runtime.files import atomic_write, sha256sum, write_json
 
-from .data import CLASSES
-from .models import build_model
+from ..data.cifar10 import CLASSES
+from .networks import build_model
 
 DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
 

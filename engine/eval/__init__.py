@@ -1,0 +1,3 @@
+"""Measuring the repair: Table 1 (evaluate.py), the worst case per image (worst_case.py, worst_case_table.py), the
+repairs an evaluation names (repair_spec.py), Wilson intervals and exact McNemar tests (stats.py), attacked image sets
+(attack_set.py), and the resumable, shareable chunks of work (stage_cache.py, shared_work.py)."""
