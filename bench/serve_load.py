@@ -163,7 +163,7 @@ def offline(make_repair, settings, folder: Path, out: Path) -> tuple[dict, list[
     seconds = time.perf_counter() - start
     pairs = [((folder / row["file"]).read_bytes(), (out / row["output"]).read_bytes()) for row in report["images"]
              if row["status"] == "repaired"]
-    images = [record.image for record in read_folder(folder, settings.resize, size=settings.size)]
+    images = [record.image for record in read_folder(folder, resize=settings.resize, size=settings.size)]
     single = [timed_ms(repair, images[i:i + 1]) for i in range(min(16, len(images)))]
     full = settings.max_batch_size
     batches = [timed_ms(repair, images[i:i + full]) for i in range(0, len(images) - full + 1, full)]

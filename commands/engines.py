@@ -36,7 +36,7 @@ def export_command(weights: Path | None, out_dir: Path, tasks: str, views: int, 
     command = (f"python cli.py export --out {out_dir} --tasks {','.join(task_list)} --views {views} "
                f"--precision {precision} --objective {objective} --level {level}")
     try:
-        manifest, notes = export_all(pipeline, out_dir, overwrite, command, precision)
+        manifest, notes = export_all(pipeline, out_dir, overwrite=overwrite, command=command, precision=precision)
     except ExportError as e:
         raise click.UsageError(str(e)) from None
     for note in notes:

@@ -374,7 +374,7 @@ def calibrate(tasks: str | None, n: int, views: int, seed: int, weights: Path | 
     command = f"python cli.py calibrate --tasks {','.join(task_list)} --n {n} --views {views} --seed {seed}"
     try:
         stats = measure(pipeline, n, seed, data_root)
-        save_calibration(stats, out_path, command, overwrite)
+        save_calibration(stats, out_path, command, overwrite=overwrite)
     except (DataError, WeightsError, ValueError) as e:
         raise click.UsageError(str(e)) from None
     for t in task_list:

@@ -116,9 +116,9 @@ def repair(input_dir: Path, output_dir: Path, batch_size: int, overwrite: bool, 
     load_options = pipeline_options(options, settings, options["threads"] or (max(1, int(worker_cpus)) if use_ray
                                                                              else default_threads()))
     try:
-        check_folders(input_dir, output_dir, overwrite, resume)
+        check_folders(input_dir, output_dir, overwrite=overwrite, resume=resume)
         if preview_file:
-            check_preview_path(preview_file, overwrite)
+            check_preview_path(preview_file, overwrite=overwrite)
     except ValueError as e:
         raise click.UsageError(str(e)) from None
     from engine.folder import repair_folder       # torch: only once the arguments are known good
@@ -147,8 +147,8 @@ def repair(input_dir: Path, output_dir: Path, batch_size: int, overwrite: bool, 
     if preview_file:
         from runtime.preview import write_preview
 
-        shown = write_preview(report, input_dir, output_dir, preview_file, pipeline.class_names, preview_n, resize,
-                              pipeline.size)
+        shown = write_preview(report, input_dir, output_dir, preview_file, pipeline.class_names, preview_n,
+                              resize=resize, size=pipeline.size)
         click.echo(f"preview of {shown} image(s): {preview_file}" if shown else "no repaired image to preview")
     sys.exit(1 if report["summary"]["n_error"] else 0)
 

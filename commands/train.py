@@ -154,8 +154,8 @@ def train_set(data_root: str, size: int, out_dir: Path, profile: str, standard: 
         log(f"ONNX export to {out_dir / 'onnx'}")
         with usage_errors():
             pipeline = load_exported_pipeline(weights=out_dir, objective=objective)
-        manifest, notes = export_all(pipeline, out_dir / "onnx", overwrite,
-                                     f"{base} --objective {objective} (step export)")
+        manifest, notes = export_all(pipeline, out_dir / "onnx", overwrite=overwrite,
+                                     command=f"{base} --objective {objective} (step export)")
         progress.close()
         manifests = {m: read_manifest(m, out_dir) for m in models}
     except (DataError, WeightsError, ExportError, ValueError) as e:

@@ -79,7 +79,7 @@ def measure(pipeline, x: torch.Tensor, seed: int = 0, batch: int = 250) -> Calib
                        {t: pipeline.manifests[t]["sha256"] for t in pipeline.tasks})
 
 
-def save_calibration(calibration: Calibration, path: Path, command: str, overwrite: bool = False) -> None:
+def save_calibration(calibration: Calibration, path: Path, command: str, *, overwrite: bool = False) -> None:
     if path.exists() and not overwrite:
         raise WeightsError(f"{path} already exists; pass --overwrite to replace it, or choose another --out")
     write_json(path, {

@@ -187,7 +187,7 @@ def gate_statistics(pipeline: Pipeline) -> dict | None:
             "clean_scores": sorted(clean.tolist()), "views": stats.views}
 
 
-def export_all(pipeline: Pipeline, out_dir: str | os.PathLike, overwrite: bool = False,
+def export_all(pipeline: Pipeline, out_dir: str | os.PathLike, *, overwrite: bool = False,
                command: str | None = None, precision: str = "fp32",
                repair_graphs: bool = True) -> tuple[dict, list[str]]:
     """Export every graph of ``pipeline`` into ``out_dir``; returns (manifest, notes). ``precision`` "fp16" converts

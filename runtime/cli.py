@@ -179,7 +179,7 @@ def repair(bundle_dir: Path, input_dir: Path, output_dir: Path, threads: int | N
 
     settings = checked_settings(allow_large_eps, **values)
     try:
-        check_folders(input_dir, output_dir, overwrite, resume)
+        check_folders(input_dir, output_dir, overwrite=overwrite, resume=resume)
         bundle = Bundle(bundle_dir, threads or default_threads())
         repair_with = BundleRepair(str(bundle_dir), threads, settings)
         config = repair_with.config(bundle)    # the config records what was asked

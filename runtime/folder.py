@@ -29,7 +29,7 @@ CSV_COLUMNS = ("file", "status", "error", "notes", "output", "true_label", "pred
 BatchRepair = Callable[[np.ndarray], list[dict]]
 
 
-def check_folders(input_dir: Path, output_dir: Path, overwrite: bool, resume: bool = False) -> None:
+def check_folders(input_dir: Path, output_dir: Path, *, overwrite: bool = False, resume: bool = False) -> None:
     """ValueError with a clear message where the input (a folder, or one image file) and the output folder
     cannot be used as given."""
     if not input_dir.exists():
@@ -41,17 +41,17 @@ def check_folders(input_dir: Path, output_dir: Path, overwrite: bool, resume: bo
             raise ValueError(f"input {input_dir} is neither a folder nor a file")
         if (output_dir.resolve() / input_dir.with_suffix(".png").name) == input_dir.resolve():
             raise ValueError(f"the repaired image would replace the input {input_dir}: choose another --output")
-        check_reports(output_dir, overwrite, resume)
+        check_reports(output_dir, overwrite=overwrite, resume=resume)
         return
     src, dst = input_dir.resolve(), output_dir.resolve()
     if dst == src or src in dst.parents:
         raise ValueError(f"output {output_dir} is inside the input folder {input_dir}: choose a folder outside it")
     if dst in src.parents:
         raise ValueError(f"input {input_dir} is inside the output folder {output_dir}: choose a folder outside it")
-    check_reports(output_dir, overwrite, resume)
+    check_reports(output_dir, overwrite=overwrite, resume=resume)
 
 
-def check_reports(output_dir: Path, overwrite: bool, resume: bool) -> None:
+def check_reports(output_dir: Path, *, overwrite: bool, resume: bool) -> None:
     if resume and overwrite:
         raise ValueError("--resume finishes an earlier run, --overwrite starts it again: pass one of them")
     if resume or overwrite:
@@ -65,7 +65,7 @@ def check_reports(output_dir: Path, overwrite: bool, resume: bool) -> None:
                          "choose another --output, pass --overwrite, or --resume to finish it")
 
 
-def assign_outputs(records: list[ImageRecord], output_dir: Path, overwrite: bool,
+def assign_outputs(records: list[ImageRecord], output_dir: Path, *, overwrite: bool,
                    done: dict[str, dict] | None = None) -> dict[str, Path]:
     """Output path per readable input; a name taken twice or an existing file (without ``overwrite``, and not
     the output of a ``done`` row) is an error."""
@@ -103,15 +103,16 @@ def plan_folder(input_dir: Path, output_dir: Path, config: dict, *, resize: bool
     ``config["size"]`` (default 32) under the decode policy's ``max_pixels``, assign outputs, and open the journal;
     with ``resume``, the images an earlier run of ``config`` finished are done already. True labels come from a
     labels.csv, else from first-level subfolders named as the model set's ``class_folders`` (``folder_labels``)."""
-    check_folders(input_dir, output_dir, overwrite, resume)
+    check_folders(input_dir, output_dir, overwrite=overwrite, resume=resume)
     done = done_rows(output_dir, config) if resume else {}
-    records = read_folder(input_dir, resize, keep_images, config.get("size", SIZE), max_pixels=max_pixels)
+    records = read_folder(input_dir, resize=resize, keep_images=keep_images, size=config.get("size", SIZE),
+                          max_pixels=max_pixels)
     if not records:
         raise ValueError(f"no files under {input_dir} (looked recursively for images)")
     if all(rec.skipped for rec in records):
         raise ValueError(f"no images under {input_dir}: all {len(records)} file(s) are other types (read as "
                          f"images: {', '.join(IMAGE_EXTENSIONS)})")
-    outputs = assign_outputs(records, output_dir, overwrite, done)
+    outputs = assign_outputs(records, output_dir, overwrite=overwrite, done=done)
     rows = {rec.rel: {"file": rec.rel, "status": "skipped" if rec.skipped else "error", "error": rec.error,
                       "notes": rec.notes} for rec in records}
     labels, labels_from = read_labels(input_root(input_dir) / "labels.csv"), "labels.csv"

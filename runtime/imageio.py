@@ -157,7 +157,7 @@ def input_root(path: Path) -> Path:
     return path if path.is_dir() else path.parent
 
 
-def read_folder(root: Path, resize: bool = False, keep_images: bool = True, size: int = SIZE, *,
+def read_folder(root: Path, *, resize: bool = False, keep_images: bool = True, size: int = SIZE,
                 max_pixels: int = MAX_PIXELS) -> list[ImageRecord]:
     """A record per file under ``root`` (or for ``root`` itself where it is a file): its image (dropped again with
     ``keep_images=False``, where only its readability matters), or why it is not an input. Files that are not

@@ -23,7 +23,7 @@ def wrap(label: str, width: int = 12) -> str:
     return "\n".join([*lines, line])
 
 
-def check_preview_path(path: Path, overwrite: bool) -> None:
+def check_preview_path(path: Path, *, overwrite: bool) -> None:
     """ValueError where ``path`` cannot take the picture."""
     if path.suffix.lower() != ".png":
         raise ValueError(f"--preview writes a PNG: name a .png file, not {path.name}")
@@ -32,7 +32,7 @@ def check_preview_path(path: Path, overwrite: bool) -> None:
 
 
 def write_preview(report: dict, input_dir: Path, output_dir: Path, path: Path, classes: list[str],
-                  count: int = 8, resize: bool = False, size: int = SIZE) -> int:
+                  count: int = 8, *, resize: bool = False, size: int = SIZE) -> int:
     """Write the picture of the first ``count`` repaired images to ``path`` (PNG); returns how many it shows.
     ``classes``: the names of the true labels; ``size``: the side the inputs were read at."""
     try:

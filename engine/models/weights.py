@@ -19,7 +19,7 @@ from runtime.files import atomic_write, sha256sum, write_json
 from ..data.cifar10 import CLASSES
 from .networks import build_model
 
-DEFAULT_WEIGHTS = Path(__file__).resolve().parent.parent / "weights"
+DEFAULT_WEIGHTS = Path(__file__).resolve().parents[2] / "weights"
 
 
 class WeightsError(RuntimeError):
