@@ -198,12 +198,15 @@ def main() -> None:
                         help="per open-loop point (long enough for the queue to fill at 120 %%)")
     parser.add_argument("--kill", action="store_true", help="also kill one of two replicas under load")
     parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--schedulers", default="static,continuous",
+                        help="measured one after the other in this run, at the same open-loop rates")
     parser.add_argument("--json", type=Path, required=True)
     args = parser.parse_args()
 
     from runtime import serve as service
 
-    make_repair, settings, where, started = build(args)
+    schedulers = [name for name in args.schedulers.split(",") if name]
+    make_repair, settings, where, started = build(args, schedulers[0])
     folder = args.images or (EXAMPLES / ("attacked" if settings.size == 32 else "imagenette"))
     work = Path(tempfile.mkdtemp())
     inputs = work / "in"
@@ -214,35 +217,36 @@ def main() -> None:
     batch_job, pairs = offline(make_repair, settings, inputs, work / "out")
     result = {"threads": args.threads, "max_batch_size": args.max_batch_size, "batch_wait_ms": args.batch_wait_ms,
               "max_queued": settings.max_queued, "backend": settings.repair["backend"], "size": settings.size,
-              "images": len(pairs), "batch_job": batch_job}
+              "images": len(pairs), "batch_job": batch_job, "serves": started}
     print(f"batch job on {len(pairs)} images: {batch_job}")
     t0 = time.perf_counter()
     service.start_serve(where, settings.timeout_s)
-    t1 = time.perf_counter()
-    service.deploy(make_repair, settings, where)
-    url = f"http://{where.host}:{where.port}"
-    result.update(serves=started, ray_and_proxy_start_s=round(t1 - t0, 2),
-                  replica_start_s=round(time.perf_counter() - t1, 2))
-    print(f"Ray and the proxy up in {result['ray_and_proxy_start_s']} s, the replica ({started}) in "
-          f"{result['replica_start_s']} s")
+    result["ray_and_proxy_start_s"] = round(time.perf_counter() - t0, 2)
+    capacity = args.capacity
     try:
-        client = Client(url, pairs, settings.max_batch_size)
-        run_closed(client, 1, 1)                                  # warm
-        result["closed_loop"] = []
-        for clients in [int(c) for c in args.clients.split(",") if c]:
-            point = closed_loop(client, clients, args.seconds)
-            result["closed_loop"].append(point)
-            print(point)
-        capacity = args.capacity or max((p["requests_per_s"] for p in result["closed_loop"]), default=None)
-        result["capacity_requests_per_s"] = capacity
-        result["open_loop"] = []
-        for load in [float(x) for x in args.loads.split(",") if x and capacity]:
-            point = {"load": load, **open_loop(client, load * capacity, args.open_seconds)}
-            result["open_loop"].append(point)
-            print(point)
-        if args.kill:
-            result["replica_kill"] = kill_one_replica(client, where, make_repair, settings, args.seconds)
-            print(result["replica_kill"])
+        for scheduler in schedulers:       # the same images, machine and arrival rates for each scheduler
+            make_repair, settings, where, _ = build(args, scheduler)
+            t1 = time.perf_counter()
+            service.deploy(make_repair, settings, where)
+            point = {"replica_start_s": round(time.perf_counter() - t1, 2)}
+            print(f"{scheduler}: the replica ({started}) up in {point['replica_start_s']} s")
+            client = Client(f"http://{where.host}:{where.port}", pairs, settings.max_batch_size)
+            run_closed(client, 1, 1)                                  # warm
+            point["closed_loop"] = []
+            for clients in [int(c) for c in args.clients.split(",") if c]:
+                point["closed_loop"].append(closed_loop(client, clients, args.seconds))
+                print(scheduler, point["closed_loop"][-1])
+            # the open loop's rates from the first scheduler's best throughput, for every scheduler
+            capacity = capacity or max((p["requests_per_s"] for p in point["closed_loop"]), default=None)
+            point["capacity_requests_per_s"] = capacity
+            point["open_loop"] = []
+            for load in [float(x) for x in args.loads.split(",") if x and capacity]:
+                point["open_loop"].append({"load": load, **open_loop(client, load * capacity, args.open_seconds)})
+                print(scheduler, point["open_loop"][-1])
+            if args.kill:
+                point["replica_kill"] = kill_one_replica(client, where, make_repair, settings, args.seconds)
+                print(point["replica_kill"])
+            result[scheduler] = point
     finally:
         service.stop()
         shutil.rmtree(work, ignore_errors=True)
@@ -250,12 +254,12 @@ def main() -> None:
     print(f"wrote {args.json}")
 
 
-def build(args):
+def build(args, scheduler: str):
     """(make_repair, ServiceSettings, Deployment, what it serves): what `cli.py serve` deploys with these options."""
     from commands.serve import serving
 
-    options = ["--threads", str(args.threads), "--replica-cpus", str(args.threads), "--max-batch-size",
-               str(args.max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms), "--timeout-s", "120",
+    options = ["--scheduler", scheduler, "--threads", str(args.threads), "--replica-cpus", str(args.threads),
+               "--max-batch-size", str(args.max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms), "--timeout-s", "120",
                "--port", str(args.port)] + ([] if args.max_queued is None else ["--max-queued", str(args.max_queued)])
     if args.bundle:
         return (*serving(options + ["--bundle", args.bundle]), f"bundle {args.bundle}")

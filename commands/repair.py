@@ -6,7 +6,8 @@ from pathlib import Path
 
 import click
 
-from runtime.cli import SEED_HELP, checked_settings, default_threads, max_pixels_option, setting_option
+from runtime.cli import (FOLDER_SCHEDULER_HELP, SEED_HELP, checked_settings, default_threads, max_pixels_option,
+                         scheduler_option, setting_option)
 from runtime.settings import FIELDS, RepairSettings
 
 from .common import check_device, option_group, parse_alpha, parse_tasks, usage_errors, weights_option
@@ -79,6 +80,7 @@ REPAIR_SETTING_NAMES = {param.name for param in repair_settings(click.Command("s
               help="Folder for the repaired PNGs and report.json/report.csv (outside --input).")
 @repair_settings
 @setting_option("batch_size")
+@scheduler_option(FOLDER_SCHEDULER_HELP)
 @click.option("--overwrite", is_flag=True, help="Replace existing outputs and reports.")
 @click.option("--preview", "preview_file", type=click.Path(dir_okay=False, path_type=Path), default=None,
               help="Also write a before/after picture (PNG) of the first --preview-n repaired images with their "
@@ -100,7 +102,8 @@ REPAIR_SETTING_NAMES = {param.name for param in repair_settings(click.Command("s
 @click.option("--worker-gpus", type=click.FloatRange(min=0), default=None,
               help="--ray: GPUs per actor (default: 1 with --device cuda, else 0).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def repair(input_dir: Path, output_dir: Path, batch_size: int, overwrite: bool, preview_file: Path | None,
+def repair(input_dir: Path, output_dir: Path, batch_size: int, scheduler: str, overwrite: bool,
+           preview_file: Path | None,
            preview_n: int, resume: bool, use_ray: bool, ray_address: str | None, workers: int | None,
            worker_cpus: float, worker_gpus: float | None, quiet: bool, **options) -> None:
     """Repair every image under INPUT into OUTPUT (same relative paths, lossless PNG) with a report.
@@ -111,6 +114,9 @@ def repair(input_dir: Path, output_dir: Path, batch_size: int, overwrite: bool, 
     from runtime.preview import check_preview_path
 
     settings, options = split_settings(options, batch_size)
+    if use_ray and scheduler == "continuous":
+        raise click.UsageError("--scheduler continuous runs in this process: a Ray Data actor repairs the batches "
+                               "Ray hands it (leave out --ray, or --scheduler)")
     check_device(options["device"])
     ray_options = _ray_options(use_ray, ray_address, workers, worker_cpus, worker_gpus, options["device"])
     load_options = pipeline_options(options, settings, options["threads"] or (max(1, int(worker_cpus)) if use_ray
@@ -129,7 +135,7 @@ def repair(input_dir: Path, output_dir: Path, batch_size: int, overwrite: bool, 
                max_pixels=options["max_pixels"])
     try:
         if ray_options is None:
-            report = repair_folder(pipeline, input_dir, output_dir, settings, **how)
+            report = repair_folder(pipeline, input_dir, output_dir, settings, scheduler=scheduler, **how)
         else:
             import functools
 

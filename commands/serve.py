@@ -5,6 +5,8 @@ from pathlib import Path
 
 import click
 
+from runtime.cli import scheduler_option
+
 from .common import check_device
 from .repair import REPAIR_SETTING_NAMES, load_with_threads, pipeline_options, repair_settings, split_settings
 
@@ -30,7 +32,10 @@ BUNDLE_FIXED = ("weights", "tasks", "classifier_file", "alpha", "views", "object
               help="Requests repaired together at most (a smaller batch also shortens the longest wait: "
                    "docs/serving.md).")
 @click.option("--batch-wait-ms", type=click.FloatRange(min=0), default=10, show_default=True,
-              help="How long a batch that is not full waits for more requests.")
+              help="How long a batch that is not full waits for more requests (static scheduler).")
+@scheduler_option("static: a batch is gathered, then repaired to its slowest image; continuous: up to "
+                  "--max-batch-size images in the loop, a finished one giving its place to a waiting one between two "
+                  "steps (docs/serving.md).")
 @click.option("--max-queued", type=click.IntRange(min=0), default=None,
               help="Requests a replica holds beyond --max-batch-size (the batch it repairs counted in); more are "
                    "refused at once (503 with Retry-After). Default: --max-batch-size, so that an accepted request "
@@ -111,6 +116,7 @@ def _serving(ctx: click.Context):
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--max-pending-mb") from None
     limits = dict(max_batch_size=options["max_batch_size"], batch_wait_ms=options["batch_wait_ms"], max_queued=queued,
+                  scheduler=options["scheduler"],
                   timeout_s=options["timeout_s"], uploads=uploads)
     make_repair, service_settings = (_bundle_service(ctx, options["bundle_dir"], settings, engine, limits)
                                      if options["bundle_dir"] else _torch_service(settings, engine, limits))

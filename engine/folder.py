@@ -32,11 +32,20 @@ def report_config(pipeline: Pipeline, settings: RepairSettings) -> dict:
 
 def repair_folder(pipeline: Pipeline, input_dir: Path, output_dir: Path, settings: RepairSettings, *,
                   resize: bool = False, overwrite: bool = False, progress: bool = True, resume: bool = False,
-                  max_pixels: int = MAX_PIXELS) -> dict:
+                  max_pixels: int = MAX_PIXELS, scheduler: str = "static") -> dict:
     """Repair every readable image under ``input_dir``; returns the report (also written to ``output_dir``).
     ``resume``: finish a stopped run of the same settings; ``max_pixels``: the decode policy's limit. The pipeline's
-    gate, if any, is the one it was loaded with (``settings.gate_fpr`` is what was asked of it)."""
-    return folder.repair_folder(lambda x: repair_batch(pipeline, torch.from_numpy(x), settings), input_dir,
+    gate, if any, is the one it was loaded with (``settings.gate_fpr`` is what was asked of it). ``scheduler``
+    "continuous": ``settings.batch_size`` images in the loop at once, joining as others leave (runtime/scheduler.py)."""
+    if scheduler == "continuous":
+        from runtime.scheduler import SteppedRepair
+
+        from .stepper import TorchStepKernel
+
+        repair = SteppedRepair(TorchStepKernel(pipeline), settings, settings.batch_size)
+    else:
+        repair = lambda x: repair_batch(pipeline, torch.from_numpy(x), settings)     # noqa: E731
+    return folder.repair_folder(repair, input_dir,
                                 output_dir, report_config(pipeline, settings), settings.batch_size, resize=resize,
                                 overwrite=overwrite, progress=progress, resume=resume, max_pixels=max_pixels,
                                 class_folders=pipeline.inputs["classes"])
@@ -55,6 +64,14 @@ class BatchRepairFactory:
             torch.set_num_threads(self.threads)
         pipeline = self.load()
         return lambda x: repair_batch(pipeline, torch.from_numpy(x), self.settings)
+
+    def kernel(self):
+        """The pipeline as runtime/scheduler.py's StepKernel (continuous batching), loaded here."""
+        from .stepper import TorchStepKernel
+
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        return TorchStepKernel(self.load())
 
 
 def repair_folder_on_ray(pipeline: Pipeline, load: Callable[[], Pipeline], input_dir: Path, output_dir: Path,

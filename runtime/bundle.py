@@ -107,6 +107,15 @@ class Bundle:
         repaired, trace = self._run("repair", repair_inputs(x, seed, eps, steps, step_size, self.views))
         return repaired, trace
 
+    def step(self, x: np.ndarray, x0: np.ndarray, params: dict[str, dict[str, np.ndarray]], eps: float,
+             step_size: float) -> tuple[np.ndarray, np.ndarray]:
+        """One step of the repair in the step graph: (x after it, the objective at x), for runtime/scheduler.py."""
+        feeds = {"x": np.ascontiguousarray(x, dtype=np.float32), "x0": np.ascontiguousarray(x0, dtype=np.float32),
+                 "eps": np.array(eps, np.float32), "step_size": np.array(step_size, np.float32),
+                 **{f"{task}_{key}": value for task, p in params.items() for key, value in p.items()}}
+        x_next, loss = self._run("repair_step", feeds)
+        return x_next, loss
+
     def gate_threshold(self, fpr: float) -> float:
         """The gate's threshold: the score above which a fraction ``fpr`` of the clean calibration images lies
         (engine/calibration.py's rule, from the clean scores the export stored)."""
@@ -156,6 +165,10 @@ class BundleRepair:
 
     def __call__(self) -> BatchRepair:
         return self.on(Bundle(self.folder, self.threads))
+
+    def kernel(self) -> Bundle:
+        """The bundle itself, opened here: the engine runtime/scheduler.py steps (continuous batching)."""
+        return Bundle(self.folder, self.threads)
 
     def on(self, bundle: Bundle) -> BatchRepair:
         return lambda x: bundle.repair_batch(x, self.settings)

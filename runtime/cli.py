@@ -109,6 +109,19 @@ def setting_option(name: str, *decls: str, **options):
                         show_default=shown is not None, **options)
 
 
+SCHEDULERS = ("static", "continuous")
+
+
+def scheduler_option(help: str):
+    """``--scheduler``: how images go through the repair loop (runtime/scheduler.py)."""
+    return click.option("--scheduler", type=click.Choice(SCHEDULERS), default="static", show_default=True, help=help)
+
+
+FOLDER_SCHEDULER_HELP = ("static: --batch-size images at a time, each batch run to its slowest image; continuous: "
+                         "--batch-size images in the loop, an image that leaves it giving its place to the next "
+                         "(the same PNGs; docs/serving.md).")
+
+
 def checked_settings(allow_large_eps: bool = False, **values) -> RepairSettings:
     """The repair's settings from a command's options (RepairSettings' field names), the note of ``bounded``
     printed; a usage error where they cannot run."""
@@ -160,6 +173,7 @@ def main() -> None:
 @setting_option("early_exit",
                 help="An image leaves the loop once its objective is zero (every task at its clean level): same "
                      "accuracy, a fraction of the steps (docs/repair-graphs.md). No effect on a plain objective.")
+@scheduler_option(FOLDER_SCHEDULER_HELP)
 @click.option("--threads", type=click.IntRange(min=1), default=None,
               help="onnxruntime intra-op threads (default: the cores not busy by the load average).")
 @click.option("--allow-large-eps", is_flag=True, help="Accept --eps above 64/255.")
@@ -171,8 +185,9 @@ def main() -> None:
 @click.option("--resume", is_flag=True,
               help="Finish a stopped run into the same --output with the same options (report.jsonl).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-def repair(bundle_dir: Path, input_dir: Path, output_dir: Path, threads: int | None, allow_large_eps: bool,
-           resize: bool | None, max_pixels: int, overwrite: bool, resume: bool, quiet: bool, **values) -> None:
+def repair(bundle_dir: Path, input_dir: Path, output_dir: Path, scheduler: str, threads: int | None,
+           allow_large_eps: bool, resize: bool | None, max_pixels: int, overwrite: bool, resume: bool, quiet: bool,
+           **values) -> None:
     """Repair every image under INPUT into OUTPUT (same relative paths, lossless PNG) with a report."""
     from .bundle import Bundle, BundleRepair
     from .folder import check_folders, repair_folder, summary_lines
@@ -187,7 +202,13 @@ def repair(bundle_dir: Path, input_dir: Path, output_dir: Path, threads: int | N
         raise click.UsageError(str(e)) from None
     resize = bundle.resize if resize is None else resize
     try:
-        report = repair_folder(repair_with.on(bundle), input_dir, output_dir, config, settings.batch_size,
+        if scheduler == "continuous":
+            from .scheduler import SteppedRepair
+
+            repair_fn = SteppedRepair(bundle, settings, settings.batch_size)
+        else:
+            repair_fn = repair_with.on(bundle)
+        report = repair_folder(repair_fn, input_dir, output_dir, config, settings.batch_size,
                                resize=resize, overwrite=overwrite, progress=not quiet, resume=resume,
                                max_pixels=max_pixels, class_folders=bundle.manifest.get("class_folders"))
     except ValueError as e:

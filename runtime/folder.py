@@ -169,22 +169,30 @@ def finish_report(plan: FolderPlan, config: dict, output_dir: Path, seconds: flo
 def repair_folder(repair_batch: BatchRepair, input_dir: Path, output_dir: Path, config: dict, batch_size: int, *,
                   resize: bool = False, overwrite: bool = False, progress: bool = True, resume: bool = False,
                   max_pixels: int = MAX_PIXELS, class_folders: list[str] | None = None) -> dict:
-    """Repair every readable image under ``input_dir`` with ``repair_batch``, ``batch_size`` images at a time;
-    returns the report (also written to ``output_dir``), whose "config" is ``config``. ``resume``: finish a
-    stopped run of the same config (runtime/journal.py); ``max_pixels``: the decode policy's limit;
-    ``class_folders``: the model set's class folder names (``plan_folder``)."""
+    """Repair every readable image under ``input_dir`` with ``repair_batch``, ``batch_size`` images at a time, or
+    where it is a ``runtime.scheduler.SteppedRepair``, streamed through its loop (an image that leaves gives its
+    place to the next); returns the report (also written to ``output_dir``), whose "config" is ``config``.
+    ``resume``: finish a stopped run of the same config (runtime/journal.py); ``max_pixels``: the decode policy's
+    limit; ``class_folders``: the model set's class folder names (``plan_folder``)."""
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     plan = plan_folder(input_dir, output_dir, config, resize=resize, overwrite=overwrite, resume=resume,
-                       max_pixels=max_pixels,
-                       class_folders=class_folders)
+                       max_pixels=max_pixels, class_folders=class_folders)
     start = time.time()
     with tqdm(total=len(plan.todo), unit="img", desc="repair", disable=not progress) as bar:
-        for i in range(0, len(plan.todo), batch_size):
-            batch = plan.todo[i:i + batch_size]
-            for rec, row in zip(batch, repair_batch(np.stack([r.image for r in batch]))):
-                save_repaired(plan, rec.rel, row, output_dir)
-            bar.update(len(batch))
-    return finish_report(plan, config, output_dir, time.time() - start)
+        if hasattr(repair_batch, "join"):            # continuous batching: rows in the order images leave
+            from .scheduler import stream
+
+            for rel, row in stream(repair_batch, ((rec.rel, rec.image) for rec in plan.todo)):
+                save_repaired(plan, rel, row, output_dir)
+                bar.update(1)
+        else:
+            for i in range(0, len(plan.todo), batch_size):
+                batch = plan.todo[i:i + batch_size]
+                for rec, row in zip(batch, repair_batch(np.stack([r.image for r in batch]))):
+                    save_repaired(plan, rec.rel, row, output_dir)
+                bar.update(len(batch))
+    run = {"scheduler": "continuous"} if hasattr(repair_batch, "join") else None
+    return finish_report(plan, config, output_dir, time.time() - start, run)
 
 
 def image_rows(repaired: np.ndarray, x: np.ndarray, logits_before: np.ndarray, logits_after: np.ndarray,

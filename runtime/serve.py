@@ -40,6 +40,7 @@ from starlette.responses import HTMLResponse, JSONResponse, Response
 
 from .folder import BatchRepair
 from .imageio import encode_png
+from .scheduler import ContinuousBatcher, QueueLoop, SteppedRepair
 from .uploads import RequestError, UploadLimits, Uploads
 
 PAGE = Path(__file__).with_name("serve_page.html")
@@ -61,6 +62,8 @@ class ServiceSettings:
     max_queued: int = 64
     retry_after_s: int = 1
     timeout_s: float = 60.0
+    # static: a batch runs to its slowest image; continuous: images join and leave between steps (runtime/scheduler.py)
+    scheduler: str = "static"
     uploads: UploadLimits = field(default_factory=UploadLimits)
     info: dict = field(default_factory=dict)
 
@@ -92,20 +95,19 @@ class BatchFacts:
     run_ms: float
 
 
-class Batcher:
+class Batcher(QueueLoop):
     """Gathers a replica's requests into batches: the first waiting request opens a batch, which takes what else is
-    waiting and what arrives within ``wait_s``, up to ``max_size``; one batch runs at a time (``run``, a coroutine over
-    a list of items returning one result each), and what arrives meanwhile waits in the queue for the next. A
+    waiting and what arrives within ``wait_s``, up to ``max_size``; one batch runs at a time (``work``, a coroutine
+    over a list of items returning one result each), and what arrives meanwhile waits in the queue for the next. A
     request cancelled before its batch started (its client left, or it timed out) is dropped from it; one cancelled
     later leaves its batch-mates alone. (Ray Serve 2.60's ``@serve.batch`` handed out batches of 1.09 images on
     average while 11.9 requests waited on the replica: docs/serving.md.)"""
 
-    def __init__(self, run: Callable, max_size: int, wait_s: float) -> None:
-        self.run, self.max_size, self.wait_s = run, max_size, wait_s
-        self.queue: asyncio.Queue | None = None
-        self.task: asyncio.Task | None = None       # kept: a task nobody holds may be collected mid-run
+    what = "the batcher"
+
+    def __init__(self, work: Callable, max_size: int, wait_s: float) -> None:
+        self.work, self.max_size, self.wait_s = work, max_size, wait_s
         self.batch: list[tuple[object, asyncio.Future]] = []    # the batch being gathered or run
-        self.failure: str | None = None             # why the batching task ended, if it did
         self.running = 0                   # requests in the batch being gathered or run
 
     @property
@@ -117,29 +119,8 @@ class Batcher:
         """The item's result, and its batch's facts."""
         return await self.enqueue(item)
 
-    def enqueue(self, item: object) -> asyncio.Future:
-        """The item in the queue now (no await before it counts in ``load``); its future gets (result, facts)."""
-        loop = asyncio.get_running_loop()
-        if self.failure:
-            raise RuntimeError(self.failure)
-        if self.queue is None:             # made on the loop that serves the requests, on the first one
-            self.queue = asyncio.Queue()
-            self.task = loop.create_task(self.gather_and_run())
-            self.task.add_done_callback(self.ended)
-        future = loop.create_future()
-        self.queue.put_nowait((item, future))
-        return future
-
-    def ended(self, task: asyncio.Task) -> None:
-        """The batching task ended (it never should): every waiting request gets the error at once, and the replica
-        reports itself unhealthy (``RepairService.check_health``), so that Serve replaces it."""
-        error = None if task.cancelled() else task.exception()
-        self.failure = f"the batcher stopped: {'cancelled' if error is None else repr(error)}"
-        log.error(self.failure, exc_info=error)
-        waiting = self.batch + [self.queue.get_nowait() for _ in range(self.queue.qsize())]
-        for _, future in waiting:
-            if not future.done():
-                future.set_exception(RuntimeError(self.failure))
+    def held(self) -> list[asyncio.Future]:
+        return [future for _, future in self.batch]
 
     async def gather(self) -> list[tuple[object, asyncio.Future]]:
         """The next batch: the first waiting request, what else waits and what arrives within ``wait_s``."""
@@ -157,7 +138,7 @@ class Batcher:
                 break
         return batch
 
-    async def gather_and_run(self) -> None:
+    async def run(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
             batch = await self.gather()
@@ -167,7 +148,7 @@ class Batcher:
                 continue
             waiting, start = len(live) + self.queue.qsize(), loop.time()
             try:
-                results = await self.run([item for item, _ in live])
+                results = await self.work([item for item, _ in live])
             except Exception as e:  # noqa: BLE001  (every request of the batch gets the error)
                 results = [e] * len(live)
             self.running = 0
@@ -185,8 +166,13 @@ class RepairService:
     def __init__(self, make_repair: Callable[[], BatchRepair], settings: ServiceSettings) -> None:
         self.settings = settings
         self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="repair")
-        self.repair: BatchRepair = self.worker.submit(make_repair).result()
-        self.batcher = Batcher(self.repair_many, settings.max_batch_size, settings.batch_wait_ms / 1000)
+        if settings.scheduler == "continuous":       # make_repair.kernel(): the engine's StepKernel
+            capacity = settings.max_batch_size
+            self.batcher = ContinuousBatcher(
+                lambda: SteppedRepair(make_repair.kernel(), make_repair.settings, capacity), self.worker)
+        else:
+            self.repair: BatchRepair = self.worker.submit(make_repair).result()
+            self.batcher = Batcher(self.repair_many, settings.max_batch_size, settings.batch_wait_ms / 1000)
         self.uploads = Uploads(settings.uploads, settings.size, settings.resize)
 
     async def __call__(self, request: Request) -> Response:
@@ -239,7 +225,8 @@ class RepairService:
         return JSONResponse({"size": self.settings.size, "resize": self.settings.resize,
                              "classes": self.settings.classes, "repair": self.settings.repair,
                              "service": {**{k: v for k, v in asdict(self.settings).items()
-                                            if k in ("max_batch_size", "batch_wait_ms", "max_queued", "timeout_s")},
+                                            if k in ("max_batch_size", "batch_wait_ms", "max_queued", "timeout_s",
+                                                     "scheduler")},
                                          **asdict(self.settings.uploads)},
                              # the replica that answered: a bundle's never loads PyTorch
                              "replica": {"pid": os.getpid(), "torch_loaded": "torch" in sys.modules},

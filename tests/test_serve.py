@@ -331,3 +331,36 @@ def test_a_bundle_service_repairs_as_the_runtime_without_pytorch(service, tiny_b
         answers = list(pool.map(lambda path: post(service, path.read_bytes()), sorted(src.glob("*.png"))))
     assert [a.status_code for a in answers] == [200] * 4
     assert [a.content for a in answers] == [(tmp_path / "rt" / p.name).read_bytes() for p in sorted(src.glob("*.png"))]
+
+
+@pytest.mark.parametrize("engine", ["torch", "bundle"])
+def test_the_continuous_scheduler_serves_the_cli_bytes(service, tiny_weights, tiny_bundle, cli_outputs, tmp_path,
+                                                       engine):
+    """The same Serve, redeployed with --scheduler continuous: images join and leave the loop between steps, and
+    every answer is still the CLI's PNG (the torch replica: `cli.py repair`'s; the bundle's: the runtime's); the
+    headers say how many were in the loop when it joined and how many steps it ran."""
+    from commands.serve import serving
+    from runtime import serve as service_module
+    from tests.test_runtime import run_without_torch
+
+    expected = {name: out for name, (_, out) in cli_outputs.items()}
+    if engine == "bundle":
+        src = tmp_path / "in"
+        src.mkdir()
+        for name, (image, _) in cli_outputs.items():
+            (src / name).write_bytes(image)
+        reference = run_without_torch("repair", "--bundle", str(tiny_bundle), "--input", str(src), "--output",
+                                      str(tmp_path / "rt"), "--steps", str(STEPS), "--threads", "1", "--quiet")
+        assert reference.returncode == 0, reference.stderr
+        expected = {name: (tmp_path / "rt" / name).read_bytes() for name in cli_outputs}
+    host, port = service.removeprefix("http://").split(":")
+    source = ["--bundle", str(tiny_bundle)] if engine == "bundle" else ["--weights", str(tiny_weights)]
+    make_repair, settings, where = serving([*source, "--port", port, *SERVICE, "--scheduler", "continuous"])
+    service_module.deploy(make_repair, settings, where)
+    assert requests.get(service + "/v1/info", timeout=10).json()["service"]["scheduler"] == "continuous"
+    names = list(cli_outputs)
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda name: post(service, cli_outputs[name][0]), names))
+    assert [a.status_code for a in answers] == [200] * len(names)
+    assert [a.content for a in answers] == [expected[name] for name in names]
+    assert all(1 <= int(a.headers["X-Batch-Size"]) <= 4 and int(a.headers["X-Steps-Run"]) <= STEPS for a in answers)
