@@ -84,3 +84,19 @@ def test_the_room_rule_sees_an_import_across_rooms():
     assert across_rooms("from ..eval.attack_set import x\nfrom .loop import y\n", "engine.train.joint") == \
         ["engine.eval.attack_set"]
     assert across_rooms("from .repair import r\nfrom .models.heads import h\n", "engine.pipeline") == []
+
+
+def test_the_layout_in_design_md_is_the_one_in_the_tree():
+    """docs/design.md's layout names every module of the code, and every path its "where does X live" table gives
+    exists: a file moved or added without its line there fails here."""
+    import re
+
+    text = (ROOT / "docs" / "design.md").read_text()
+    layout = text[text.index("## Layout"):text.index("### Where does X live")]
+    table = text[text.index("### Where does X live"):]
+    unnamed = [str(p.relative_to(ROOT)) for package in ("engine", "runtime", "export", "commands", "bench")
+               for p in sorted((ROOT / package).rglob("*.py"))
+               if p.name not in ("__init__.py", "__main__.py") and not re.search(rf"\b{p.stem}(\.py)?\b", layout)]
+    assert not unnamed
+    paths = re.findall(r"`((?:engine|runtime|export|commands|bench)/[\w/]*(?:\.py)?)`", table)
+    assert paths and not [p for p in paths if not (ROOT / p).exists()]
