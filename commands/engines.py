@@ -94,7 +94,12 @@ def bench(n: int, backends: str, steps: int, device: str, precision: str, weight
         latency = b.get("latency_ms") or {}
         click.echo(f"{b['name']}: " + (f"{b['images_per_s']} images/s ({b.get('speedup_vs_torch')}× torch), "
                                        f"latency p50 {latency.get('p50')} ms, p95 {latency.get('p95')} ms"
-                                       if b["available"] else f"not available: {b['reason']}"))
+                                       if b["available"] else f"not available: {b['reason']}")
+                   + (f"; {b['gflops']} GFLOP/s, {100 * b['fraction_of_peak']:.1f} % of the peak" if "gflops" in b
+                      else ""))
+    limit = result["limit"]
+    click.echo(f"one step of one image: {limit['step_mflops']} MFLOP ({limit['per_task_step_mflops']}); this "
+               f"machine's fp32 peak at {result['threads']} thread(s): {limit['peak_gflops']} GFLOP/s")
     if json_path:
         write_json(json_path, result)
         click.echo(f"wrote {json_path}")

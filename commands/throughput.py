@@ -29,6 +29,8 @@ from export.parity import TOLERANCES, agreement, compare
 from runtime.imageio import read_folder
 from runtime.settings import RepairSettings
 
+from .roofline import attach as attach_limit
+
 BENCH_BACKENDS = ("torch", "onnxruntime", "tensorrt", "torch-compile")
 EXIT = "+exit"
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -194,6 +196,7 @@ def run_bench(n: int = 64, backends: list[str] = list(BENCH_BACKENDS), device: s
     for entry in result["backends"]:
         if entry["available"]:
             entry["speedup_vs_torch"] = round(entry["images_per_s"] / torch_speed, 3)
+    attach_limit(result, reference, steps)
     return result
 
 

@@ -40,8 +40,20 @@ def test_bench_lists_every_backend_with_parity(tiny_weights, tiny_clean_bundle, 
     assert by_name["torch"]["steps_run"] == 1 and 0 < by_name["torch+exit"]["steps_run"] <= 1
     assert by_name["onnxruntime+exit"]["early_exit"] and not by_name["onnxruntime"]["early_exit"]
     assert (tmp_path / "bench.png").stat().st_size > 1000
-    lines = result.output.splitlines()             # a summary line per backend and where the JSON went, no dump
-    assert lines[-6].startswith("torch: ") and "(1.0× torch)" in lines[-6] and lines[-1] == f"wrote {out}"
+    # how close to the limit: one step's FLOPs are its tasks' (each counted alone), and each engine's GFLOP/s is its
+    # images/s times the FLOPs of the steps it ran
+    limit = report["limit"]
+    assert limit["step_mflops"] == pytest.approx(sum(limit["per_task_step_mflops"].values()), rel=1e-3)
+    assert limit["peak_gflops"] > 0 and limit["row_forwards_mflops"] > 0
+    for name, steps_run in (("torch", 1.0), ("onnxruntime+exit", by_name["torch+exit"]["steps_run"])):
+        entry = by_name[name]
+        per_image = 2 * steps_run * limit["step_mflops"] + limit["row_forwards_mflops"]
+        assert entry["mflops_per_image"] == pytest.approx(per_image, rel=1e-2)
+        assert entry["gflops"] == pytest.approx(entry["images_per_s"] * entry["mflops_per_image"] / 1e3, rel=1e-2)
+        assert entry["fraction_of_peak"] == pytest.approx(entry["gflops"] / limit["peak_gflops"], rel=1e-2)
+    lines = result.output.splitlines()    # a summary line per backend, the limit and where the JSON went, no dump
+    assert lines[-7].startswith("torch: ") and "(1.0× torch)" in lines[-7] and lines[-1] == f"wrote {out}"
+    assert lines[-2].startswith("one step of one image: ") and "GFLOP/s" in lines[-2]
     assert '"backends"' not in result.output
 
 
