@@ -198,6 +198,7 @@ def main() -> None:
                         help="per open-loop point (long enough for the queue to fill at 120 %%)")
     parser.add_argument("--kill", action="store_true", help="also kill one of two replicas under load")
     parser.add_argument("--port", type=int, default=8123)
+    parser.add_argument("--join-before-step", type=int, default=None, help="as cli.py serve's (continuous)")
     parser.add_argument("--schedulers", default="static,continuous",
                         help="measured one after the other in this run, at the same open-loop rates")
     parser.add_argument("--json", type=Path, required=True)
@@ -261,6 +262,8 @@ def build(args, scheduler: str):
     options = ["--scheduler", scheduler, "--threads", str(args.threads), "--replica-cpus", str(args.threads),
                "--max-batch-size", str(args.max_batch_size), "--batch-wait-ms", str(args.batch_wait_ms), "--timeout-s", "120",
                "--port", str(args.port)] + ([] if args.max_queued is None else ["--max-queued", str(args.max_queued)])
+    if args.join_before_step is not None and scheduler == "continuous":
+        options += ["--join-before-step", str(args.join_before_step)]
     if args.bundle:
         return (*serving(options + ["--bundle", args.bundle]), f"bundle {args.bundle}")
     weights = args.weights or "weights"

@@ -36,6 +36,9 @@ BUNDLE_FIXED = ("weights", "tasks", "classifier_file", "alpha", "views", "object
 @scheduler_option("static: a batch is gathered, then repaired to its slowest image; continuous: up to "
                   "--max-batch-size images in the loop, a finished one giving its place to a waiting one between two "
                   "steps (docs/serving.md).")
+@click.option("--join-before-step", type=click.IntRange(min=1), default=None,
+              help="--scheduler continuous: a waiting request joins the loop only while every image in it has run "
+                   "fewer steps than this (default: whenever a place is free); docs/serving.md.")
 @click.option("--max-queued", type=click.IntRange(min=0), default=None,
               help="Requests a replica holds beyond --max-batch-size (the batch it repairs counted in); more are "
                    "refused at once (503 with Retry-After). Default: --max-batch-size, so that an accepted request "
@@ -116,7 +119,7 @@ def _serving(ctx: click.Context):
     except ValueError as e:
         raise click.BadParameter(str(e), param_hint="--max-pending-mb") from None
     limits = dict(max_batch_size=options["max_batch_size"], batch_wait_ms=options["batch_wait_ms"], max_queued=queued,
-                  scheduler=options["scheduler"],
+                  scheduler=options["scheduler"], join_before_step=options["join_before_step"],
                   timeout_s=options["timeout_s"], uploads=uploads)
     make_repair, service_settings = (_bundle_service(ctx, options["bundle_dir"], settings, engine, limits)
                                      if options["bundle_dir"] else _torch_service(settings, engine, limits))

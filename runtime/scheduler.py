@@ -82,6 +82,10 @@ class SteppedRepair:
     kernel: StepKernel
     settings: RepairSettings
     capacity: int
+    # a newcomer joins only while every image in the loop has run fewer steps than this (None: whenever a place is
+    # free): an image that needs many steps then finishes in a loop that empties around it, as in a static batch,
+    # instead of paying for a full loop at every step
+    join_before_step: int | None = None
     in_flight: list[InFlight] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -93,13 +97,18 @@ class SteppedRepair:
 
     @property
     def free(self) -> int:
+        """Places a newcomer may take now."""
+        limit = self.join_before_step
+        if limit is not None and any(item.steps_run >= limit for item in self.in_flight):
+            return 0
         return self.capacity - len(self.in_flight)
 
     def join(self, keys: list[Hashable], images: np.ndarray) -> list[tuple[Hashable, dict]]:
         """Admit ``images`` (N×3×S×S, N ≤ ``free``) under ``keys``; the rows of those that need no step (gated out,
         or ``steps`` 0) come back at once."""
         if len(keys) > self.free:
-            raise ValueError(f"{len(keys)} images do not fit in the {self.free} free places of the loop")
+            raise ValueError(f"{len(keys)} images do not fit in the {self.free} free places of the loop (capacity "
+                             f"{self.capacity}, {len(self.in_flight)} in it)")
         if not len(keys):
             return []
         images = np.ascontiguousarray(images, dtype=np.float32)

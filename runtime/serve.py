@@ -64,6 +64,7 @@ class ServiceSettings:
     timeout_s: float = 60.0
     # static: a batch runs to its slowest image; continuous: images join and leave between steps (runtime/scheduler.py)
     scheduler: str = "static"
+    join_before_step: int | None = None      # continuous: newcomers join only while the loop's oldest is younger
     uploads: UploadLimits = field(default_factory=UploadLimits)
     info: dict = field(default_factory=dict)
 
@@ -169,7 +170,8 @@ class RepairService:
         if settings.scheduler == "continuous":       # make_repair.kernel(): the engine's StepKernel
             capacity = settings.max_batch_size
             self.batcher = ContinuousBatcher(
-                lambda: SteppedRepair(make_repair.kernel(), make_repair.settings, capacity), self.worker)
+                lambda: SteppedRepair(make_repair.kernel(), make_repair.settings, capacity,
+                                      settings.join_before_step), self.worker)
         else:
             self.repair: BatchRepair = self.worker.submit(make_repair).result()
             self.batcher = Batcher(self.repair_many, settings.max_batch_size, settings.batch_wait_ms / 1000)
@@ -226,7 +228,7 @@ class RepairService:
                              "classes": self.settings.classes, "repair": self.settings.repair,
                              "service": {**{k: v for k, v in asdict(self.settings).items()
                                             if k in ("max_batch_size", "batch_wait_ms", "max_queued", "timeout_s",
-                                                     "scheduler")},
+                                                     "scheduler", "join_before_step")},
                                          **asdict(self.settings.uploads)},
                              # the replica that answered: a bundle's never loads PyTorch
                              "replica": {"pid": os.getpid(), "torch_loaded": "torch" in sys.modules},

@@ -163,3 +163,19 @@ def test_the_service_loop_answers_each_request_and_lets_a_cancelled_one_go(clean
     for i, (row, facts) in zip([0, 1, 2, 4], answers):
         assert np.array_equal(row["image"], static[i]["image"])
         assert 1 <= facts.size <= 2 and facts.steps == len(static[i]["detail"]["objective"])
+
+
+def test_no_newcomer_joins_while_the_oldest_image_has_run_its_share(clean_bundle):
+    settings = RepairSettings(steps=12, seed=3)
+    x = images(6, clean_bundle.size)
+    static = clean_bundle.repair_batch(x, settings)
+    loop, rows, offered, step = SteppedRepair(clean_bundle, settings, 4, join_before_step=2), {}, list(range(6)), 0
+    while offered or loop.in_flight:
+        if any(item.steps_run >= 2 for item in loop.in_flight):
+            assert loop.free == 0
+        ready = offered[:loop.free]
+        offered = offered[len(ready):]
+        rows.update(loop.join(ready, x[ready]) if ready else [])
+        rows.update(loop.step())
+        step += 1
+    assert_same_rows(static, rows)
