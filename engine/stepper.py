@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from runtime.step_loop import RunStep
+from runtime.step_loop import RunStep, step_feeds
 
 from .pipeline import Pipeline
 from .repair import as_tensors, sign_step
@@ -53,10 +53,7 @@ class TorchStepKernel:
 
     def step(self, x: np.ndarray, x0: np.ndarray, params, eps: float, step_size: float):
         if self.graph_step is not None:
-            feeds = {"x": np.ascontiguousarray(x), "x0": np.ascontiguousarray(x0),
-                     "eps": np.array(eps, np.float32), "step_size": np.array(step_size, np.float32),
-                     **{f"{task}_{key}": value for task, p in params.items() for key, value in p.items()}}
-            return self.graph_step(feeds)
+            return self.graph_step(step_feeds(x, x0, params, eps, step_size))
         with torch.inference_mode(False), torch.enable_grad():
             x_a = self._tensor(x).requires_grad_(True)
             loss = self.objective(x_a, as_tensors(params, x_a))

@@ -21,7 +21,7 @@ from .folder import BatchRepair, image_rows
 from .imageio import quantize
 from .repair_inputs import repair_inputs
 from .settings import DEFAULTS, RepairSettings
-from .step_loop import repair_by_steps, start_point
+from .step_loop import repair_by_steps, start_point, step_feeds
 
 
 class BundleError(ValueError):
@@ -110,10 +110,7 @@ class Bundle:
     def step(self, x: np.ndarray, x0: np.ndarray, params: dict[str, dict[str, np.ndarray]], eps: float,
              step_size: float) -> tuple[np.ndarray, np.ndarray]:
         """One step of the repair in the step graph: (x after it, the objective at x), for runtime/scheduler.py."""
-        feeds = {"x": np.ascontiguousarray(x, dtype=np.float32), "x0": np.ascontiguousarray(x0, dtype=np.float32),
-                 "eps": np.array(eps, np.float32), "step_size": np.array(step_size, np.float32),
-                 **{f"{task}_{key}": value for task, p in params.items() for key, value in p.items()}}
-        x_next, loss = self._run("repair_step", feeds)
+        x_next, loss = self._run("repair_step", step_feeds(x, x0, params, eps, step_size))
         return x_next, loss
 
     def gate_threshold(self, fpr: float) -> float:

@@ -177,9 +177,9 @@ def repair_folder(repair_batch: BatchRepair, input_dir: Path, output_dir: Path, 
     input_dir, output_dir = Path(input_dir), Path(output_dir)
     plan = plan_folder(input_dir, output_dir, config, resize=resize, overwrite=overwrite, resume=resume,
                        max_pixels=max_pixels, class_folders=class_folders)
-    start = time.time()
+    start, stepped = time.time(), hasattr(repair_batch, "join")
     with tqdm(total=len(plan.todo), unit="img", desc="repair", disable=not progress) as bar:
-        if hasattr(repair_batch, "join"):            # continuous batching: rows in the order images leave
+        if stepped:                                  # continuous batching: rows in the order images leave
             from .scheduler import stream
 
             for rel, row in stream(repair_batch, ((rec.rel, rec.image) for rec in plan.todo)):
@@ -191,7 +191,7 @@ def repair_folder(repair_batch: BatchRepair, input_dir: Path, output_dir: Path, 
                 for rec, row in zip(batch, repair_batch(np.stack([r.image for r in batch]))):
                     save_repaired(plan, rec.rel, row, output_dir)
                 bar.update(len(batch))
-    run = {"scheduler": "continuous"} if hasattr(repair_batch, "join") else None
+    run = {"scheduler": "continuous"} if stepped else None
     return finish_report(plan, config, output_dir, time.time() - start, run)
 
 

@@ -20,6 +20,15 @@ from .draws import StepDraws, start_noise
 RunStep = Callable[[dict[str, np.ndarray]], tuple[np.ndarray, np.ndarray]]
 
 
+def step_feeds(x: np.ndarray, x0: np.ndarray, params: dict[str, dict[str, np.ndarray]], eps: float,
+               step_size: float) -> dict[str, np.ndarray]:
+    """The ``repair_step`` graph's inputs for one step of the images ``x`` (started from ``x0``), named as the graph
+    names them."""
+    return {"x": np.ascontiguousarray(x, dtype=np.float32), "x0": np.ascontiguousarray(x0, dtype=np.float32),
+            "eps": np.array(eps, np.float32), "step_size": np.array(step_size, np.float32),
+            **{f"{task}_{key}": value for task, p in params.items() for key, value in p.items()}}
+
+
 def start_point(x0: np.ndarray, seed: int, eps: float) -> np.ndarray:
     """The random start x0 + (2u − 1)·ε in [0, 1], as engine/repair.py's ``start_point`` (same float32 ops)."""
     return np.clip(x0 + (2 * start_noise(x0, seed) - 1) * np.float32(eps), 0, 1)
@@ -35,15 +44,11 @@ def repair_by_steps(run_step: RunStep, x0: np.ndarray, seed: int, eps: float, st
     x = start_point(x0, seed, eps)
     draws = StepDraws(x0, seed, views)
     trace = np.full((steps, len(x0)), np.nan, dtype=np.float32)
-    scalars = {"eps": np.array(eps, np.float32), "step_size": np.array(step_size, np.float32)}
     active = np.arange(len(x0))
     for step in range(steps):
         if not active.size:
             break
-        params = draws.next(active)
-        feeds = {"x": np.ascontiguousarray(x[active]), "x0": np.ascontiguousarray(x0[active]), **scalars,
-                 **{f"{task}_{key}": value for task, p in params.items() for key, value in p.items()}}
-        x_next, loss = run_step(feeds)
+        x_next, loss = run_step(step_feeds(x[active], x0[active], draws.next(active), eps, step_size))
         trace[step, active] = loss
         x[active] = x_next
         active = active[loss != 0]
