@@ -386,6 +386,19 @@ def deploy(make_repair: Callable[[], BatchRepair], settings: ServiceSettings, wh
         max_ongoing_requests=line + ROUTER_SLACK, max_queued_requests=ROUTER_SLACK,
         backpressure_config=BackpressureConfig(status_code=503, retry_after_s=settings.retry_after_s))
     serve.run(deployment.bind(make_repair, settings), name=APP_NAME, route_prefix="/", blocking=False)
+    wait_for_replaced_replicas(where.replicas)
+
+
+def wait_for_replaced_replicas(replicas: int, timeout_s: float = 60.0) -> None:
+    """Until the service runs ``replicas`` replicas and no other: on a redeploy, serve.run returns once the new
+    replicas are up, while those they replace may still be stopping, and a request routed meanwhile can be refused."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        states = serve.status().applications[APP_NAME].deployments["RepairService"].replica_states
+        if {state: n for state, n in states.items() if n} == {"RUNNING": replicas}:      # a str enum
+            return
+        time.sleep(0.1)
+    raise RuntimeError(f"the service did not settle on {replicas} running replica(s) within {timeout_s} s: {states}")
 
 
 def stop() -> None:

@@ -1,5 +1,6 @@
 """`cli.py repair --resume`: a run killed part-way is finished into the same output, and the result is the run
 that was never stopped; the journal guards what it does not vouch for."""
+import hashlib
 import json
 import os
 import shutil
@@ -37,6 +38,18 @@ def journal_rows(out):
     return sum(1 for line in path.read_text().splitlines()[1:]) if path.exists() else 0
 
 
+def journal_entries(out) -> list[dict]:
+    """The journal's whole lines past its config (a kill can cut the last one short)."""
+    return [json.loads(line) for line in (out / JOURNAL).read_text().splitlines(keepends=True)[1:]
+            if line.endswith("\n")]
+
+
+def vouched(out, entry: dict) -> bool:
+    """Whether the entry's PNG holds the bytes it names."""
+    png = out / entry["row"]["output"]
+    return png.is_file() and hashlib.sha256(png.read_bytes()).hexdigest() == entry["png_sha256"]
+
+
 def test_a_killed_run_resumes_to_the_uninterrupted_result(tiny_weights, folder, tmp_path):
     whole, stopped = tmp_path / "whole", tmp_path / "stopped"
     assert repair("--input", folder, "--output", whole, "--weights", tiny_weights, *ARGS).exit_code == 0
@@ -51,6 +64,9 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tiny_weights, folder, 
     process.wait()
     done_before = journal_rows(stopped)
     assert 3 <= done_before < 12 and not (stopped / "report.json").exists()
+    before = journal_entries(stopped)
+    left_done = {e["row"]["file"] for e in before if vouched(stopped, e)}   # killed between a row and its PNG: undone
+    assert len(left_done) >= done_before - 1
     # without --resume the unfinished run is pointed out, not clobbered
     plain = repair("--input", folder, "--output", stopped, "--weights", tiny_weights, *ARGS)
     assert plain.exit_code == 2 and "--resume" in plain.output
@@ -59,7 +75,10 @@ def test_a_killed_run_resumes_to_the_uninterrupted_result(tiny_weights, folder, 
     a, b = (json.loads((d / "report.json").read_text()) for d in (whole, stopped))
     assert a["images"] == b["images"] and a["config"] == b["config"]
     assert all((whole / r["output"]).read_bytes() == (stopped / r["output"]).read_bytes() for r in a["images"])
-    assert journal_rows(stopped) == 12          # the stopped run's rows, then the rest: none twice
+    # the stopped run's rows, then one for each image it had not left done: none done twice
+    rows = [e["row"]["file"] for e in journal_entries(stopped)]
+    assert rows[:len(before)] == [e["row"]["file"] for e in before]
+    assert sorted(rows[len(before):]) == sorted({r["file"] for r in a["images"]} - left_done)
 
 
 def test_resume_refuses_other_settings(tiny_weights, folder, tmp_path):

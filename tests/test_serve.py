@@ -361,6 +361,6 @@ def test_the_continuous_scheduler_serves_the_cli_bytes(service, tiny_weights, ti
     names = list(cli_outputs)
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(lambda name: post(service, cli_outputs[name][0]), names))
-    assert [a.status_code for a in answers] == [200] * len(names)
+    assert [a.status_code for a in answers] == [200] * len(names), [a.text for a in answers if a.status_code != 200]
     assert [a.content for a in answers] == [expected[name] for name in names]
     assert all(1 <= int(a.headers["X-Batch-Size"]) <= 4 and int(a.headers["X-Steps-Run"]) <= STEPS for a in answers)
