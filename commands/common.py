@@ -43,6 +43,45 @@ def option_group(options: list):
     return add
 
 
+def ray_option_group(ray_help: str, workers: bool = False):
+    """--ray with where it runs (--ray-address) and what each worker takes (--worker-cpus, --worker-gpus; and with
+    ``workers``, --workers: how many)."""
+    return option_group([
+        click.option("--ray", "use_ray", is_flag=True, help=ray_help),
+        click.option("--ray-address", default=None,
+                     help="--ray: the cluster to join (auto: the one running here, ray://HOST:10001: a remote one; "
+                          "default: start a local one)."),
+        *([click.option("--workers", type=click.IntRange(min=1), default=None,
+                        help="--ray: actors in the pool (default: the cluster's CPUs / --worker-cpus).")]
+          if workers else []),
+        click.option("--worker-cpus", type=click.FloatRange(min=0, min_open=True), default=1, show_default=True,
+                     help="--ray: CPUs per worker (also its torch threads, unless --threads)."),
+        click.option("--worker-gpus", type=click.FloatRange(min=0), default=None,
+                     help="--ray: GPUs per worker (default: 1 with --device cuda, else 0)."),
+    ])
+
+
+def ray_settings(use_ray: bool, address: str | None, worker_cpus: float, worker_gpus: float | None,
+                 device: str = "cpu", workers: int | None = None) -> dict | None:
+    """--ray's settings (None without it); a usage error where Ray is missing or a --ray option is given without
+    --ray."""
+    if not use_ray:
+        given = [name for name, value in (("--ray-address", address), ("--workers", workers),
+                                          ("--worker-gpus", worker_gpus)) if value is not None]
+        if given:
+            raise click.UsageError(f"{', '.join(given)} only apply with --ray")
+        return None
+    from runtime.ray_folder import import_ray
+
+    try:
+        import_ray()
+    except ImportError as e:
+        raise click.UsageError(str(e)) from None
+    gpus = worker_gpus if worker_gpus is not None else (1 if device == "cuda" else 0)
+    return dict(address=address, worker_cpus=worker_cpus, worker_gpus=gpus,
+                **({"workers": workers} if workers is not None else {}))
+
+
 def parse_tasks(text: str, option: str = "--tasks") -> list[str]:
     tasks = [t.strip() for t in text.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in TASK_NAMES]

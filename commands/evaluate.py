@@ -11,7 +11,8 @@ from runtime.folder import PREVIEW_NOTE
 from runtime.settings import DEFAULTS
 
 from .common import (CALIBRATED_TASKS, DATA_OPTION, TASK_NAMES, THREADS_OPTION, check_device, option_group,
-                     parse_alpha, parse_names, parse_tasks, usage_errors, weights_option)
+                     parse_alpha, parse_names, parse_tasks, ray_option_group, ray_settings, usage_errors,
+                     weights_option)
 
 
 @click.command()
@@ -81,10 +82,9 @@ MEASUREMENT_OPTIONS = [
     click.option("--json", "json_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
                  help="Write the results here (each chunk's outcomes are kept in --stages)."),
     click.option("--stages", "stages_dir", type=click.Path(file_okay=False, path_type=Path), default=None,
-                 help="Keep each chunk's outcomes here (default: stages/ beside --json): a killed run resumes, a rerun "
-                      "recomputes only what its options change (more images, a new budget for one attack), and the "
-                      "same command in several processes (or machines sharing the folder) splits the chunks between "
-                      "them."),
+                 help="Keep each chunk's outcomes here (default: stages/ beside --json): a killed run resumes, and a "
+                      "rerun recomputes only what its options change (more images, a new budget for one attack); "
+                      "with --ray, the driver keeps them here for every worker."),
     click.option("--markdown", "markdown_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
                  help="Write the table here."),
     click.option("--seed", type=int, default=0, show_default=True,
@@ -100,6 +100,23 @@ MEASUREMENT_OPTIONS = [
 
 
 measurement_options = option_group(MEASUREMENT_OPTIONS)
+# the chunks on Ray (engine/eval/on_ray.py)
+on_ray_options = ray_option_group("Run each chunk as a Ray task (the ray extra): one worker per --worker-cpus of "
+                                  "the cluster, the stages kept in --stages on this machine; the same table as "
+                                  "without it.")
+
+
+def ray_run(settings: dict | None, threads: int | None, **load: object):
+    """The RayRun of --ray (None without it): each worker loads the model set as this process did (``load``:
+    load_exported_pipeline's arguments)."""
+    if settings is None:
+        return None
+    from functools import partial
+
+    from engine.eval.on_ray import RayRun
+    from export.onnx_export import load_exported_pipeline
+
+    return RayRun(partial(load_exported_pipeline, **load), threads=threads, **settings)
 
 
 @click.command("eval")
@@ -141,6 +158,7 @@ measurement_options = option_group(MEASUREMENT_OPTIONS)
 @click.option("--chunk", type=click.IntRange(min=1), default=100, show_default=True,
               help="Images per unit of work (and of saved progress).")
 @measurement_options
+@on_ray_options
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("--backend", type=click.Choice(["auto", "torch", "onnxruntime", "tensorrt"]), default="auto",
               show_default=True,
@@ -156,7 +174,8 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, stages_
              bpda_steps: int, eot: int,
              bpda_repair_steps: int, aa_iters: int, aa_targets: int, aa_eot: int, chunk: int, weights: Path | None,
              data_root: str | None, device: str,
-             backend: str, onnx_dir: Path | None, precision: str, threads: int | None, quiet: bool) -> None:
+             backend: str, onnx_dir: Path | None, precision: str, threads: int | None, quiet: bool,
+             use_ray: bool, ray_address: str | None, worker_cpus: float, worker_gpus: float | None) -> None:
     """Accuracy of attack × repair on test images (CIFAR-10, or --data), with 95 % intervals and McNemar tests
     (Table 1)."""
     import torch
@@ -164,10 +183,12 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, stages_
     from engine.data.cifar10 import DataError
     from engine.eval.evaluate import (ATTACKS, EvalConfig, markdown_table, needs_calibration, plot, run_eval,
                                       tasks_needed)
+    from engine.eval.on_ray import ChunkFailures
     from engine.eval.repair_spec import parse_repair
     from export.onnx_export import load_exported_pipeline
 
     check_device(device)
+    on_ray = ray_settings(use_ray, ray_address, worker_cpus, worker_gpus, device)
     torch.set_num_threads(threads or default_threads())
     repair_names = [r.strip() for r in repairs.split(",") if r.strip()]
     for name, option in [*((r, "--repairs") for r in repair_names), (defense, "--defense")]:
@@ -192,14 +213,17 @@ def evaluate(n: int, attacks: str, repairs: str, json_path: Path | None, stages_
 
         calibration = calibration_path(weights, calibration)
     # each repair row builds its own objective (engine/eval/repair_spec.py); the pipeline's is the plain sum
+    load = dict(weights=weights, device=device, tasks=tasks_needed(config), views=views, backend=backend,
+                objective="plain", onnx_dir=onnx_dir, precision=precision, calibration=calibration)
     with usage_errors():
-        pipeline = load_exported_pipeline(weights=weights, device=device, tasks=tasks_needed(config), views=views,
-                                          backend=backend, objective="plain", onnx_dir=onnx_dir, precision=precision,
-                                          calibration=calibration)
+        pipeline = load_exported_pipeline(**load)
     try:
-        result = run_eval(pipeline, config, json_path, data_root, progress=not quiet, cache_dir=stages_dir)
+        result = run_eval(pipeline, config, json_path, data_root, progress=not quiet, cache_dir=stages_dir,
+                          ray=ray_run(on_ray, threads, **load))
     except (ValueError, DataError) as e:
         raise click.UsageError(str(e)) from None
+    except ChunkFailures as e:
+        raise click.ClickException(str(e)) from None
     table = markdown_table(result)
     click.echo(table)
     if result.get("preview"):
@@ -271,13 +295,15 @@ def parse_budget(text: str | None) -> tuple[int, int] | None:
 @click.option("--chunk", type=click.IntRange(min=1), default=25, show_default=True,
               help="Images per chunk: the unit of the stages kept in --stages.")
 @measurement_options
+@on_ray_options
 def worst_case(defense: str, control: str, n: int, offset: int, adaptive_n: int | None, survivors: bool, eps: float,
                iterations: int, base_iterations: int, eot: int, stronger: tuple[int, int] | None, deployment: str,
                repair_seed: int, repeats: int | None,
                targets: int, base_queries: int, square_queries: int, surrogate_steps: int, lam: float, eps_r: float,
                repair_steps: int, repair_step_size: float, views: int, level: float, chunk: int, json_path: Path | None,
                stages_dir: Path | None, markdown_path: Path | None, seed: int, weights: Path | None,
-               data_root: str | None, calibration: Path | None, threads: int | None, quiet: bool) -> None:
+               data_root: str | None, calibration: Path | None, threads: int | None, quiet: bool, use_ray: bool,
+               ray_address: str | None, worker_cpus: float, worker_gpus: float | None) -> None:
     """Does the repair help the classifier? The worst case per image over AutoAttack on the classifier alone, its
     transfer, APGD-CE/DLR through the repair (BPDA + EOT), the defense-aware attack and Square on the defense, each
     final image scored on the repair as deployed; Wilson intervals, McNemar against the base and a verdict
@@ -287,6 +313,7 @@ def worst_case(defense: str, control: str, n: int, offset: int, adaptive_n: int 
     from engine.data.cifar10 import DataError
     from engine.eval.evaluate import EvalConfig, needs_calibration, tasks_needed
     from engine.eval.repair_spec import parse_repair
+    from engine.eval.on_ray import ChunkFailures
     from engine.eval.worst_case import WorstCaseConfig, run_worst_case
     from engine.eval.worst_case_table import markdown_table
     from export.onnx_export import load_exported_pipeline
@@ -306,6 +333,7 @@ def worst_case(defense: str, control: str, n: int, offset: int, adaptive_n: int 
         pyautoattack()
     except ImportError as e:
         raise click.UsageError(str(e)) from None
+    on_ray = ray_settings(use_ray, ray_address, worker_cpus, worker_gpus)
     torch.set_num_threads(threads or default_threads())
     try:
         config = WorstCaseConfig(n=n, offset=offset, adaptive_n=adaptive_n, survivors=survivors, seed=seed,
@@ -323,13 +351,16 @@ def worst_case(defense: str, control: str, n: int, offset: int, adaptive_n: int 
         from engine.calibration import calibration_path
 
         calibration = calibration_path(weights, calibration)
+    load = dict(weights=weights, tasks=tasks_needed(as_eval), views=views, objective="plain", calibration=calibration)
     with usage_errors():
-        pipeline = load_exported_pipeline(weights=weights, tasks=tasks_needed(as_eval), views=views,
-                                          objective="plain", calibration=calibration)
+        pipeline = load_exported_pipeline(**load)
     try:
-        result = run_worst_case(pipeline, config, json_path, data_root, progress=not quiet, cache_dir=stages_dir)
+        result = run_worst_case(pipeline, config, json_path, data_root, progress=not quiet, cache_dir=stages_dir,
+                                ray=ray_run(on_ray, threads, **load))
     except (ValueError, DataError) as e:
         raise click.UsageError(str(e)) from None
+    except ChunkFailures as e:
+        raise click.ClickException(str(e)) from None
     table = markdown_table(result)
     click.echo(table)
     if markdown_path:

@@ -10,7 +10,8 @@ from runtime.cli import (FOLDER_SCHEDULER_HELP, SEED_HELP, checked_settings, def
                          scheduler_option, setting_option)
 from runtime.settings import FIELDS, RepairSettings
 
-from .common import check_device, option_group, parse_alpha, parse_tasks, usage_errors, weights_option
+from .common import (check_device, option_group, parse_alpha, parse_tasks, ray_option_group, ray_settings,
+                     usage_errors, weights_option)
 
 
 # The repair's settings: `repair` and `serve` take the same ones, so that a served image is repaired as `cli.py repair`
@@ -89,18 +90,8 @@ REPAIR_SETTING_NAMES = {param.name for param in repair_settings(click.Command("s
 @click.option("--resume", is_flag=True,
               help="Finish a stopped run into the same --output with the same options: images it repaired "
                    "(report.jsonl) are kept, the rest repaired.")
-@click.option("--ray", "use_ray", is_flag=True,
-              help="Repair on a pool of Ray Data actors (the ray extra), each loading the engine once; same outputs "
-                   "and report as without it.")
-@click.option("--ray-address", default=None,
-              help="--ray: the cluster to join (auto: the one running here, ray://HOST:10001: a remote one; "
-                   "default: start a local one).")
-@click.option("--workers", type=click.IntRange(min=1), default=None,
-              help="--ray: actors in the pool (default: the cluster's CPUs / --worker-cpus).")
-@click.option("--worker-cpus", type=click.FloatRange(min=0, min_open=True), default=1, show_default=True,
-              help="--ray: CPUs per actor (also its torch threads, unless --threads).")
-@click.option("--worker-gpus", type=click.FloatRange(min=0), default=None,
-              help="--ray: GPUs per actor (default: 1 with --device cuda, else 0).")
+@ray_option_group("Repair on a pool of Ray Data actors (the ray extra), each loading the engine once; same "
+                  "outputs and report as without it.", workers=True)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 def repair(input_dir: Path, output_dir: Path, batch_size: int, scheduler: str, overwrite: bool,
            preview_file: Path | None,
@@ -118,7 +109,7 @@ def repair(input_dir: Path, output_dir: Path, batch_size: int, scheduler: str, o
         raise click.UsageError("--scheduler continuous runs in this process: a Ray Data actor repairs the batches "
                                "Ray hands it (leave out --ray, or --scheduler)")
     check_device(options["device"])
-    ray_options = _ray_options(use_ray, ray_address, workers, worker_cpus, worker_gpus, options["device"])
+    ray_options = ray_settings(use_ray, ray_address, worker_cpus, worker_gpus, options["device"], workers)
     load_options = pipeline_options(options, settings, options["threads"] or (max(1, int(worker_cpus)) if use_ray
                                                                              else default_threads()))
     try:
@@ -188,23 +179,3 @@ def load_with_threads(load_options: dict):
     torch.set_num_threads(load_options["threads"])
     with usage_errors():
         return load_exported_pipeline(**load_options)
-
-
-def _ray_options(use_ray: bool, address: str | None, workers: int | None, worker_cpus: float,
-                 worker_gpus: float | None, device: str) -> dict | None:
-    """The Ray pool's settings for --ray (None without it); a usage error where Ray Data is missing or a --ray
-    option is given without --ray."""
-    if not use_ray:
-        given = [name for name, value in (("--ray-address", address), ("--workers", workers),
-                                          ("--worker-gpus", worker_gpus)) if value is not None]
-        if given:
-            raise click.UsageError(f"{', '.join(given)} only apply with --ray")
-        return None
-    from runtime.ray_folder import import_ray
-
-    try:
-        import_ray()
-    except ImportError as e:
-        raise click.UsageError(str(e)) from None
-    gpus = worker_gpus if worker_gpus is not None else (1 if device == "cuda" else 0)
-    return dict(address=address, workers=workers, worker_cpus=worker_cpus, worker_gpus=gpus)

@@ -145,7 +145,8 @@ def run_bench(n: int = 64, backends: list[str] = list(BENCH_BACKENDS), device: s
     """``threads``: torch's and onnxruntime's intra-op threads (default: torch's current setting). On a shared
     machine, 2 threads can run many times slower than 1 when anything else is busy: always say which.
     ``objective``: the repair's (clean, the CLI's default, is the one an early exit can shorten); ``tasks`` and
-    ``alpha``: its tasks (default: the three) and their weights (default: all 1). ``batches``: the batch sizes of the per-graph forward throughput."""
+    ``alpha``: its tasks (default: the three) and their weights (default: all 1). ``batches``: the batch sizes of the
+    per-graph forward throughput."""
     if threads:
         torch.set_num_threads(threads)
     reference, _ = make_pipeline("torch", weights, device, onnx_dir, threads, views, objective, tasks, alpha)

@@ -46,7 +46,7 @@ def test_a_damaged_output_is_computed_again_with_a_warning(tmp_path):
 
 def test_the_repository_keeps_chunk_outcomes_and_ignores_attacked_images(tmp_path):
     """A run spanning sessions goes on from what is committed: its `chunk-*.pt` (kilobytes), not its stages' attacked
-    images (megabytes) or its claims."""
+    images (megabytes)."""
     import shutil
     import subprocess
     from pathlib import Path
@@ -60,6 +60,5 @@ def test_the_repository_keeps_chunk_outcomes_and_ignores_attacked_images(tmp_pat
     ignored = lambda path: subprocess.run(["git", "check-ignore", "-q", path], cwd=root).returncode == 0
     assert not ignored(f"results/worst_case/stages/{kept_name}")
     assert not ignored(f"results/imagenette/stages/{kept_name}")
-    for path in ("results/worst_case/stages/0123abcd.pt", "results/imagenette/stages/0123abcd.claim",
-                 "results/imagenette/stages/.takeover.lock"):
+    for path in ("results/worst_case/stages/0123abcd.pt", "results/imagenette/stages/0123abcd.1f2e.tmp"):
         assert ignored(path), path

@@ -61,7 +61,7 @@ def test_a_committed_table_is_read_back_from_its_chunk_records(table, command, t
     chunk_images = wc.chunk_images
     monkeypatch.setattr(wc, "chunk_images", lambda idx, start, chunk, data_root: chunk_images(
         idx, start, chunk, data_root and RECORDED_DATA))
-    stages = tmp_path / "stages"                          # a copy: the run writes its claims beside the records
+    stages = tmp_path / "stages"                          # a copy: the results folder stays as committed
     stages.mkdir()
     for record in (RESULTS / "stages").glob("chunk-*.pt"):
         shutil.copy(record, stages)

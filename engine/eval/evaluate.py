@@ -3,8 +3,8 @@ with 95 % Wilson intervals and exact McNemar tests on the paired per-image outco
 
 Work goes in chunks of images; each chunk's per-image outcomes are kept (engine/eval/stage_cache.py, in ``stages/``
 beside the JSON output) under what they depend on, so an interrupted run resumes where it stopped, a run over more
-images reuses the chunks it shares with a smaller one, and several processes running the same command split the
-chunks between them (engine/eval/shared_work.py).
+images reuses the chunks it shares with a smaller one, and with ``ray`` the chunks run as Ray tasks over a cluster's
+workers (engine/eval/on_ray.py).
 """
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from tqdm import tqdm
@@ -29,8 +30,9 @@ from ..models.provenance import is_preview
 from ..models.weights import model_input
 from ..pipeline import DEFAULT_TASKS, Gate, Pipeline, build_objective
 from ..repair import RepairResult
+from .on_ray import Chunk, RayRun, run_chunks
+from .progress import BarProgress
 from .repair_spec import parse_repair
-from .shared_work import Claims, for_each_claimed
 from .stage_cache import CHUNKS, StageCache, fingerprint
 from .stats import mcnemar_exact, wilson_interval
 
@@ -298,12 +300,18 @@ def run_parts(pipeline: Pipeline, config: EvalConfig) -> dict:
             "precision": getattr(pipeline.backend, "precision", "fp32")}
 
 
+def eval_chunk_task(pipeline: Pipeline, config: EvalConfig, cache: StageCache, note: Callable, x: torch.Tensor,
+                    y: torch.Tensor, seed: int) -> dict:
+    """A chunk of the eval as a Ray task (engine/eval/on_ray.py)."""
+    return Evaluator(pipeline, config).run_chunk(x, y, seed)
+
+
 def run_eval(pipeline: Pipeline, config: EvalConfig, json_path: Path | None = None, data_root: str | None = None,
-             progress: bool = True, cache_dir: Path | None = None, poll_seconds: float = 30.0) -> dict:
+             progress: bool = True, cache_dir: Path | None = None, ray: RayRun | None = None) -> dict:
     """Evaluate, chunk by chunk. Each chunk's outcomes are kept in ``cache_dir`` (default: ``stages/`` beside
     ``json_path``; none without either) under what they depend on (``run_parts``, the images, the seed), so a killed run
-    resumes, a run over more images reuses the chunks it shares with a smaller one, and the same command run by several
-    processes splits the chunks between them (engine/eval/shared_work.py)."""
+    resumes and a run over more images reuses the chunks it shares with a smaller one; ``ray``: the chunks run as Ray
+    tasks (engine/eval/on_ray.py), to the same table."""
     for name in config.attacks:
         if name not in ATTACKS:
             raise ValueError(f"unknown attack {name!r}; known: {', '.join(ATTACKS)}")
@@ -314,28 +322,24 @@ def run_eval(pipeline: Pipeline, config: EvalConfig, json_path: Path | None = No
     for old in json_path.parent.glob(f"{json_path.stem}.partial-*.json") if json_path else ():
         warnings.warn(f"{old} is the saved progress of an older version of `eval`, which this one does not read: its "
                       f"chunks are computed again (into {cache.folder}); delete the file once this run is done")
-    evaluator = Evaluator(pipeline, config)
     starts = list(range(0, config.n, config.chunk))
     start_time = time.time()
-    bar = tqdm(total=len(starts), desc="eval", unit="chunk", disable=not progress)
-
     common = run_parts(pipeline, config)
     parts = lambda start: {**common, "images": chunk_images(idx, start, config.chunk, data_root),
                            "seed": config.seed + start}
-
-    def chunk_of(start: int) -> dict:
-        part = slice(start, start + config.chunk)
-        done = cache.run(parts(start), lambda: evaluator.run_chunk(x[part], y[part], config.seed + start))
-        if done.reused:                                  # out of the count, so that the ETA is that of the work left
-            bar.total -= 1
-            bar.refresh()
+    inputs = lambda start: (x[start:start + config.chunk], y[start:start + config.chunk], config.seed + start)
+    with tqdm(total=len(starts), desc="eval", unit="chunk", disable=not progress) as bar:
+        shown = BarProgress(bar)
+        if ray is None:
+            evaluator, chunks = Evaluator(pipeline, config), []
+            for i, start in enumerate(starts):
+                done = cache.run(parts(start), lambda: evaluator.run_chunk(*inputs(start)))
+                shown.chunk_done(i, done.reused)
+                chunks.append(done.output)
         else:
-            bar.update(1)
-        return done.output
-
-    chunks = for_each_claimed(starts, Claims(cache.folder), lambda start: cache.name(parts(start)), chunk_of,
-                              poll_seconds, say=tqdm.write)
-    bar.close()
+            tasks = [Chunk(f"images {start}-{min(start + config.chunk, config.n) - 1}", parts(start), inputs(start))
+                     for start in starts]
+            chunks, ran = run_chunks(eval_chunk_task, config, tasks, cache, ray, shown)
     outcomes: dict[str, dict] = {"correct": {}, "loss_sums": {}, "repaired": {}}
     seconds: dict[str, float] = {}
     for chunk in chunks:
@@ -353,7 +357,8 @@ def run_eval(pipeline: Pipeline, config: EvalConfig, json_path: Path | None = No
                           **{k: round(v, 1) for k, v in seconds.items()}},
               "stages": {"computed": cache.misses, "reused": cache.hits},
               "device": str(pipeline.device), "weights": {k: m["sha256"] for k, m in pipeline.manifests.items()},
-              **({"preview": True} if is_preview(pipeline.manifests) else {})}          # a --profile quick set
+              **({"preview": True} if is_preview(pipeline.manifests) else {}),          # a --profile quick set
+              **({"ray": ran} if ray else {})}
     if json_path:
         write_json(json_path, result)
     return result

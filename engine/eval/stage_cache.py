@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import time
 import uuid
@@ -53,43 +54,64 @@ class Stage(NamedTuple):
     reused: bool
 
 
+class StageFiles:
+    """A folder of kept outputs, each a file of bytes; a kill while writing one leaves no half-written file behind,
+    and two writers (even on two machines sharing the folder) never write the same file."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        folder.mkdir(parents=True, exist_ok=True)
+
+    def read(self, name: str) -> bytes | None:
+        try:
+            return (self.folder / name).read_bytes()
+        except FileNotFoundError:
+            return None
+
+    def write(self, name: str, data: bytes) -> None:
+        partial = self.folder / f"{Path(name).stem}.{uuid.uuid4().hex}.tmp"
+        partial.write_bytes(data)
+        partial.replace(self.folder / name)
+
+
 class StageCache:
-    """``run(parts, compute)`` returns the Stage computed, or read from the folder where an output with the same
-    ``parts`` was saved before. ``folder=None`` keeps nothing. ``hits`` and ``misses`` count the calls.
+    """``run(parts, compute)`` returns the Stage computed, or read back where an output with the same ``parts`` was
+    saved before. ``folder=None`` keeps nothing. ``hits`` and ``misses`` count the calls.
 
     ``prefix`` starts every file's name: a chunk's outcomes (a few kilobytes, the raw data of a table) are kept as
     ``chunk-*.pt``, which the repository keeps, beside stages of attacked images (megabytes), which it ignores; so a
-    run that spans several machines or sessions goes on from its committed chunks."""
+    run that spans several machines or sessions goes on from its committed chunks. ``files``: where the bytes are
+    kept (default: ``StageFiles(folder)``; a Ray task's cache keeps them in its driver's folder, engine/eval/on_ray.py).
+    """
 
-    def __init__(self, folder: Path | None, prefix: str = "") -> None:
+    def __init__(self, folder: Path | None, prefix: str = "", files: StageFiles | None = None) -> None:
         self.folder, self.prefix = folder, prefix
         self.hits = self.misses = 0
         self.environment = _environment()
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
+        self.files = files or (StageFiles(folder) if folder is not None else None)
 
     def name(self, parts: dict) -> str:
-        """The name of the file ``parts``' output is kept in (without its suffix)."""
+        """The name of the file ``parts``' output is kept in (without its prefix and suffix)."""
         return fingerprint({**parts, "environment": self.environment})
 
-    def path(self, parts: dict | None) -> Path | None:
-        """Where ``parts``' output is kept (None: nothing is kept)."""
-        if self.folder is None or parts is None:
+    def file(self, parts: dict | None) -> str | None:
+        """The file ``parts``' output is kept in (None: nothing is kept)."""
+        if self.files is None or parts is None:
             return None
-        return self.folder / f"{self.prefix}{self.name(parts)}.pt"
+        return f"{self.prefix}{self.name(parts)}.pt"
 
     def get(self, parts: dict | None) -> Stage | None:
         """The output kept under ``parts``, or None; nothing is computed (nor counted)."""
-        return self._kept(self.path(parts))
+        return self._kept(self.file(parts))
 
-    def _kept(self, path: Path | None) -> Stage | None:
-        saved = self.read(path) if path is not None and path.exists() else None
+    def _kept(self, file: str | None) -> Stage | None:
+        data = self.files.read(file) if file is not None else None
+        saved = None if data is None else self._load(data, file)
         return None if saved is None else Stage(saved["output"], saved["seconds"], True)
 
     def run(self, parts: dict | None, compute: Callable[[], Any]) -> Stage:
         """``parts=None``: computed and not kept (what it depends on cannot be named)."""
-        path = self.path(parts)
-        saved = self._kept(path)
+        saved = self._kept(self.file(parts))
         if saved is not None:
             self.hits += 1
             return saved
@@ -97,19 +119,22 @@ class StageCache:
         start = time.perf_counter()
         output = compute()
         seconds = time.perf_counter() - start
-        if path is not None:
-            # a kill while saving leaves no half-written output behind; two processes (even on two machines sharing
-            # the folder) never write the same file
-            partial = path.with_name(f"{path.stem}.{uuid.uuid4().hex}.tmp")
-            torch.save({"output": output, "seconds": seconds, "parts": json.dumps(parts, sort_keys=True)}, partial)
-            partial.replace(path)
+        self.put(parts, output, seconds)
         return Stage(output, seconds, False)
 
-    @staticmethod
-    def read(path: Path) -> dict | None:
-        """A kept output, or None (with a warning: it is computed again) where the file cannot be read."""
+    def put(self, parts: dict | None, output: Any, seconds: float) -> None:
+        """Keep ``output`` (what computing it took: ``seconds``) under ``parts``; nothing where ``parts`` is None."""
+        file = self.file(parts)
+        if file is not None:
+            buffer = io.BytesIO()
+            torch.save({"output": output, "seconds": seconds, "parts": json.dumps(parts, sort_keys=True)}, buffer)
+            self.files.write(file, buffer.getvalue())
+
+    def _load(self, data: bytes, file: str) -> dict | None:
+        """A kept output, or None (with a warning: it is computed again) where its bytes cannot be read."""
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
+            return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
         except Exception as e:        # a damaged or foreign file: torch raises several kinds
-            warnings.warn(f"{path} could not be read ({type(e).__name__}: {e}); computing that stage again")
+            where = self.folder / file if self.folder else file
+            warnings.warn(f"{where} could not be read ({type(e).__name__}: {e}); computing that stage again")
             return None

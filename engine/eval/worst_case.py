@@ -60,7 +60,8 @@ from ..attacks import APGDEveryImage, AutoAttackAPGD, DefenseAwarePGD, KeptByDep
 from ..defended import DefendedClassifier
 from ..pipeline import Pipeline
 from .evaluate import EvalConfig, Evaluator, calibration_key, chunk_images, classifier_key, eval_subset
-from .shared_work import Claims, for_each_claimed
+from .on_ray import Chunk, RayRun, run_chunks
+from .progress import BarProgress
 from .stage_cache import CHUNKS, StageCache
 from .worst_case_table import stronger_name, summarize, summarize_transfer
 
@@ -394,62 +395,69 @@ class WorstCase:
         return {"base": base, "defenses": outcomes, "seconds": seconds}
 
 
+def chunk_task(pipeline: Pipeline, shared: tuple, cache: StageCache, note: Callable, x: torch.Tensor,
+               y: torch.Tensor, images: str, seed: int, adaptive: bool, known: dict | None) -> dict:
+    """A chunk's stages as a Ray task (engine/eval/on_ray.py): ``shared`` is (config, the defenses passed to
+    run_worst_case, or None for the config's named ones, built here)."""
+    config, defenses = shared
+    runner = WorstCase(pipeline, config, defenses or named_defenses(pipeline, config), cache)
+    return runner.run_chunk(x, y, images, seed, lambda stage, reused: note("advance", stage, reused), adaptive,
+                            begin=lambda stage: note("begin", stage), known=known)
+
+
 def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path | None = None,
                    data_root: str | None = None, progress: bool = True,
                    defenses: dict[str, Defense] | None = None, cache_dir: Path | None = None,
-                   poll_seconds: float = 30.0) -> dict:
+                   ray: RayRun | None = None) -> dict:
     """Every stage on the config's images. Each stage's output is kept in ``cache_dir`` (default: ``stages/`` beside
     ``json_path``; none without either), so a killed run resumes from its last finished stage and a run that
-    changes one budget, or covers more images, recomputes only that (engine/eval/stage_cache.py); the same command in
-    several processes splits the chunks between them (engine/eval/shared_work.py). The stages of a defense passed in
-    without a ``key`` are not kept. The last of two or more defenses is the control: every other one's worst case is
-    tested against its worst case as well as against the base."""
-    defenses = defenses or named_defenses(pipeline, config)
+    changes one budget, or covers more images, recomputes only that (engine/eval/stage_cache.py); ``ray``: the chunks
+    run as Ray tasks (engine/eval/on_ray.py), to the same table. The stages of a defense passed in without a ``key``
+    are not kept. The last of two or more defenses is the control: every other one's worst case is tested against
+    its worst case as well as against the base."""
+    passed, defenses = defenses, defenses or named_defenses(pipeline, config)
     x, y, idx = eval_subset(config.offset + config.n, config.seed, data_root, pipeline.inputs)
     x, y, idx = x[config.offset:], y[config.offset:], idx[config.offset:]
     cache = StageCache(cache_dir or (json_path.parent / "stages" if json_path else None))
     records = StageCache(cache.folder, prefix=CHUNKS)    # each chunk's outcomes, beside its stages' outputs
     runner = WorstCase(pipeline, config, defenses, cache)
     adaptive_n = config.n if config.adaptive_n is None else config.adaptive_n
-    starts = range(0, config.n, config.chunk)
-    with tqdm(total=sum(len(runner.stages(start < adaptive_n)) for start in starts), desc="worst case",
-              unit="stage", disable=not progress) as bar:
-        def skipped(stages: int) -> None:                # out of the count, so that the ETA is that of the work left
-            bar.total -= stages
-            bar.refresh()
+    starts = list(range(0, config.n, config.chunk))
+    images = lambda start: chunk_images(idx, start, config.chunk, data_root)
+    # a defense without a key is not kept: then there is nothing to read back
+    kept = all(d.key is not None and d.objective_key is not None for d in defenses.values())
+    chunk_parts = lambda start, budgets=runner.budgets: None if not kept else {
+        "worst-case chunk": images(start), "seed": config.seed + config.offset + start, "eps": config.eps,
+        "adaptive": start < adaptive_n, "budgets": budgets,
+        "defenses": [[d.key, d.objective_key] for d in defenses.values()],
+        **({"survivors": True} if config.survivors else {})}
 
-        def advance(stage: str, reused: bool) -> None:
-            if reused:
-                skipped(1)
-            else:
-                bar.update(1)
-        images = lambda start: chunk_images(idx, start, config.chunk, data_root)
-        # a defense without a key is not kept: then there is nothing to read back, and nothing is claimed
-        kept = all(d.key is not None and d.objective_key is not None for d in defenses.values())
-        chunk_parts = lambda start, budgets=runner.budgets: {
-            "worst-case chunk": images(start), "seed": config.seed + config.offset + start, "eps": config.eps,
-            "adaptive": start < adaptive_n, "budgets": budgets,
-            "defenses": [[d.key, d.objective_key] for d in defenses.values()],
-            **({"survivors": True} if config.survivors else {})}
-
-        def chunk_of(start: int) -> dict:
-            part, adaptive = slice(start, start + config.chunk), start < adaptive_n
-
-            def table() -> dict | None:
-                """--stronger: the table's own chunk (the same command without it), whose rows are not run again;
-                read only where this chunk's own record is missing."""
-                found = records.get(chunk_parts(start, runner.table_budgets)) if config.stronger and kept else None
-                return found and found.output
-            done = records.run(chunk_parts(start) if kept else None,
-                               lambda: runner.run_chunk(x[part], y[part], images(start),
-                                                        config.seed + config.offset + start, advance, adaptive,
-                                                        begin=bar.set_postfix_str, known=table()))
-            if done.reused:                              # every stage of it
-                skipped(len(runner.stages(adaptive)))
-            return done.output
-        # the same command in several processes: each chunk is run by one, the others read its outcomes back
-        chunks = for_each_claimed(list(starts), Claims(cache.folder if kept else None),
-                                  lambda start: cache.name(chunk_parts(start)), chunk_of, poll_seconds, say=bar.write)
+    def chunk_args(start: int) -> tuple:
+        """run_chunk's inputs for the chunk from ``start``. --stronger: the table's own chunk (the same command
+        without it), whose rows are not run again; read only where this chunk's own record is missing."""
+        part = slice(start, start + config.chunk)
+        known = None
+        if config.stronger and kept and records.get(chunk_parts(start)) is None:
+            found = records.get(chunk_parts(start, runner.table_budgets))
+            known = found and found.output
+        return x[part], y[part], images(start), config.seed + config.offset + start, start < adaptive_n, known
+    weight = lambda i: len(runner.stages(starts[i] < adaptive_n))
+    with tqdm(total=sum(map(weight, range(len(starts)))), desc="worst case", unit="stage",
+              disable=not progress) as bar:
+        shown = BarProgress(bar, weight)
+        if ray is None:
+            chunks = []
+            for i, start in enumerate(starts):
+                x_c, y_c, names, seed, on_defense, known = chunk_args(start)
+                done = records.run(chunk_parts(start), lambda: runner.run_chunk(
+                    x_c, y_c, names, seed, shown.advance, on_defense, begin=shown.begin, known=known))
+                if done.reused:                          # every stage of it
+                    shown.chunk_done(i, True)
+                chunks.append(done.output)
+        else:
+            tasks = [Chunk(f"images {start}-{min(start + config.chunk, config.n) - 1}", chunk_parts(start),
+                           chunk_args(start)) for start in starts]
+            chunks, ran = run_chunks(chunk_task, (config, passed), tasks, records, ray, shown, stages=cache)
     base, outcomes, seconds, images_per_stage = [], {name: {a: [[] for _ in range(config.repeats)]
                                                             for a in runner.attacks} for name in defenses}, {}, {}
     for chunk in chunks:
@@ -472,7 +480,7 @@ def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path 
               "seconds_per_image": {k: round(v / images_per_stage[k], 3) for k, v in seconds.items()},
               "stages": {"computed": cache.misses, "reused": cache.hits},
               "chunks": {"computed": records.misses, "reused": records.hits},
-              "threads": torch.get_num_threads(), "device": str(pipeline.device),
+              "threads": torch.get_num_threads(), "device": str(pipeline.device), **({"ray": ran} if ray else {}),
               "weights": {k: m["sha256"] for k, m in pipeline.manifests.items()}}
     if json_path:
         write_json(json_path, result)
