@@ -85,6 +85,9 @@ class RepairActor:
 
 def connect_ray(ray, address: str | None) -> None:
     """ray.init on the cluster at ``address`` (None: a new local one); ValueError saying how where none answers."""
+    # Ray runs the workers it starts at niceness 15 by default: on a machine with anything else busy they would
+    # starve, and here they are the job (measured: 10× slower beside two busy processes on 2 cores)
+    os.environ.setdefault("RAY_worker_niceness", "0")
     try:
         ray.init(address=address, include_dashboard=False, log_to_driver=False, logging_level=logging.ERROR)
     except ConnectionError as e:
@@ -106,9 +109,6 @@ def repair_folder_ray(make_repair: Callable[[], BatchRepair], input_dir: Path, o
     first_ready, done = float("inf"), start
     started_here = not ray.is_initialized()
     if started_here:                        # before the plan writes anything: a cluster not found leaves no trace
-        # Ray runs its workers at niceness 15 by default: on a machine with anything else busy they would starve,
-        # and here they are the job (measured: 10× slower beside two busy processes on 2 cores)
-        os.environ.setdefault("RAY_worker_niceness", "0")
         quiet_ray_logs()
         connect_ray(ray, address)
     try:

@@ -363,7 +363,6 @@ def start_serve(where: Deployment, timeout_s: float, ray_address: str | None = N
     from .ray_folder import connect_ray
 
     if not ray.is_initialized():
-        os.environ.setdefault("RAY_worker_niceness", "0")      # as runtime/ray_folder.py: the replicas are the job
         connect_ray(ray, ray_address)
     # past the timeout, a request at a replica is answered 504 by it; one still waiting for a replica, 408 by the proxy
     serve.start(http_options=HTTPOptions(host=where.host, port=where.port, request_timeout_s=timeout_s + 1,
