@@ -116,6 +116,8 @@ def ray_run(settings: dict | None, threads: int | None, **load: object):
     from engine.eval.on_ray import RayRun
     from export.onnx_export import load_exported_pipeline
 
+    # a worker's own directory is not this one: it reads the files by their absolute paths
+    load = {name: value.resolve() if isinstance(value, Path) else value for name, value in load.items()}
     return RayRun(partial(load_exported_pipeline, **load), threads=threads, **settings)
 
 

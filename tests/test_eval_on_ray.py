@@ -4,6 +4,7 @@ Ray from its last finished stage; a chunk that raises is reported, not retried, 
 import json
 import os
 import signal
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -52,8 +53,11 @@ class KillsItsWorkerOnce:
         self.marker, self.driver = marker, driver
 
     def __call__(self, x, seed):
-        if os.getpid() != self.driver and not self.marker.exists():
-            self.marker.touch()
+        if os.getpid() != self.driver:
+            try:
+                os.close(os.open(self.marker, os.O_CREAT | os.O_EXCL))     # one worker of the two, once
+            except FileExistsError:
+                return x
             os.kill(os.getpid(), signal.SIGKILL)
         return x
 
@@ -118,6 +122,19 @@ def test_a_chunk_that_raises_is_reported_and_the_others_are_kept(local_ray, tiny
     assert len(list((tmp_path / "stages").glob("chunk-*.pt"))) == 1   # the chunk that finished is kept
 
 
+def test_a_worker_no_node_can_hold_is_refused_before_any_task(local_ray, tiny_pipeline, tmp_path):
+    from tqdm import tqdm
+
+    from engine.eval.on_ray import Chunk, RayRun, run_chunks
+    from engine.eval.progress import BarProgress
+
+    config = ev.EvalConfig(n=2, chunk=2, attacks=["none"], repairs=["none"])
+    too_big = RayRun(lambda: tiny_pipeline, worker_cpus=64)
+    with pytest.raises(ValueError, match="no node of the Ray cluster has what one worker asks for .64 CPUs"):
+        run_chunks(ev.eval_chunk_task, config, [Chunk("images 0-1", {"chunk": 0}, ())],
+                   ev.StageCache(tmp_path, "chunk-"), too_big, BarProgress(tqdm(total=1, disable=True)))
+
+
 def test_ray_options_apply_only_with_ray():
     result = CliRunner().invoke(main, ["worst-case", "--worker-gpus", "1"])
     assert result.exit_code == 2 and "--worker-gpus only apply with --ray" in result.output
@@ -140,4 +157,5 @@ def test_the_commands_hand_their_ray_settings_on(monkeypatch, tmp_path):
     run = seen["ray"]
     assert (run.worker_cpus, run.worker_gpus, run.task_threads) == (2, 0, 1)
     assert run.make_pipeline.keywords["tasks"] and run.make_pipeline.keywords["objective"] == "plain"
+    assert all(value.is_absolute() for value in run.make_pipeline.keywords.values() if isinstance(value, Path))
     assert json.loads(json.dumps(run.make_pipeline.keywords, default=str))["device"] == "cpu"

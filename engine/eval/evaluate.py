@@ -328,10 +328,11 @@ def run_eval(pipeline: Pipeline, config: EvalConfig, json_path: Path | None = No
     parts = lambda start: {**common, "images": chunk_images(idx, start, config.chunk, data_root),
                            "seed": config.seed + start}
     inputs = lambda start: (x[start:start + config.chunk], y[start:start + config.chunk], config.seed + start)
+    evaluator = Evaluator(pipeline, config)       # here also with Ray: what it refuses is refused before any task
     with tqdm(total=len(starts), desc="eval", unit="chunk", disable=not progress) as bar:
         shown = BarProgress(bar)
         if ray is None:
-            evaluator, chunks = Evaluator(pipeline, config), []
+            chunks = []
             for i, start in enumerate(starts):
                 done = cache.run(parts(start), lambda: evaluator.run_chunk(*inputs(start)))
                 shown.chunk_done(i, done.reused)

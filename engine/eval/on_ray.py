@@ -122,7 +122,24 @@ def _task(run_id: str, make_pipeline: Callable[[], Pipeline], work: Callable, sh
     start = time.perf_counter()
     output = work(_loaded[run_id], shared, cache, lambda *event: folder.note.remote((event[0], index, *event[1:])),
                   *args)
-    return output, time.perf_counter() - start, cache.hits, cache.misses
+    seconds = time.perf_counter() - start
+    ray.get(folder.note.remote(("end", index)))     # after this task's notes, which the driver then has all of
+    return output, seconds, cache.hits, cache.misses
+
+
+def concurrent_tasks(ray, run: RayRun) -> int:
+    """How many tasks the cluster runs at once (its nodes as they are now); ValueError where no node has what one
+    task asks for, which Ray would wait for without a word."""
+    nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+    fit = lambda r: min(int(r.get("CPU", 0) // run.worker_cpus),
+                        int(r.get("GPU", 0) // run.worker_gpus) if run.worker_gpus else len(nodes) * 10**6)
+    slots = sum(fit(r) for r in nodes)
+    if slots < 1:
+        most = max(nodes, key=lambda r: (r.get("CPU", 0), r.get("GPU", 0)), default={})
+        raise ValueError(f"no node of the Ray cluster has what one worker asks for ({run.worker_cpus:g} CPUs and "
+                         f"{run.worker_gpus:g} GPUs: --worker-cpus, --worker-gpus); its largest has "
+                         f"{most.get('CPU', 0):g} CPUs and {most.get('GPU', 0):g} GPUs")
+    return slots
 
 
 def run_chunks(work: Callable, shared: Any, chunks: list[Chunk], records: StageCache, run: RayRun,
@@ -133,7 +150,6 @@ def run_chunks(work: Callable, shared: Any, chunks: list[Chunk], records: StageC
     counts the tasks' stage hits and misses. Returns the outputs and what the run was (workers' CPUs, tasks, runs
     again)."""
     ray = import_ray()
-    stages = stages or records
     outputs: list[Any] = [None] * len(chunks)
     todo = []
     for i, chunk in enumerate(chunks):
@@ -152,56 +168,88 @@ def run_chunks(work: Callable, shared: Any, chunks: list[Chunk], records: StageC
     if started_here:
         quiet_ray_logs()
         connect_ray(ray, run.address)
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
-    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
-    folder = ray.remote(StageFolder).options(num_cpus=0, scheduling_strategy=here).remote(
-        str(records.folder) if records.folder is not None else None)
-    task = ray.remote(_task).options(num_cpus=run.worker_cpus, num_gpus=run.worker_gpus, max_retries=run.retries,
-                                     retry_exceptions=False)
-    run_id, make, shared_ref = uuid.uuid4().hex, ray.put(run.make_pipeline), ray.put(shared)
-    pending = {task.remote(run_id, make, work, shared_ref, folder, records.folder is not None, run.task_threads, i,
-                           *chunks[i].args): i for i in todo}
-    facts["cluster_cpus"] = ray.cluster_resources().get("CPU", 0)
-    starts: dict[int, int] = {}
-    failures = []
-
-    def show(events: list[tuple]) -> None:
-        for kind, i, *rest in events:
-            if kind == "start":
-                starts[i] = starts.get(i, 0) + 1
-                if starts[i] > 1:
-                    facts["runs_again"] += 1
-                    progress.say(f"{chunks[i].label}: its worker stopped (process or node gone); Ray runs it again "
-                                 f"(run {starts[i]}), from its last finished stage")
-            else:
-                getattr(progress, kind)(*rest)
     try:
-        while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.5)
-            show(ray.get(folder.take.remote()))
-            for ref in ready:
-                i = pending.pop(ref)
-                try:
-                    output, seconds, hits, misses = ray.get(ref)
-                except Exception as e:  # noqa: BLE001  (each failure is reported with its chunk once all are done)
-                    why = (str(e).strip().splitlines() or [""])[-1]
-                    failures.append(f"{chunks[i].label}: {type(e).__name__}: {why}")
-                    progress.say(f"failed: {failures[-1]}")
-                    continue
-                records.put(chunks[i].parts, output, seconds)
-                records.misses += 1
-                stages.hits, stages.misses = stages.hits + hits, stages.misses + misses
-                outputs[i] = output
-                progress.chunk_done(i, False)
-        show(ray.get(folder.take.remote()))
+        tasks = Tasks(ray, run, chunks, records, stages or records, progress, facts)
+        try:
+            failures = tasks.run(work, shared, todo, outputs)
+        finally:
+            tasks.close()
     finally:
-        for ref in pending:                      # a driver stopped (Ctrl-C): its tasks with it
-            ray.cancel(ref, force=True)
-        ray.kill(folder)
         if started_here:
             ray.shutdown()
     if failures:
         kept = f"; the finished chunks are kept in {records.folder}: run the command again" if records.folder else ""
         raise ChunkFailures(f"{len(failures)} chunk(s) failed on Ray{kept}:\n" + "\n".join(failures))
     return outputs, facts
+
+
+class Tasks:
+    """The driver's side of one run on Ray: the stage folder's actor on this node, at most as many tasks in flight as
+    the cluster runs at once (a task waiting on the actor gives its CPU back to Ray, which would start another chunk
+    in it), the tasks' notes shown as they come."""
+
+    def __init__(self, ray, run: RayRun, chunks: list[Chunk], records: StageCache, stages: StageCache,
+                 progress: BarProgress, facts: dict) -> None:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        self.ray, self.run_settings, self.chunks, self.records, self.stages = ray, run, chunks, records, stages
+        self.progress, self.facts = progress, facts
+        self.slots = concurrent_tasks(ray, run)
+        facts["cluster_cpus"] = ray.cluster_resources().get("CPU", 0)
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        self.folder = ray.remote(StageFolder).options(num_cpus=0, scheduling_strategy=here).remote(
+            str(records.folder.resolve()) if records.folder is not None else None)
+        self.pending: dict = {}
+        self.starts: dict[int, int] = {}
+        self.advanced: dict[int, list[bool]] = {}        # each chunk's stages reported so far (reused or not)
+
+    def run(self, work: Callable, shared: Any, todo: list[int], outputs: list[Any]) -> list[str]:
+        """Every chunk of ``todo`` run, its output in ``outputs``; returns the failures, one line each."""
+        run, ray, failures = self.run_settings, self.ray, []
+        task = ray.remote(_task).options(num_cpus=run.worker_cpus, num_gpus=run.worker_gpus, max_retries=run.retries,
+                                         retry_exceptions=False)
+        run_id, make, shared_ref = uuid.uuid4().hex, ray.put(run.make_pipeline), ray.put(shared)
+        waiting = list(todo)
+        while waiting or self.pending:
+            while waiting and len(self.pending) < self.slots:
+                i = waiting.pop(0)
+                self.pending[task.remote(run_id, make, work, shared_ref, self.folder, self.records.folder is not None,
+                                         run.task_threads, i, *self.chunks[i].args)] = i
+            ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=0.5)
+            self.show(ray.get(self.folder.take.remote()))
+            for ref in ready:
+                i = self.pending.pop(ref)
+                try:
+                    output, seconds, hits, misses = ray.get(ref)
+                except Exception as e:  # noqa: BLE001  (each failure is reported with its chunk once all are done)
+                    why = (str(e).strip().splitlines() or [""])[-1]
+                    failures.append(f"{self.chunks[i].label}: {type(e).__name__}: {why}")
+                    self.progress.say(f"failed: {failures[-1]}")
+                    continue
+                self.records.put(self.chunks[i].parts, output, seconds)
+                self.records.misses += 1
+                self.stages.hits, self.stages.misses = self.stages.hits + hits, self.stages.misses + misses
+                outputs[i] = output
+                self.progress.chunk_done(i, False)
+        return failures
+
+    def show(self, events: list[tuple]) -> None:
+        for kind, i, *rest in events:
+            if kind == "start":
+                self.starts[i] = self.starts.get(i, 0) + 1
+                if self.starts[i] > 1:                 # what its last run reported is counted again by this one
+                    self.facts["runs_again"] += 1
+                    self.progress.forget(self.advanced.pop(i, []))
+                    self.progress.say(f"{self.chunks[i].label}: its worker stopped (process or node gone); Ray runs "
+                                      f"it again (run {self.starts[i]}), from its last finished stage")
+            elif kind == "advance":
+                self.advanced.setdefault(i, []).append(rest[1])
+                self.progress.advance(*rest)
+            elif kind == "begin":
+                self.progress.begin(*rest)
+
+    def close(self) -> None:
+        """Cancels what still runs (a driver stopped: Ctrl-C) and ends the folder's actor."""
+        for ref in self.pending:
+            self.ray.cancel(ref, force=True)
+        self.ray.kill(self.folder)

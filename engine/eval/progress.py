@@ -34,5 +34,11 @@ class BarProgress:
         else:
             self.bar.update(1)
 
+    def forget(self, reused: list[bool]) -> None:
+        """A chunk's stages as an earlier run of it reported them (``reused`` each), out of the count again: the
+        chunk is run again, and reports them anew."""
+        self.bar.total += sum(reused)
+        self.bar.update(-(len(reused) - sum(reused)))
+
     def say(self, text: str) -> None:
         self.bar.write(text)

@@ -63,9 +63,13 @@ class StageFiles:
         folder.mkdir(parents=True, exist_ok=True)
 
     def read(self, name: str) -> bytes | None:
+        """The file's bytes; None where there is none, or (with a warning: it is computed again) it cannot be read."""
         try:
             return (self.folder / name).read_bytes()
         except FileNotFoundError:
+            return None
+        except OSError as e:
+            warnings.warn(f"{self.folder / name} could not be read ({e}); computing that stage again")
             return None
 
     def write(self, name: str, data: bytes) -> None:
