@@ -14,8 +14,8 @@ others are done, and the run stops naming it (``ChunkFailures``), every finished
 
 Example::
 
-    outputs = run_chunks(chunk_task, (config, None), chunks, records, RayRun(make_pipeline, worker_cpus=1),
-                         progress)
+    outputs, facts = run_chunks(chunk_task, (config, None), chunks, records, RayRun(make_pipeline, worker_cpus=1),
+                                progress)
 """
 from __future__ import annotations
 
