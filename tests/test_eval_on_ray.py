@@ -159,3 +159,22 @@ def test_the_commands_hand_their_ray_settings_on(monkeypatch, tmp_path):
     assert run.make_pipeline.keywords["tasks"] and run.make_pipeline.keywords["objective"] == "plain"
     assert all(value.is_absolute() for value in run.make_pipeline.keywords.values() if isinstance(value, Path))
     assert json.loads(json.dumps(run.make_pipeline.keywords, default=str))["device"] == "cpu"
+
+
+def test_the_bar_counts_a_chunk_run_again_once():
+    """Stages a killed run of a chunk reported come off the bar when the chunk starts again: the bar ends at its total,
+    not past it."""
+    import io
+
+    from tqdm import tqdm
+
+    from engine.eval.progress import BarProgress
+
+    bar = tqdm(total=4, file=io.StringIO())
+    shown = BarProgress(bar, weight=lambda i: 4)
+    shown.advance("autoattack", False)                 # the first run: one stage, then its worker died
+    shown.forget([False])
+    shown.advance("autoattack", True)                  # the second run reads it back, then computes the rest
+    for stage in ("apgd-ce", "apgd-dlr", "score"):
+        shown.advance(stage, False)
+    assert (bar.n, bar.total) == (3, 3)
