@@ -110,8 +110,7 @@ class Bundle:
     def step(self, x: np.ndarray, x0: np.ndarray, params: dict[str, dict[str, np.ndarray]], eps: float,
              step_size: float) -> tuple[np.ndarray, np.ndarray]:
         """One step of the repair in the step graph: (x after it, the objective at x), for runtime/scheduler.py."""
-        x_next, loss = self._run("repair_step", step_feeds(x, x0, params, eps, step_size))
-        return x_next, loss
+        return self._run("repair_step", step_feeds(x, x0, params, eps, step_size))
 
     def gate_threshold(self, fpr: float) -> float:
         """The gate's threshold: the score above which a fraction ``fpr`` of the clean calibration images lies

@@ -113,7 +113,8 @@ def test_a_chunk_that_raises_is_reported_and_the_others_are_kept(local_ray, tiny
         if seed == 2:
             raise ValueError("this chunk's repair failed")
         return real(ev.Evaluator(pipeline, shared), x, y, seed)
-    chunks = [on_ray_module.Chunk(f"images {s}-{s + 1}", {"chunk": s}, (x[s:s + 2], y[s:s + 2], s)) for s in (0, 2)]
+    chunks = [on_ray_module.Chunk(f"images {s}-{s + 1}", {"chunk": s}, lambda s=s: (x[s:s + 2], y[s:s + 2], s))
+              for s in (0, 2)]
     with pytest.raises(on_ray_module.ChunkFailures,
                        match=r"1 chunk\(s\) failed on Ray.*\nimages 2-3: .*this chunk's repair failed"):
         on_ray_module.run_chunks(raises_on_the_second, config, chunks, ev.StageCache(tmp_path / "stages", "chunk-"),
@@ -131,7 +132,7 @@ def test_a_worker_no_node_can_hold_is_refused_before_any_task(local_ray, tiny_pi
     config = ev.EvalConfig(n=2, chunk=2, attacks=["none"], repairs=["none"])
     too_big = RayRun(lambda: tiny_pipeline, worker_cpus=64)
     with pytest.raises(ValueError, match="no node of the Ray cluster has what one worker asks for .64 CPUs"):
-        run_chunks(ev.eval_chunk_task, config, [Chunk("images 0-1", {"chunk": 0}, ())],
+        run_chunks(ev.eval_chunk_task, config, [Chunk("images 0-1", {"chunk": 0}, tuple)],
                    ev.StageCache(tmp_path, "chunk-"), too_big, BarProgress(tqdm(total=1, disable=True)))
 
 

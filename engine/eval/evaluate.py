@@ -12,6 +12,7 @@ import hashlib
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -30,7 +31,7 @@ from ..models.provenance import is_preview
 from ..models.weights import model_input
 from ..pipeline import DEFAULT_TASKS, Gate, Pipeline, build_objective
 from ..repair import RepairResult
-from .on_ray import Chunk, RayRun, run_chunks
+from .on_ray import Chunk, RayRun, chunk_label, run_chunks, run_chunks_here
 from .progress import BarProgress
 from .repair_spec import parse_repair
 from .stage_cache import CHUNKS, StageCache, fingerprint
@@ -331,15 +332,11 @@ def run_eval(pipeline: Pipeline, config: EvalConfig, json_path: Path | None = No
     evaluator = Evaluator(pipeline, config)       # here also with Ray: what it refuses is refused before any task
     with tqdm(total=len(starts), desc="eval", unit="chunk", disable=not progress) as bar:
         shown = BarProgress(bar)
+        tasks = [Chunk(chunk_label(start, config.chunk, config.n), parts(start), partial(inputs, start))
+                 for start in starts]
         if ray is None:
-            chunks = []
-            for i, start in enumerate(starts):
-                done = cache.run(parts(start), lambda: evaluator.run_chunk(*inputs(start)))
-                shown.chunk_done(i, done.reused)
-                chunks.append(done.output)
+            chunks = run_chunks_here(evaluator.run_chunk, tasks, cache, shown)
         else:
-            tasks = [Chunk(f"images {start}-{min(start + config.chunk, config.n) - 1}", parts(start), inputs(start))
-                     for start in starts]
             chunks, ran = run_chunks(eval_chunk_task, config, tasks, cache, ray, shown)
     outcomes: dict[str, dict] = {"correct": {}, "loss_sums": {}, "repaired": {}}
     seconds: dict[str, float] = {}

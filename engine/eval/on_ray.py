@@ -19,7 +19,6 @@ Example::
 """
 from __future__ import annotations
 
-import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -54,11 +53,28 @@ class RayRun:
 
 @dataclass(frozen=True)
 class Chunk:
-    """One task: ``label`` names it in messages, ``parts`` keys its record (None: not kept), ``args`` are what its
-    work takes beyond the run's shared state."""
+    """One chunk of work: ``label`` names it in messages, ``parts`` keys its record (None: not kept), ``inputs()``
+    gives what its work takes beyond the run's shared state (asked only where the chunk is computed)."""
     label: str
     parts: dict | None
-    args: tuple
+    inputs: Callable[[], tuple]
+
+
+def chunk_label(start: int, size: int, n: int) -> str:
+    """How messages name the chunk of ``size`` images from ``start`` (of ``n``)."""
+    return f"images {start}-{min(start + size, n) - 1}"
+
+
+def run_chunks_here(compute: Callable[..., Any], chunks: list[Chunk], records: StageCache,
+                    progress: BarProgress) -> list[Any]:
+    """``run_chunks`` in this process: each chunk's output read back from ``records``, or ``compute(*inputs())``
+    and kept there."""
+    outputs = []
+    for i, chunk in enumerate(chunks):
+        done = records.run(chunk.parts, lambda: compute(*chunk.inputs()))
+        progress.chunk_done(i, done.reused)
+        outputs.append(done.output)
+    return outputs
 
 
 class ChunkFailures(RuntimeError):
@@ -114,7 +130,7 @@ def _task(run_id: str, make_pipeline: Callable[[], Pipeline], work: Callable, sh
     import ray
 
     torch.set_num_threads(threads)
-    ray.get(folder.note.remote(("start", index, os.getpid())))     # delivered before anything can kill this run
+    ray.get(folder.note.remote(("start", index)))     # delivered before anything can kill this run
     if run_id not in _loaded:
         _loaded.clear()
         _loaded[run_id] = make_pipeline()
@@ -145,7 +161,7 @@ def concurrent_tasks(ray, run: RayRun) -> int:
 def run_chunks(work: Callable, shared: Any, chunks: list[Chunk], records: StageCache, run: RayRun,
                progress: BarProgress, stages: StageCache | None = None) -> tuple[list[Any], dict]:
     """Every chunk's output in order: read back from ``records`` where kept, else ``work`` (a module-level function,
-    ``work(pipeline, shared, cache, note, *chunk.args)``; ``note("begin", stage)`` and ``note("advance", stage,
+    ``work(pipeline, shared, cache, note, *chunk.inputs())``; ``note("begin", stage)`` and ``note("advance", stage,
     reused)`` reach ``progress``) as a Ray task, its output kept in ``records``. ``stages`` (default ``records``)
     counts the tasks' stage hits and misses. Returns the outputs and what the run was (workers' CPUs, tasks, runs
     again)."""
@@ -214,7 +230,7 @@ class Tasks:
             while waiting and len(self.pending) < self.slots:
                 i = waiting.pop(0)
                 self.pending[task.remote(run_id, make, work, shared_ref, self.folder, self.records.folder is not None,
-                                         run.task_threads, i, *self.chunks[i].args)] = i
+                                         run.task_threads, i, *self.chunks[i].inputs())] = i
             ready, _ = ray.wait(list(self.pending), num_returns=1, timeout=0.5)
             self.show(ray.get(self.folder.take.remote()))
             for ref in ready:

@@ -46,6 +46,7 @@ import logging
 import re
 import warnings
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -60,7 +61,7 @@ from ..attacks import APGDEveryImage, AutoAttackAPGD, DefenseAwarePGD, KeptByDep
 from ..defended import DefendedClassifier
 from ..pipeline import Pipeline
 from .evaluate import EvalConfig, Evaluator, calibration_key, chunk_images, classifier_key, eval_subset
-from .on_ray import Chunk, RayRun, run_chunks
+from .on_ray import Chunk, RayRun, chunk_label, run_chunks, run_chunks_here
 from .progress import BarProgress
 from .stage_cache import CHUNKS, StageCache
 from .worst_case_table import stronger_name, summarize, summarize_transfer
@@ -432,31 +433,24 @@ def run_worst_case(pipeline: Pipeline, config: WorstCaseConfig, json_path: Path 
         "defenses": [[d.key, d.objective_key] for d in defenses.values()],
         **({"survivors": True} if config.survivors else {})}
 
-    def chunk_args(start: int) -> tuple:
-        """run_chunk's inputs for the chunk from ``start``. --stronger: the table's own chunk (the same command
-        without it), whose rows are not run again; read only where this chunk's own record is missing."""
+    def chunk_inputs(start: int) -> tuple:
+        """run_chunk's inputs for the chunk from ``start`` (asked where its own record is missing). --stronger: the
+        table's own chunk (the same command without it), whose rows are not run again."""
         part = slice(start, start + config.chunk)
-        known = None
-        if config.stronger and kept and records.get(chunk_parts(start)) is None:
-            found = records.get(chunk_parts(start, runner.table_budgets))
-            known = found and found.output
-        return x[part], y[part], images(start), config.seed + config.offset + start, start < adaptive_n, known
+        found = records.get(chunk_parts(start, runner.table_budgets)) if config.stronger and kept else None
+        return (x[part], y[part], images(start), config.seed + config.offset + start, start < adaptive_n,
+                found and found.output)
     weight = lambda i: len(runner.stages(starts[i] < adaptive_n))
     with tqdm(total=sum(map(weight, range(len(starts)))), desc="worst case", unit="stage",
               disable=not progress) as bar:
         shown = BarProgress(bar, weight)
+        tasks = [Chunk(chunk_label(start, config.chunk, config.n), chunk_parts(start), partial(chunk_inputs, start))
+                 for start in starts]
         if ray is None:
-            chunks = []
-            for i, start in enumerate(starts):
-                x_c, y_c, names, seed, on_defense, known = chunk_args(start)
-                done = records.run(chunk_parts(start), lambda: runner.run_chunk(
-                    x_c, y_c, names, seed, shown.advance, on_defense, begin=shown.begin, known=known))
-                if done.reused:                          # every stage of it
-                    shown.chunk_done(i, True)
-                chunks.append(done.output)
+            run = lambda x_c, y_c, names, seed, on_defense, known: runner.run_chunk(
+                x_c, y_c, names, seed, shown.advance, on_defense, begin=shown.begin, known=known)
+            chunks = run_chunks_here(run, tasks, records, shown)
         else:
-            tasks = [Chunk(f"images {start}-{min(start + config.chunk, config.n) - 1}", chunk_parts(start),
-                           chunk_args(start)) for start in starts]
             chunks, ran = run_chunks(chunk_task, (config, passed), tasks, records, ray, shown, stages=cache)
     base, outcomes, seconds, images_per_stage = [], {name: {a: [[] for _ in range(config.repeats)]
                                                             for a in runner.attacks} for name in defenses}, {}, {}
